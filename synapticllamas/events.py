@@ -1,0 +1,88 @@
+"""The event contract: one JSON object per event, published once on its component's channel.
+
+See docs/EVENTS.md for the field list and every event type. The first five fields are the
+reference document's; `level`, `source` and `seq` are ours (seq lets a subscriber see gaps).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+COMPONENTS = ("coordinator", "rpc_backend", "rpc_registry", "model", "system", "raw")
+LEVELS = ("debug", "info", "warning", "error", "critical")
+LEVEL_RANK = {name: rank for rank, name in enumerate(LEVELS)}
+
+CHANNEL_PREFIX = "synapticllamas:llama_cpp:"
+CHANNEL_PATTERN = CHANNEL_PREFIX + "*"      # what the dashboard and `redis-cli psubscribe` use
+JOURNAL_STREAM = "synapticllamas:events"    # capped stream: late subscribers replay from it
+APPS_HASH = "synapticllamas:apps"           # instance id -> registration JSON
+
+
+def channel_for(component: str) -> str:
+    return CHANNEL_PREFIX + component
+
+
+def default_source(app: str = "synapticllamas") -> dict[str, str]:
+    host = socket.gethostname()
+    return {"app": app, "instance": f"{host}:{os.getpid()}", "host": host}
+
+
+@dataclass(slots=True)
+class Event:
+    timestamp: float
+    component: str
+    event_type: str
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
+    level: str = "info"
+    source: dict[str, str] = field(default_factory=dict)
+    seq: int = 0
+
+    @property
+    def channel(self) -> str:
+        return CHANNEL_PREFIX + self.component
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "timestamp": self.timestamp,
+            "component": self.component,
+            "event_type": self.event_type,
+            "message": self.message,
+            "details": self.details,
+            "level": self.level,
+            "source": self.source,
+            "seq": self.seq,
+        }
+
+    def to_json(self) -> str:
+        # default=str: a stray Path or exception in details must not lose the event
+        return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False, default=str)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Event":
+        try:
+            return cls(
+                timestamp=float(data["timestamp"]),
+                component=str(data["component"]),
+                event_type=str(data["event_type"]),
+                message=str(data.get("message", "")),
+                details=dict(data.get("details") or {}),
+                level=str(data.get("level", "info")),
+                source=dict(data.get("source") or {}),
+                seq=int(data.get("seq", 0)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a SynapticLlamas event: {exc}") from None
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Event":
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"not a SynapticLlamas event: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError("not a SynapticLlamas event: not a JSON object")
+        return cls.from_dict(data)

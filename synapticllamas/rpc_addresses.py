@@ -1,0 +1,68 @@
+"""Parse and normalise RPC backend addresses (`host`, `host:port`, `[::1]:50052`).
+
+Syntax only, no DNS: the registry decides whether a name resolves. `localhost` is folded into
+127.0.0.1 so the two spellings of one backend are one key (upstream counted them twice).
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+DEFAULT_RPC_PORT = 50052
+ACCEPTED = "HOST, HOST:PORT or [IPv6]:PORT with a port from 1 to 65535"
+_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    @property
+    def key(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def __str__(self) -> str:
+        return self.key
+
+
+def _normal_host(host: str) -> str | None:
+    if host.lower() == "localhost":
+        return "127.0.0.1"
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    labels = host.rstrip(".").split(".")
+    if host and len(host) <= 253 and all(_LABEL.match(lbl) for lbl in labels):
+        return host.rstrip(".").lower()
+    return None
+
+
+def parse_address(text: str, default_port: int = DEFAULT_RPC_PORT) -> Address:
+    """Return the normalised Address, or raise ValueError with a one-line reason."""
+    raw = text.strip()
+    if not raw:
+        raise ValueError(f"empty backend address; expected {ACCEPTED}")
+    if raw.startswith("["):
+        m = re.fullmatch(r"\[([^\]]+)\](?::(.*))?", raw)
+        if not m:
+            raise ValueError(f"backend address {text!r} is not valid; expected {ACCEPTED}")
+        host, port_text = m.group(1), m.group(2)
+    elif raw.count(":") > 1:  # bare IPv6 without a port
+        host, port_text = raw, None
+    else:
+        host, _, port_text = raw.partition(":")
+        if ":" not in raw:
+            port_text = None
+    normal = _normal_host(host)
+    if normal is None:
+        raise ValueError(f"backend address {text!r} has no valid host; expected {ACCEPTED}")
+    if port_text is None:
+        port = default_port
+    else:
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise ValueError(f"backend address {text!r} has port {port_text!r}; expected {ACCEPTED}")
+        port = int(port_text)
+    return Address(normal, port)

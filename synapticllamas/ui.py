@@ -1,0 +1,46 @@
+"""How the engine talks to the person at the shell while a command runs (streamed text, progress).
+
+The engine only sees this small interface; the shell installs a terminal-aware one (render.py).
+The default writes plain text to stdout, which is what piped mode and tests want.
+"""
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+
+class PlainUI:
+    def __init__(self, out: TextIO | None = None, err: TextIO | None = None) -> None:
+        self._out = out
+        self._err = err
+        self._last_progress: str | None = None
+
+    # Looked up at each write: prompt_toolkit swaps sys.stdout while the prompt is shown, and a
+    # notice must go through its proxy to print above the prompt.
+    @property
+    def out(self) -> TextIO:
+        return self._out or sys.stdout
+
+    @property
+    def err(self) -> TextIO:
+        return self._err or sys.stderr
+
+    def write(self, text: str = "", end: str = "\n") -> None:
+        """Streamed output of the running command (a generated token, a line of a live view)."""
+        self.out.write(text + end)
+        self.out.flush()
+
+    def progress(self, text: str) -> None:
+        """A progress line (`Loading model ... 40%`). Plain mode prints each distinct line once."""
+        if text != self._last_progress:
+            self._last_progress = text
+            self.write(text)
+
+    def end_progress(self) -> None:
+        self._last_progress = None
+
+    def notice(self, text: str, level: str = "info") -> None:
+        """Something that happened in the background (a crash, a lost backend)."""
+        stream = self.err if level in ("warning", "error", "critical") else self.out
+        stream.write(text + "\n")
+        stream.flush()
