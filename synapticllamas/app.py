@@ -55,17 +55,31 @@ class App:
         }
 
     async def start(self) -> None:
+        # (issue 3) with --redis the publisher starts here, before `register`, so Redis sees it
         self.observer.emit("system", "register", f"SynapticLlamas {__version__} started ({self.mode} mode)",
                            self.registration())
+        if self.registry is not None:
+            await self.registry.start()
 
     async def close(self, reason: str = "exit") -> None:
-        """Stop what we started, say goodbye, flush. Safe to call twice."""
+        """Stop what we started (coordinator first: it uses the backends), say goodbye, flush.
+
+        Safe to call twice. A component that fails to close does not stop the others."""
         if self.closed:
             return
         self.closed = True
+        for component in (self.coordinator, self.local_backends, self.registry):
+            if component is not None:
+                try:
+                    await component.close()
+                except Exception as exc:  # keep closing the rest; the event says what failed
+                    self.observer.emit("system", "error", f"closing {type(component).__name__} failed: {exc}",
+                                       {"error": repr(exc)}, level="error")
         self.observer.emit("system", "unregister", f"SynapticLlamas stopped ({reason})",
                            {"instance": self.instance, "reason": reason,
                             "uptime_s": round(time.time() - self.started_at, 3)})
+        if self.publisher is not None:
+            await self.publisher.close(timeout=2.0)   # flush what is queued, bounded
 
     def status(self) -> dict[str, Any]:
         """One summary for the `status` command and the toolbar."""

