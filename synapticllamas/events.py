@@ -18,6 +18,7 @@ LEVEL_RANK = {name: rank for rank, name in enumerate(LEVELS)}
 CHANNEL_PREFIX = "synapticllamas:llama_cpp:"
 CHANNEL_PATTERN = CHANNEL_PREFIX + "*"      # what the dashboard and `redis-cli psubscribe` use
 JOURNAL_STREAM = "synapticllamas:events"    # capped stream: late subscribers replay from it
+JOURNAL_FIELD = "event"                     # each journal entry holds the event JSON in this field
 APPS_HASH = "synapticllamas:apps"           # instance id -> registration JSON
 
 
