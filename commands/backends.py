@@ -1,11 +1,179 @@
-"""`backends`: placeholder until its issue lands (it says so plainly)."""
+"""`backends`: list, add, remove and probe RPC backends; spawn and stop local ones."""
 from __future__ import annotations
 
+import argparse
+import time
 from typing import Any
 
-from .registry import Result, command
+from .registry import CommandError, Result, UsageError, command, parse_args, parser, positive_int
+
+USAGE = ("backends [list] | add HOST[:PORT] | remove HOST[:PORT] | check | spawn N [--port-base P] | "
+         "stop-local")
+SUBCOMMANDS = {
+    "list": "the backends: address, state, last check, latency, failures, local/remote",
+    "add": "add HOST[:PORT] (default port 50052) and save it to the backends file",
+    "remove": "remove HOST[:PORT] and its line in the backends file",
+    "check": "probe every backend now (a TCP connect each, all at once) and list them",
+    "spawn": "start N local ggml-rpc-server processes on 127.0.0.1 (not saved)",
+    "stop-local": "stop the local backends this shell started",
+}
+MAX_LOCAL = 32
 
 
-@command("backends", "The RPC backend registry (not available yet)", "backends [list|add HOST", subcommands={"PORT|remove HOST:PORT|check|spawn N|stop-local]:list": "not available yet", "add": "not available yet", "remove": "not available yet", "check": "not available yet", "spawn": "not available yet", "stop-local": "not available yet"})
+def _age(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s ago"
+    if seconds < 3600:
+        return f"{seconds // 60}m ago"
+    return f"{seconds // 3600}h ago"
+
+
+def _kind(app: Any, backend: Any) -> str:
+    if backend.local:
+        local = {b.key: b for b in app.local_backends.list()}.get(backend.key)
+        return f"local, pid {local.pid}" if local and local.running else "local"
+    return f"remote ({backend.source})"
+
+
+def _note(backend: Any) -> str:
+    if backend.duplicate_of:
+        return f"same backend as {backend.duplicate_of}"
+    if backend.state == "unknown" and backend.last_check is None:
+        return "not probed yet"
+    return backend.reason or ""
+
+
+def backends_table(app: Any, message: str | None = None) -> Result:
+    registry = app.registry
+    settings = app.settings
+    now = time.monotonic()
+    rows = []
+    for b in registry.backends():
+        rows.append((b.key, b.state, _age(now - b.last_check) if b.last_check is not None else "never",
+                     f"{b.latency_ms:.1f} ms" if b.latency_ms is not None else "-", b.failures,
+                     _kind(app, b), _note(b)))
+    if settings.rpc_backend_heartbeat:
+        probing = f"probed every {settings.rpc_backend_heartbeat_interval:g}s"
+    else:
+        probing = "heartbeat off: probed only by 'backends check'"
+    s = registry.status()
+    footer = [f"{s['up']} up, {s['down']} down, {s['unknown']} unknown; {probing}. "
+              f"Backends file: {settings.backends_file}"]
+    if registry.file_errors:
+        footer.append(f"{len(registry.file_errors)} bad line(s) in it, first: {registry.file_errors[0]}")
+    if not rows:
+        intro = ("No RPC backends configured. Add one with 'backends add HOST:PORT', "
+                 "or start local ones with 'backends spawn 2'.")
+        return Result(message="\n".join(filter(None, [message, intro])), footer="\n".join(footer))
+    return Result.table("RPC backends", ("address", "state", "last check", "latency", "failures", "kind", "note"),
+                        rows, message=message, footer="\n".join(footer))
+
+
+def _one_address(args: list[str], sub: str) -> str:
+    if len(args) != 1:
+        raise UsageError(f"backends {sub} takes one address (HOST[:PORT]), got {len(args)} arguments")
+    return args[0]
+
+
+async def _add(app: Any, args: list[str]) -> Result:
+    try:
+        key = await app.registry.add(_one_address(args, "add"))
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    await app.registry.check([key])        # the user asked about this backend: one probe
+    backend = app.registry.get(key)
+    saved = f"saved to {app.settings.backends_file}"
+    if backend is None:
+        return Result.success(f"Added {key} ({saved}).")
+    if backend.state == "up":
+        return Result.success(f"Added {key} ({saved}); it is up ({backend.latency_ms:.1f} ms).")
+    return Result.warning(f"Added {key} ({saved}), but it is {backend.state}: {backend.reason}.")
+
+
+async def _remove(app: Any, args: list[str]) -> Result:
+    address = _one_address(args, "remove")
+    backend = app.registry.get(address)
+    if backend is not None and backend.local and app.local_backends.owns(backend.key):
+        raise CommandError(f"{backend.key} is a local backend started by this shell; "
+                           "'backends stop-local' stops the local backends")
+    try:
+        key = await app.registry.remove(address)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    where = ""
+    if backend.persisted:
+        where = f" (and its line in {app.settings.backends_file})"
+    elif backend.source in ("flag", "env", "config"):
+        where = (f" for this session; it comes from the {backend.source} setting rpc_backends "
+                 "(--rpc-backend / SYNAPTICLLAMAS_RPC_BACKENDS) and returns at the next start")
+    return Result.success(f"Removed {key}{where}.")
+
+
+async def _check(app: Any, args: list[str]) -> Result:
+    if args:
+        raise UsageError("backends check takes no arguments")
+    started = time.perf_counter()
+    await app.registry.check()
+    n = len(app.registry.addresses())
+    took = (time.perf_counter() - started) * 1000
+    return backends_table(app, f"Probed {n} backend{'s' if n != 1 else ''} in {took:.0f} ms.")
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)")
+    return value
+
+
+async def _spawn(app: Any, args: list[str]) -> Result:
+    from synapticllamas.local_backends import LocalBackendError
+
+    p = parser("backends spawn")
+    p.add_argument("n", type=positive_int, metavar="N")
+    p.add_argument("--port-base", type=_port, metavar="P")
+    ns = parse_args(p, args)
+    if ns.n > MAX_LOCAL:
+        raise UsageError(f"N={ns.n} is too many; spawn starts 1 to {MAX_LOCAL} local backends")
+    app.ui.progress(f"Starting {ns.n} ggml-rpc-server on 127.0.0.1 ...")
+    try:
+        keys = await app.local_backends.spawn(ns.n, ns.port_base)
+    except LocalBackendError as exc:
+        raise CommandError(str(exc)) from None
+    finally:
+        app.ui.end_progress()
+    return backends_table(app, f"Started {len(keys)} local backend{'s' if len(keys) != 1 else ''}: "
+                               f"{', '.join(keys)} (not saved; stopped by 'backends stop-local' or on exit).")
+
+
+async def _stop_local(app: Any, args: list[str]) -> Result:
+    if args:
+        raise UsageError("backends stop-local takes no arguments")
+    n = await app.local_backends.stop_all()
+    if not n:
+        return Result.text("No local backends are running.")
+    return Result.success(f"Stopped {n} local backend{'s' if n != 1 else ''}.")
+
+
+async def _list(app: Any, args: list[str]) -> Result:
+    if args:
+        raise UsageError("backends list takes no arguments")
+    return backends_table(app)
+
+
+HANDLERS = {"list": _list, "add": _add, "remove": _remove, "check": _check, "spawn": _spawn,
+            "stop-local": _stop_local}
+
+
+@command("backends", "The RPC backends: list, add, remove, check; spawn/stop local ones", USAGE,
+         subcommands=SUBCOMMANDS, options=("--port-base",))
 async def backends_command(app: Any, args: list[str]) -> Result:
-    return Result.error("'backends' is not available yet in this build")
+    sub, rest = (args[0], args[1:]) if args else ("list", [])
+    handler = HANDLERS.get(sub)
+    if handler is None:
+        raise UsageError(f"unknown subcommand {sub!r}; accepted: {', '.join(HANDLERS)}")
+    return await handler(app, rest)

@@ -11,7 +11,10 @@ from typing import Any
 
 from . import __version__
 from .config import Settings, redact_url
+from .coordinator import CoordinatorManager
+from .local_backends import LocalBackends
 from .observer import Observer
+from .rpc_registry import RpcRegistry
 from .ui import PlainUI
 
 
@@ -25,9 +28,9 @@ class App:
         # Components. Each is created here or on first use, and each offers
         # start()/close() and status() -> dict for `status` and the toolbar.
         self.publisher: Any = None       # publisher.RedisPublisher, created by `redis on`
-        self.registry: Any = None        # rpc_registry.RpcRegistry
-        self.local_backends: Any = None  # local_backends.LocalBackends
-        self.coordinator: Any = None     # coordinator.CoordinatorManager
+        self.registry = RpcRegistry(settings, self.observer)
+        self.local_backends = LocalBackends(settings, self.observer, self.registry)
+        self.coordinator = CoordinatorManager(settings, self.observer, self.registry)
 
     @property
     def mode(self) -> str:
