@@ -1,11 +1,186 @@
-"""`coordinator`: placeholder until its issue lands (it says so plainly)."""
+"""`coordinator`: start, supervise and use llama-server (synapticllamas/coordinator.py does the work)."""
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any
 
-from .registry import Result, command
+from synapticllamas import binaries
+from synapticllamas.coordinator import CoordinatorError, Notice, StateChange
+
+from .registry import CommandError, Result, UsageError, command, parse_args, parser, positive_int
+
+USAGE = ('coordinator start [--model PATH] [--port N] | stop | restart | status | logs [N] | attach URL | '
+         'detach | ask "PROMPT" [--n N]')
+SUBCOMMANDS = {
+    "start": "start llama-server over the healthy backends; returns when /health is ok (Ctrl-C aborts)",
+    "stop": "stop it (SIGTERM to its process group, SIGKILL after the stop timeout)",
+    "restart": "stop, then start again with the same model and port",
+    "status": "state, pid, URL, model, backends, uptime, restarts, last exit",
+    "logs": "the last N raw llama-server lines (default 20)",
+    "attach": "watch an external llama-server at URL (a /health check every 60 s)",
+    "detach": "stop watching the external llama-server",
+    "ask": "one completion through the running coordinator, streamed (--n tokens, default 32)",
+}
+DEFAULT_LOG_LINES = 20
+DEFAULT_TOKENS = 32
 
 
-@command("coordinator", "Start and supervise the llama.cpp coordinator (not available yet)", "coordinator start|stop|restart|status|logs|attach|detach|ask", subcommands={"start": "not available yet", "stop": "not available yet", "restart": "not available yet", "status": "not available yet", "logs": "not available yet", "attach": "not available yet", "detach": "not available yet", "ask": "not available yet"})
+def _port(text: str) -> int:
+    import argparse
+
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"port {text!r} is not valid; expected a number from 1 to 65535")
+    return int(text)
+
+
+def _running_line(status: dict[str, Any], note: str = "") -> str:
+    backends = ", ".join(status["backends"]) or "none (standard mode)"
+    return (f"Coordinator running at {status['url']} (pid {status['pid']}); model {status['model']}; "
+            f"RPC backends: {backends}{note}")
+
+
+async def _start(app: Any, args: list[str], restart: bool = False) -> Result:
+    mgr = app.coordinator
+    model: str | None = None
+    port: int | None = None
+    if not restart:
+        p = parser("coordinator start")
+        p.add_argument("--model", metavar="PATH")
+        p.add_argument("--port", type=_port)
+        ns = parse_args(p, args)
+        model, port = ns.model, ns.port
+        if model is None and not app.settings.model:
+            try:
+                model = str(binaries.demo_model())
+            except binaries.NotFound as exc:
+                raise CommandError(f"no model given (--model PATH or SYNAPTICLLAMAS_MODEL), and {exc}") from None
+            app.ui.write(f"No model given: using the demo model {Path(model).name} ({model})")
+    elif args:
+        raise UsageError("coordinator restart takes no arguments")
+
+    def on_state(change: StateChange) -> None:
+        if change.state == "starting":
+            app.ui.progress(f"Starting llama-server (pid {change.details['pid']}): {change.message}")
+
+    def on_progress(notice: Notice) -> None:
+        app.ui.progress(notice.message[:1].upper() + notice.message[1:])
+
+    unsubscribe = [mgr.hooks.subscribe("on_state_change", on_state),
+                   mgr.hooks.subscribe("on_model_progress", on_progress)]
+    started = time.monotonic()
+    try:
+        status = await (mgr.restart() if restart else mgr.start(model, port))
+    except CoordinatorError as exc:
+        raise CommandError(str(exc)) from None
+    finally:
+        for undo in unsubscribe:
+            undo()
+        app.ui.end_progress()
+    return Result.success(_running_line(status, f"; ready in {time.monotonic() - started:.1f}s"))
+
+
+async def _stop(app: Any, args: list[str]) -> Result:
+    if args:
+        raise UsageError("coordinator stop takes no arguments")
+    try:
+        await app.coordinator.stop("user")
+    except CoordinatorError as exc:
+        raise CommandError(str(exc)) from None
+    return Result.success("Coordinator stopped.")
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+async def _status(app: Any, args: list[str]) -> Result:
+    if args:
+        raise UsageError("coordinator status takes no arguments")
+    s = app.coordinator.status()
+    last = s["last_exit"]
+    rows = [
+        ("state", s["state"] + (" (external, attached)" if s["attached"] else "")),
+        ("pid", s["pid"]),
+        ("url", s["url"]),
+        ("model", s["model"]),
+        ("RPC backends", ", ".join(s["backends"]) or "-"),
+        ("uptime", _age(s["uptime_s"])),
+        ("restarts", f"{s['restarts']} in total, {s['tries']} since it last ran"),
+        ("last exit", last["message"] if last else "-"),
+    ]
+    return Result.table("Coordinator", ("item", "value"), rows)
+
+
+async def _logs(app: Any, args: list[str]) -> Result:
+    p = parser("coordinator logs")
+    p.add_argument("n", nargs="?", type=positive_int, default=DEFAULT_LOG_LINES)
+    ns = parse_args(p, args)
+    lines = list(app.coordinator.logs)[-ns.n:]
+    if not lines:
+        return Result.text("No llama-server output yet (`coordinator start` starts it).")
+    return Result.text("\n".join(text for _, _, _, text in lines))
+
+
+async def _attach(app: Any, args: list[str]) -> Result:
+    if len(args) != 1:
+        raise UsageError("coordinator attach takes one URL, e.g. http://10.0.0.9:8080")
+    try:
+        ok, detail = await app.coordinator.attach(args[0])
+    except CoordinatorError as exc:
+        raise CommandError(str(exc)) from None
+    every = f"{app.settings.attach_check_interval:g}s"
+    if ok:
+        return Result.success(f"Watching {args[0]}: it is up (/health ok); its state is checked every {every}.")
+    return Result.warning(f"Watching {args[0]}: it is not up yet ({detail}); its state is checked every {every}.")
+
+
+async def _detach(app: Any, args: list[str]) -> Result:
+    if args:
+        raise UsageError("coordinator detach takes no arguments")
+    try:
+        url = await app.coordinator.detach()
+    except CoordinatorError as exc:
+        raise CommandError(str(exc)) from None
+    return Result.success(f"Stopped watching {url}.")
+
+
+async def _ask(app: Any, args: list[str]) -> Result:
+    p = parser("coordinator ask")
+    p.add_argument("prompt", nargs="+")
+    p.add_argument("--n", type=positive_int, default=DEFAULT_TOKENS)
+    ns = parse_args(p, args)
+    prompt = " ".join(ns.prompt)
+    app.ui.write(prompt, end="")
+    try:
+        result = await app.coordinator.ask(prompt, ns.n, lambda text: app.ui.write(text, end=""))
+    except CoordinatorError as exc:
+        app.ui.write("")
+        state = app.coordinator.state
+        after = {"backoff": "; it is being restarted", "fatal": "; it will not be restarted (fatal)"}.get(state, "")
+        raise CommandError(f"{exc}{after}") from None
+    app.ui.write("")
+    return Result.text(f"[{result['tokens']} tokens in {result['seconds']:g}s, "
+                       f"{result['tokens_per_s']:g} tokens/s]")
+
+
+HANDLERS = {"start": _start, "stop": _stop, "status": _status, "logs": _logs, "attach": _attach,
+            "detach": _detach, "ask": _ask}
+
+
+@command("coordinator", "Start and supervise the llama.cpp coordinator (llama-server)", USAGE,
+         subcommands=SUBCOMMANDS, options=("--model", "--port", "--n"))
 async def coordinator_command(app: Any, args: list[str]) -> Result:
-    return Result.error("'coordinator' is not available yet in this build")
+    if not args:
+        return await _status(app, [])
+    sub, rest = args[0], args[1:]
+    if sub == "restart":
+        return await _start(app, rest, restart=True)
+    handler = HANDLERS.get(sub)
+    if handler is None:
+        raise UsageError(f"unknown subcommand {sub!r}; expected one of: {', '.join(SUBCOMMANDS)}")
+    return await handler(app, rest)

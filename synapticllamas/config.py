@@ -103,6 +103,18 @@ def parse_path(raw: Any) -> str:
     return str(Path(text).expanduser())
 
 
+def parse_arguments(raw: Any) -> str:
+    """Extra command-line arguments, split like a POSIX shell would."""
+    import shlex
+
+    text = str(raw).strip()
+    try:
+        shlex.split(text)
+    except ValueError as exc:
+        raise ValueError(f"expected arguments as a shell would split them ({exc})") from None
+    return text
+
+
 def parse_redis_url(raw: Any) -> str:
     text = str(raw).strip()
     try:
@@ -205,6 +217,10 @@ SPECS: tuple[Spec, ...] = (
          None, "seconds to wait for /health to report ok"),
     Spec("coordinator_stop_timeout", 10.0, positive_float, ("SYNAPTICLLAMAS_COORDINATOR_STOP_TIMEOUT",),
          None, "seconds between SIGTERM and SIGKILL"),
+    Spec("coordinator_ctx_size", 2048, int_at_least(0), ("SYNAPTICLLAMAS_COORDINATOR_CTX_SIZE",), None,
+         "llama-server's context size (-c); 0 = the model's own, which can take much more memory"),
+    Spec("coordinator_args", "", parse_arguments, ("SYNAPTICLLAMAS_COORDINATOR_ARGS",), None,
+         "extra llama-server arguments, appended as given (e.g. \"-t 2\")"),
     Spec("attach_check_interval", 60.0, positive_float, ("SYNAPTICLLAMAS_ATTACH_CHECK_INTERVAL",), None,
          "seconds between state checks of an attached external coordinator"),
     Spec("probe_timeout", 1.0, positive_float, ("SYNAPTICLLAMAS_PROBE_TIMEOUT",), None,

@@ -1,0 +1,148 @@
+"""Parse llama-server / ggml-rpc-server output lines into typed log records.
+
+llama.cpp prints one of two shapes: `0.00.005.077 I srv  load_model: ...` (timestamp, level letter,
+then the message) or bare text (ggml aborts, rpc-server, multi-line continuations). `parse()` never
+fails: a line it does not recognise is kind "log" with the level the prefix gave it.
+The patterns were taken from the real binaries (tests/fixtures/llama_log/ holds captured output).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+_PREFIX = re.compile(r"^\d+\.\d+\.\d+\.\d+ ([IWEDT]) (.*)$")
+_LEVELS = {"I": "info", "W": "warning", "E": "error", "D": "debug", "T": "debug"}
+
+# Model loading, in the order llama-server prints it at -lv 4. Each step is one `model_loading`
+# progress event; llama.cpp gives no percentage, so progress is "step k of n", not a made-up %.
+LOAD_STEPS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("opening model file", re.compile(r"load_model: loading model '(?P<path>.*)'")),
+    ("reading metadata", re.compile(r"llama_model_loader: loaded meta data with (?P<kv>\d+) key-value pairs "
+                                    r"and (?P<tensors>\d+) tensors")),
+    ("loading tensors", re.compile(r"load_tensors: loading model tensors")),
+    ("creating context", re.compile(r"llama_context: constructing llama_context")),
+    ("warming up", re.compile(r"warming up the model")),
+)
+LOAD_STEP_COUNT = len(LOAD_STEPS) + 1   # the last step is "model loaded"
+
+_LOADED = re.compile(r"llama_server: model loaded\s*$|main: model loaded\s*$")
+_LISTENING = re.compile(r"listening on (?P<url>https?://\S+)")
+_CONNECT_FAILED = re.compile(r"Failed to connect to (?P<backend>\S+?)\s*$")
+_RPC_CRASHED = re.compile(r"Remote RPC server crashed")
+_DEVICE = re.compile(r"- (?P<name>RPC\d+)\s*: (?P<backend>\S+) \((?P<total>\d+) MiB, (?P<free>\d+) MiB free\)")
+_BUFFER = re.compile(r"(?P<device>[A-Za-z_]+\d*)(?:\[(?P<backend>[^\]]+)\])?\s+(?P<what>model|KV|compute|output) "
+                     r"buffer size =\s*(?P<mib>[\d.]+) MiB")
+_OFFLOADED = re.compile(r"offloaded (?P<done>\d+)/(?P<total>\d+) layers")
+_MODEL_FAILED = re.compile(r"failed to load model|error loading model|exiting due to model loading error")
+_BIND_FAILED = re.compile(r"couldn't bind HTTP server socket, hostname: (?P<host>[^,]+), port: (?P<port>\d+)")
+_FILE_SIZE = re.compile(r"print_info: file size\s*=\s*(?P<mib>[\d.]+) MiB")
+_ABORT = re.compile(r"^\S+\.(?:c|cpp|h):\d+: (?P<what>.+)$")   # GGML_ABORT: file.cpp:566: message
+# ggml-rpc-server
+_RPC_ENDPOINT = re.compile(r"^\s*endpoint\s*: (?P<endpoint>\S+)")
+_RPC_ACCEPTED = re.compile(r"^Accepted client connection")
+_RPC_CLOSED = re.compile(r"^Client connection closed")
+_RPC_STARTING = re.compile(r"^Starting RPC server v(?P<version>\S+)")
+
+
+@dataclass(frozen=True, slots=True)
+class LogLine:
+    """One output line. `kind` says what it means to the coordinator:
+
+    load_step, model_loaded, listening, device, buffer, offloaded, rpc_connect_failed, rpc_crashed,
+    abort, model_failed, bind_failed, rpc_server_started, rpc_endpoint, rpc_client_connected,
+    rpc_client_closed, or log (anything else)."""
+    text: str                 # the line as printed, without the trailing newline
+    message: str              # the line without llama.cpp's timestamp/level prefix
+    level: str = "info"
+    kind: str = "log"
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_failure(self) -> bool:
+        return self.kind in ("rpc_connect_failed", "rpc_crashed", "abort", "model_failed", "bind_failed")
+
+
+def _mib(text: str) -> float:
+    return round(float(text), 2)
+
+
+def parse(text: str) -> LogLine:
+    text = text.rstrip("\r\n")
+    m = _PREFIX.match(text)
+    level, message = (_LEVELS[m.group(1)], m.group(2)) if m else ("info", text)
+
+    def line(kind: str, lvl: str | None = None, **details: Any) -> LogLine:
+        return LogLine(text, message, lvl or level, kind, details)
+
+    # failures first: they matter most and some share words with ordinary lines
+    if (hit := _CONNECT_FAILED.search(message)):
+        return line("rpc_connect_failed", "error", backend=hit.group("backend"))
+    if _RPC_CRASHED.search(message):
+        return line("rpc_crashed", "error")
+    if (hit := _BIND_FAILED.search(message)):
+        return line("bind_failed", "error", host=hit.group("host").strip(), port=int(hit.group("port")))
+    if level == "error" and _MODEL_FAILED.search(message):
+        return line("model_failed", "error")
+    if not m and (hit := _ABORT.match(message)):
+        return line("abort", "error", error=hit.group("what"))
+    for step, (stage, pattern) in enumerate(LOAD_STEPS, 1):
+        if (hit := pattern.search(message)):
+            extra = {k: (int(v) if v.isdigit() else v) for k, v in hit.groupdict().items()}
+            return line("load_step", stage=stage, step=step, steps=LOAD_STEP_COUNT, **extra)
+    if _LOADED.search(message):
+        return line("model_loaded", stage="model loaded", step=LOAD_STEP_COUNT, steps=LOAD_STEP_COUNT)
+    if (hit := _LISTENING.search(message)):
+        return line("listening", url=hit.group("url"))
+    if (hit := _BUFFER.search(message)):
+        device = hit.group("backend") or hit.group("device")
+        return line("buffer", device=device, what=hit.group("what").lower(), mib=_mib(hit.group("mib")))
+    if (hit := _DEVICE.search(message)):
+        return line("device", name=hit.group("name"), backend=hit.group("backend"),
+                    total_mib=int(hit.group("total")), free_mib=int(hit.group("free")))
+    if (hit := _OFFLOADED.search(message)):
+        return line("offloaded", layers=int(hit.group("done")), total_layers=int(hit.group("total")))
+    if (hit := _FILE_SIZE.search(message)):
+        return line("file_size", mib=_mib(hit.group("mib")))
+    if (hit := _RPC_STARTING.match(message)):
+        return line("rpc_server_started", version=hit.group("version"))
+    if (hit := _RPC_ENDPOINT.match(message)):
+        return line("rpc_endpoint", endpoint=hit.group("endpoint"))
+    if _RPC_ACCEPTED.match(message):
+        return line("rpc_client_connected")
+    if _RPC_CLOSED.match(message):
+        return line("rpc_client_closed")
+    return line("log")
+
+
+class LoadReport:
+    """Collects what the load log says about devices: per-backend buffer sizes and offloaded layers.
+
+    The coordinator feeds it every parsed line of one run and puts `summary()` in the `model_load`
+    and `start` events, so a dashboard sees how the model was split over the backends."""
+
+    def __init__(self) -> None:
+        self.devices: dict[str, dict[str, Any]] = {}
+        self.layers: dict[str, int] = {}
+        self.file_mib: float | None = None
+
+    def feed(self, rec: LogLine) -> None:
+        if rec.kind == "device":
+            self.devices.setdefault(rec.details["backend"], {}).update(
+                total_mib=rec.details["total_mib"], free_mib=rec.details["free_mib"])
+        elif rec.kind == "buffer":
+            entry = self.devices.setdefault(rec.details["device"], {})
+            key = f"{rec.details['what']}_mib"
+            entry[key] = round(entry.get(key, 0.0) + rec.details["mib"], 2)
+        elif rec.kind == "offloaded":
+            self.layers = {"offloaded": rec.details["layers"], "total": rec.details["total_layers"]}
+        elif rec.kind == "file_size":
+            self.file_mib = rec.details["mib"]
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"devices": self.devices}
+        if self.layers:
+            out["layers"] = self.layers
+        if self.file_mib is not None:
+            out["file_mib"] = self.file_mib
+        return out
