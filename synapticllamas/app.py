@@ -11,6 +11,7 @@ from typing import Any
 
 from . import __version__
 from .config import Settings, redact_url
+from .coordinator import CoordinatorManager
 from .local_backends import LocalBackends
 from .observer import Observer
 from .rpc_registry import RpcRegistry
@@ -29,7 +30,7 @@ class App:
         self.publisher: Any = None       # publisher.RedisPublisher, created by `redis on`
         self.registry = RpcRegistry(settings, self.observer)
         self.local_backends = LocalBackends(settings, self.observer, self.registry)
-        self.coordinator: Any = None     # coordinator.CoordinatorManager
+        self.coordinator = CoordinatorManager(settings, self.observer, self.registry)
 
     @property
     def mode(self) -> str:
