@@ -52,6 +52,7 @@ class Shell:
         self.terminating: int | None = None           # the signal that asked us to end
         self.failures = 0
         self._prompt_app: Any = None                  # prompt_toolkit Application while prompting
+        self._lines: asyncio.Queue | None = None      # piped mode's input lines (None = end)
         self._log_ready = False
         load_all()
         app.observer.add_sink(self._on_event)
@@ -117,6 +118,7 @@ class Shell:
         Exit status 0 if every command succeeded, 1 if one failed."""
         self._install_signals(interactive=False)
         queue: asyncio.Queue[str | None] = asyncio.Queue()
+        self._lines = queue
         if lines is None:
             self._start_stdin_reader(queue)
         else:
@@ -258,6 +260,8 @@ class Shell:
             self.current.cancel()
         if self._prompt_app is not None and self._prompt_app.is_running:
             self._prompt_app.exit(exception=EOFError)
+        if self._lines is not None:
+            self._lines.put_nowait(None)     # piped mode may be waiting for a line that never comes
 
     async def _close(self) -> None:
         reason = "exit" if self.terminating is None else signal.Signals(self.terminating).name
