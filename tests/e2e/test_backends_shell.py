@@ -1,0 +1,246 @@
+"""`backends` as a user drives it: the real shell process, real ggml-rpc-servers, a real Redis."""
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from procs import rpc_servers_on
+from support import PYTHON, ROOT, run_piped, shell_env
+from synapticllamas import binaries
+
+BAD = ["foo", "host:0", "host:99999", ":50052", "a b:1"]
+
+
+@pytest.fixture(scope="module")
+def rpc_server_binary():
+    try:
+        return binaries.rpc_server()
+    except binaries.NotFound as exc:      # a missing binary fails the tests, it does not skip them
+        pytest.fail(f"these tests need the real ggml-rpc-server: {exc}")
+
+
+class Shell:
+    """`python3 main.py` with stdin as a pipe we keep open, output read on threads."""
+
+    def __init__(self, tmp_path, *args, **env):
+        self.proc = subprocess.Popen([PYTHON, str(ROOT / "main.py"), *args], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=shell_env(tmp_path, **env), cwd=ROOT)
+        self.lines: queue.Queue = queue.Queue()
+        self.seen: list[str] = []
+        for stream in (self.proc.stdout, self.proc.stderr):
+            threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream):
+        for line in stream:
+            self.lines.put(line.rstrip("\n"))
+
+    def send(self, line):
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def expect(self, pattern, timeout=30.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no line matching {pattern!r} within {timeout}s; output:\n"
+                                     + "\n".join(self.seen)) from None
+            self.seen.append(line)
+            match = re.search(pattern, line)
+            if match:
+                return match
+
+    def finish(self, timeout=30.0):
+        """The exit status; fails the test if the shell does not end within `timeout`."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the shell did not exit within {timeout}s; output:\n"
+                                 + "\n".join(self.seen)) from None
+
+    def kill(self):
+        """Clean-up after a failed test: whatever state the shell is in, end it (and its group)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def started_ports(match):
+    return [int(a.rsplit(":", 1)[1]) for a in match.group(1).split(", ")]
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_bad_addresses_and_bad_file_lines_are_one_line_errors(tmp_path):
+    conf = tmp_path / "config" / "synapticllamas" / "rpc_backends.conf"
+    conf.parent.mkdir(parents=True)
+    conf.write_text("10.0.0.1:50052\n10.0.0.2:0\n10.0.0.3\n")
+    script = "backends add 10.0.0.4\n" + "".join(f"backends add '{b}'\n" for b in BAD) + "backends list\n"
+    env = shell_env(tmp_path, SOLLOL_RPC_BACKEND_HEARTBEAT="false")
+    proc = run_piped(script, tmp_path, env=env, timeout=60)
+    assert proc.returncode == 1                      # some commands failed; the shell went on
+    errors = proc.stderr.strip().splitlines()
+    assert errors[0] == (f"[rpc_registry] backends file {conf} line 2: backend address '10.0.0.2:0' has port "
+                         "'0'; expected HOST, HOST:PORT or [IPv6]:PORT with a port from 1 to 65535")
+    assert len(errors) == 1 + len(BAD), proc.stderr
+    for bad, line in zip(BAD, errors[1:]):
+        assert line.startswith("Error: ") and repr(bad) in line, line
+    assert "Traceback" not in proc.stderr
+    listed = [line.split()[0] for line in proc.stdout.splitlines() if line.startswith("10.0.0.")]
+    assert listed == ["10.0.0.1:50052", "10.0.0.3:50052", "10.0.0.4:50052"]
+    assert conf.read_text() == "10.0.0.1:50052\n10.0.0.2:0\n10.0.0.3\n10.0.0.4:50052\n"
+
+
+# ---------------------------------------------------------------- no probes while the heartbeat is off
+
+class CountingListener:
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.address = "127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.accepted = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            conn.close()
+
+
+@pytest.mark.parametrize("heartbeat", ["false", "true"])
+def test_heartbeat_variable_decides_whether_anything_probes_while_idle(tmp_path, heartbeat):
+    listener = CountingListener()
+    shell = Shell(tmp_path, "--rpc-backend", listener.address, SOLLOL_RPC_BACKEND_HEARTBEAT=heartbeat,
+                  SOLLOL_RPC_BACKEND_HEARTBEAT_INTERVAL="0.2")
+    try:
+        shell.send("backends list")
+        shell.expect(re.escape(listener.address))
+        time.sleep(1.5)                              # idle at the prompt
+        idle = listener.accepted
+        if heartbeat == "false":
+            assert idle == 0, f"{idle} probe connections while idle with SOLLOL_RPC_BACKEND_HEARTBEAT=false"
+            shell.send("backends check")
+            shell.expect(r"^Probed 1 backend in")
+            assert listener.accepted == 1            # the listener does count: `check` is one connect
+        else:
+            assert idle >= 4, f"only {idle} probes in 1.5 s at a 0.2 s interval"
+        shell.send("exit")
+        assert shell.finish() == 0
+    finally:
+        listener.sock.close()
+        shell.kill()
+
+
+# ---------------------------------------------------------------- no orphans
+
+@pytest.mark.parametrize("ending", ["exit", "eof", "sigterm"])
+def test_no_spawned_rpc_server_survives_the_shell(tmp_path, rpc_server_binary, ending):
+    shell = Shell(tmp_path, SOLLOL_RPC_BACKEND_HEARTBEAT="false")
+    shell.send("backends spawn 2")
+    ports = started_ports(shell.expect(r"^Started 2 local backends: (.+) \(not saved"))
+    assert len(rpc_servers_on(ports)) == 2
+    if ending == "exit":
+        shell.send("exit")
+    elif ending == "eof":
+        shell.proc.stdin.close()
+    else:
+        shell.proc.send_signal(signal.SIGTERM)
+    status = shell.finish()
+    assert status == {"exit": 0, "eof": 0, "sigterm": 128 + signal.SIGTERM}[ending]
+    assert rpc_servers_on(ports) == {}
+
+
+# ---------------------------------------------------------------- spawn, kill, restart, seen on Redis
+
+def test_spawn_kill_restart_seen_by_a_redis_subscriber(tmp_path, redis_server, rpc_server_binary):
+    events: queue.Queue = queue.Queue()
+    pubsub = redis_server.client().pubsub()
+    pubsub.psubscribe("synapticllamas:llama_cpp:*")
+    while pubsub.get_message(timeout=1) is None:    # the subscription is confirmed
+        pass
+
+    def listen():
+        for message in pubsub.listen():
+            if message["type"] == "pmessage":
+                events.put(json.loads(message["data"]))
+
+    threading.Thread(target=listen, daemon=True).start()
+    seen = []
+
+    def wait_event(component, event_type, timeout=15, **details):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                event = events.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no {component}/{event_type} {details} within {timeout}s; seen: "
+                                     + ", ".join(f"{e['component']}/{e['event_type']}" for e in seen)) from None
+            seen.append(event)
+            if (event["component"], event["event_type"]) == (component, event_type) and all(
+                    event["details"].get(k) == v for k, v in details.items()):
+                return event
+
+    def counts(beat):
+        return beat["details"]["total_configured"], beat["details"]["total_active"]
+
+    restarted = None
+    shell = Shell(tmp_path, "--redis", "--redis-url", redis_server.url, SOLLOL_RPC_BACKEND_HEARTBEAT_INTERVAL="1")
+    try:
+        wait_event("system", "register")
+        assert counts(wait_event("rpc_registry", "heartbeat")) == (0, 0)
+        shell.send("backends spawn 2")
+        keys = started_ports(shell.expect(r"^Started 2 local backends: (.+) \(not saved"))
+        keys = [f"127.0.0.1:{p}" for p in keys]
+        for key in keys:
+            wait_event("rpc_backend", "connect", address=key)
+        beat = wait_event("rpc_registry", "heartbeat")
+        assert beat["message"] == "rpc_backend_connect on rpc_registry"
+        assert counts(beat) == (2, 2)
+        assert [(b["address"], b["state"]) for b in beat["details"]["backends"]] == [(k, "up") for k in keys]
+
+        victim = keys[0]
+        port = int(victim.rsplit(":", 1)[1])
+        [pid] = rpc_servers_on([port])
+        os.kill(pid, signal.SIGKILL)
+        lost = wait_event("rpc_backend", "disconnect", address=victim)
+        assert "SIGKILL" in lost["details"]["reason"] and lost["level"] == "warning"
+        # the next heartbeat, at most one interval later, already counts it out
+        beat = wait_event("rpc_registry", "heartbeat", timeout=1.5)
+        assert counts(beat) == (2, 1)
+        assert dict((b["address"], b["state"]) for b in beat["details"]["backends"])[victim] == "down"
+
+        # the same port comes back (started by the test, as an admin would restart it)
+        restarted = subprocess.Popen([str(rpc_server_binary), "--host", "127.0.0.1", "--port", str(port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        back = wait_event("rpc_backend", "connect", address=victim)
+        assert back["details"]["from_state"] == "down"
+        assert counts(wait_event("rpc_registry", "heartbeat", timeout=2.5)) == (2, 2)
+
+        shell.send("exit")
+        assert shell.finish() == 0
+        wait_event("system", "unregister")
+        assert rpc_servers_on([int(keys[1].rsplit(":", 1)[1])]) == {}
+    finally:
+        shell.kill()
+        if restarted is not None:
+            restarted.kill()
+            restarted.wait(5)
+        pubsub.close()
