@@ -89,6 +89,26 @@ def run_shell(settings: Any, commands: tuple[str, ...] = (), exit_on_error: bool
     return asyncio.run(run())
 
 
+def _add_dashboard_server() -> None:
+    # click and the settings only; the web server is imported when the subcommand runs
+    from .dashboard.command import dashboard_server
+
+    cli.add_command(dashboard_server)
+
+
+_add_dashboard_server()
+
+
+def _add_events_viewer() -> None:
+    # click only; redis is imported when the viewer runs
+    from .event_viewer import events_viewer
+
+    cli.add_command(events_viewer)
+
+
+_add_events_viewer()
+
+
 def main() -> None:
     cli(prog_name="synapticllamas")
 

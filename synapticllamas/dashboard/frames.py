@@ -1,0 +1,73 @@
+"""Journal entries and pub/sub messages -> SSE frames, and the ordering of SSE event ids.
+
+An SSE id is the journal's stream id (`1704067200123-0`), so a browser that reconnects with
+Last-Event-ID can be resumed from the journal even after the dashboard closed its subscription.
+An event seen only on pub/sub (a publisher that does not journal) gets `<stream id before it>~k`,
+which sorts after that stream id and before the next one.
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Hashable
+
+from ..events import JOURNAL_FIELD as _FIELD
+
+JOURNAL_FIELD = _FIELD.encode()   # the journal entry's field holding the event JSON, as Redis returns it
+
+ID_PATTERN = re.compile(r"^(\d{1,20})(?:-(\d{1,20}))?(?:~(\d{1,20}))?$")
+ID_ACCEPTED = "a journal id such as 1704067200123-0 (as sent in the SSE id: field)"
+
+Key = tuple[int, int, int]
+
+
+def parse_id(text: str) -> Key:
+    """'ms-seq' or 'ms-seq~k' -> a sortable tuple. Raises ValueError naming what is accepted."""
+    match = ID_PATTERN.match(text.strip())
+    if not match:
+        raise ValueError(f"expected {ID_ACCEPTED}")
+    ms, seq, k = match.groups()
+    return int(ms), int(seq or 0), int(k or 0)
+
+
+def stream_part(text: str) -> str:
+    """The journal id inside an SSE id ('5-1~2' -> '5-1'), for XRANGE."""
+    ms, seq, _ = parse_id(text)
+    return f"{ms}-{seq}"
+
+
+def decode(payload: bytes) -> dict[str, Any] | None:
+    """The event object, or None when the payload is not a JSON object (it is then not shown)."""
+    try:
+        data = json.loads(payload)
+    except ValueError:   # includes invalid UTF-8
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def event_key(event: dict[str, Any], payload: bytes) -> Hashable:
+    """What makes an event unique: its app instance and seq (per the contract), else its text."""
+    source = event.get("source")
+    seq = event.get("seq")
+    if isinstance(source, dict) and isinstance(seq, int) and source.get("instance"):
+        return (str(source["instance"]), seq)
+    return payload
+
+
+def frame(sse_id: str, event: dict[str, Any], payload: bytes) -> bytes:
+    """One SSE message. The payload is sent as published unless it spans lines (SSE data is one line)."""
+    if b"\n" in payload or b"\r" in payload:
+        payload = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+    return b"id: " + sse_id.encode() + b"\ndata: " + payload + b"\n\n"
+
+
+def control(name: str, data: dict[str, Any]) -> bytes:
+    """A named SSE event without an id (status, live, lagged): it does not move Last-Event-ID."""
+    return b"event: " + name.encode() + b"\ndata: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+def entry_payload(fields: dict[bytes, bytes]) -> bytes | None:
+    """The event JSON of one journal entry."""
+    if JOURNAL_FIELD in fields:
+        return fields[JOURNAL_FIELD]
+    return next(iter(fields.values()), None)

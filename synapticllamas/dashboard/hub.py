@@ -1,0 +1,404 @@
+"""The hub: one Redis subscription shared by every viewer, open only while someone is watching.
+
+- First viewer: connect, PSUBSCRIBE synapticllamas:llama_cpp:*, then read the journal's last N
+  (subscribing first means nothing published in between is missed).
+- Live: each pmessage rings a doorbell and the pump reads the journal from the last id it has
+  (XREAD). So every event carries its journal id (the SSE id a browser resumes from), arrives once,
+  and in journal order, whatever order pub/sub delivered it in. An event announced on pub/sub that
+  is not in the journal after GRACE seconds (a publisher that only publishes) is shown from pub/sub.
+- Last viewer leaves: unsubscribe, close both connections, drop the ring: no Redis traffic, no work.
+- Redis down: viewers get a status event; the hub reconnects with capped backoff while anyone
+  watches, and the pump resumes from its last id, so events journaled meanwhile are not lost.
+
+Everything runs on the server's event loop; state is touched only from it, so no locks except
+the one that orders opening and closing.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import deque
+from itertools import islice
+from typing import Any, AsyncIterator, Hashable
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+
+from ..config import redact_url
+from ..events import APPS_HASH, CHANNEL_PATTERN, JOURNAL_STREAM
+from . import frames
+
+GRACE = 0.5              # seconds an event seen on pub/sub may wait for its journal entry
+PENDING_BLOCK_MS = 100   # XREAD BLOCK while an announced event is not in the journal yet
+BATCH = 1000             # journal entries per XREAD
+BACKOFF_FIRST, BACKOFF_CAP = 0.2, 5.0
+CONNECT_TIMEOUT = 2.0
+COMMAND_TIMEOUT = 5.0
+
+log = logging.getLogger("synapticllamas.dashboard")
+
+
+class Hub:
+    def __init__(self, redis_url: str, replay: int = 1000, capacity: int = 10000) -> None:
+        self.redis_url = redis_url
+        self.public_url = redact_url(redis_url)
+        self.replay = replay
+        self.capacity = max(capacity, replay)
+        self.viewers = 0
+        # ring of (id key, frame), oldest first; `base` is the absolute index of ring[0]
+        self.ring: deque[tuple[frames.Key, bytes]] = deque()
+        self.base = 0
+        self.last_id = "0-0"        # newest journal id read
+        self.fallback_n = 0         # k of the last `<last_id>~k` given to a pub/sub-only event
+        self.loaded = False         # the journal's last N have been read for this opening
+        self.pending: dict[Hashable, tuple[float, dict[str, Any], bytes]] = {}
+        self.delivered: set[Hashable] = set()
+        self.delivered_order: deque[Hashable] = deque()
+        self.counters = {"journal": 0, "pubsub_only": 0, "invalid": 0, "reconnects": 0}
+        self.status: dict[str, Any] = {"redis": "closed", "url": self.public_url, "error": None}
+        self.status_version = 0
+        self._tick: asyncio.Future | None = None
+        self._task: asyncio.Task | None = None
+        self._ready = asyncio.Event()
+        self._doorbell = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._client: Any = None    # command connection pool for the API routes, made on first use
+
+    # ------------------------------------------------------------ viewers
+
+    @property
+    def tick(self) -> asyncio.Future:
+        """Resolved (and replaced) whenever there are new frames or a new status."""
+        if self._tick is None:
+            self._tick = asyncio.get_running_loop().create_future()
+        return self._tick
+
+    @property
+    def subscribed(self) -> bool:
+        return self._task is not None
+
+    @property
+    def end(self) -> int:
+        return self.base + len(self.ring)
+
+    @contextlib.asynccontextmanager
+    async def viewer(self, last_event_id: str | None = None, replay: int | None = None) -> AsyncIterator["View"]:
+        """One viewer for as long as the block runs: opens the hub for the first, closes it after the last."""
+        async with self._lock:
+            self.viewers += 1
+            if self._task is None:
+                self._open()
+        try:
+            # the first attempt to connect (and read the journal) ends either way within the timeout
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._ready.wait(), CONNECT_TIMEOUT + COMMAND_TIMEOUT)
+            view = View(self)
+            await view.start(last_event_id, self.replay if replay is None else replay)
+            yield view
+        finally:
+            async with self._lock:
+                self.viewers -= 1
+                if self.viewers == 0:
+                    await self._close()
+
+    def _open(self) -> None:
+        self.ring.clear()
+        self.pending.clear()
+        self.delivered.clear()
+        self.delivered_order.clear()
+        self.last_id, self.fallback_n, self.loaded = "0-0", 0, False
+        self._ready.clear()
+        self._set_status("connecting")
+        self._task = asyncio.create_task(self._run(), name="dashboard-hub")
+
+    async def _close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        # memory goes with the subscription; the next viewer re-reads the journal
+        self.base += len(self.ring)
+        self.ring.clear()
+        self.pending.clear()
+        self.delivered.clear()
+        self.delivered_order.clear()
+        self._set_status("closed")
+
+    async def aclose(self) -> None:
+        """Server shutdown."""
+        async with self._lock:
+            await self._close()
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    # ------------------------------------------------------------ the subscription
+
+    async def _run(self) -> None:
+        delay = BACKOFF_FIRST
+        while True:
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis gone, refused, auth failed, or our bug: say so, retry
+                if not isinstance(exc, (OSError, aioredis.RedisError)):
+                    log.exception("dashboard hub failed")
+                if self.status["redis"] == "up":   # it had been working: retry quickly
+                    self.counters["reconnects"] += 1
+                    delay = BACKOFF_FIRST
+                self._set_status("down", self.scrub(exc))
+            self._ready.set()
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, BACKOFF_CAP)
+
+    async def _session(self) -> None:
+        client = aioredis.from_url(self.redis_url, socket_connect_timeout=CONNECT_TIMEOUT,
+                                   socket_keepalive=True)
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        tasks: list[asyncio.Task] = []
+        try:
+            await pubsub.psubscribe(CHANNEL_PATTERN)
+            if not self.loaded:
+                entries = await asyncio.wait_for(
+                    client.xrevrange(JOURNAL_STREAM, count=self.replay), COMMAND_TIMEOUT) if self.replay else []
+                entries.reverse()
+                if not entries:   # start from now, not from the beginning of time
+                    info = await client.xrevrange(JOURNAL_STREAM, count=1)
+                    self.last_id = info[0][0].decode() if info else "0-0"
+                self._ingest(entries)
+                self.loaded = True
+            self._set_status("up")
+            self._ready.set()
+            self._doorbell.set()   # catch up with what was journaled while we were away
+            tasks = [asyncio.create_task(self._listen(pubsub)), asyncio.create_task(self._pump(client))]
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()      # raises the failure
+            raise ConnectionError("subscription ended")
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+    async def _listen(self, pubsub: Any) -> None:
+        async for message in pubsub.listen():
+            if message["type"] != "pmessage":
+                continue
+            payload = message["data"]
+            event = frames.decode(payload)
+            if event is None:
+                self.counters["invalid"] += 1
+                continue
+            key = frames.event_key(event, payload)
+            if key not in self.delivered and key not in self.pending:
+                self.pending[key] = (time.monotonic(), event, payload)
+            self._doorbell.set()
+
+    async def _pump(self, client: Any) -> None:
+        while True:
+            if not self.pending:
+                await self._doorbell.wait()
+            self._doorbell.clear()
+            reply = await client.xread({JOURNAL_STREAM: self.last_id}, count=BATCH,
+                                       block=PENDING_BLOCK_MS if self.pending else None)
+            entries = reply[0][1] if reply else []
+            self._ingest(entries)
+            self._expire_pending()
+            if len(entries) == BATCH:
+                self._doorbell.set()
+
+    # ------------------------------------------------------------ the ring
+
+    def _ingest(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        added = False
+        for raw_id, fields in entries:
+            sid = raw_id.decode()
+            self.last_id, self.fallback_n = sid, 0
+            payload = frames.entry_payload(fields)
+            event = frames.decode(payload) if payload is not None else None
+            if event is None:
+                self.counters["invalid"] += 1
+                continue
+            key = frames.event_key(event, payload)
+            self.pending.pop(key, None)
+            if key in self.delivered:       # shown from pub/sub before its journal entry came
+                continue
+            ms, _, seq = sid.partition("-")
+            self._append((int(ms), int(seq or 0), 0), key, frames.frame(sid, event, payload))
+            self.counters["journal"] += 1
+            added = True
+        if added:
+            self._notify()
+
+    def _expire_pending(self) -> None:
+        now, added = time.monotonic(), False
+        while self.pending:
+            key = next(iter(self.pending))   # oldest first: dicts keep arrival order
+            arrived, event, payload = self.pending[key]
+            if now - arrived < GRACE:
+                break
+            del self.pending[key]
+            self.fallback_n += 1
+            sid = f"{self.last_id}~{self.fallback_n}"
+            self._append(frames.parse_id(sid), key, frames.frame(sid, event, payload))
+            self.counters["pubsub_only"] += 1
+            added = True
+        if added:
+            self._notify()
+
+    def _append(self, id_key: frames.Key, event_key: Hashable, frame: bytes) -> None:
+        self.ring.append((id_key, frame))
+        if len(self.ring) > self.capacity:
+            self.ring.popleft()
+            self.base += 1
+        self.delivered.add(event_key)
+        self.delivered_order.append(event_key)
+        if len(self.delivered_order) > self.capacity:
+            self.delivered.discard(self.delivered_order.popleft())
+
+    def frames_since(self, cursor: int) -> list[tuple[frames.Key, bytes]]:
+        """Ring entries from absolute index `cursor` on; O(new entries), not O(ring)."""
+        count = self.end - max(cursor, self.base)
+        if count <= 0:
+            return []
+        newest_first = list(islice(reversed(self.ring), count))
+        newest_first.reverse()
+        return newest_first
+
+    def _notify(self) -> None:
+        tick = self._tick
+        self._tick = None
+        if tick is not None and not tick.done():
+            tick.set_result(None)
+
+    def _set_status(self, state: str, error: str | None = None) -> None:
+        if self.status.get("redis") == state and self.status.get("error") == error:
+            return
+        self.status = {"redis": state, "url": self.public_url, "error": error, "since": time.time()}
+        self.status_version += 1
+        self._notify()
+
+    def scrub(self, exc: BaseException) -> str:
+        """An error for the page: its text without the Redis password."""
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        password = urlsplit(self.redis_url).password
+        return text.replace(password, "***") if password else text
+
+    # ------------------------------------------------------------ requests (someone is looking)
+
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = aioredis.from_url(self.redis_url, socket_connect_timeout=CONNECT_TIMEOUT,
+                                             socket_timeout=COMMAND_TIMEOUT)
+        return self._client
+
+    async def read_journal(self, since: str | None, limit: int, before: str | None = None
+                           ) -> list[tuple[str, dict[str, Any], bytes]]:
+        """Journal entries after `since` (exclusive; the last `limit` when None), oldest first."""
+        if since is None:
+            entries = await self.client().xrevrange(JOURNAL_STREAM, count=limit)
+            entries.reverse()
+        else:
+            upper = f"({before}" if before else "+"
+            entries = await self.client().xrange(JOURNAL_STREAM, f"({frames.stream_part(since)}", upper,
+                                                 count=limit)
+        out = []
+        for raw_id, fields in entries:
+            payload = frames.entry_payload(fields)
+            event = frames.decode(payload) if payload is not None else None
+            if event is not None:
+                out.append((raw_id.decode(), event, payload))
+        return out
+
+    async def apps(self) -> dict[str, Any]:
+        raw = await self.client().hgetall(APPS_HASH)
+        apps = {}
+        for instance, text in raw.items():
+            data = frames.decode(text)
+            if data is not None:
+                apps[instance.decode(errors="replace")] = redact_strings(data)
+        return apps
+
+    async def ping(self) -> str | None:
+        """None when Redis answers, else the error (password scrubbed)."""
+        try:
+            await asyncio.wait_for(self.client().ping(), CONNECT_TIMEOUT)
+        except Exception as exc:
+            return self.scrub(exc)
+        return None
+
+
+def redact_strings(value: Any) -> Any:
+    """Registrations are shown as they are, but never with a URL's password in them."""
+    if isinstance(value, str):
+        return redact_url(value) if "://" in value and "@" in value else value
+    if isinstance(value, dict):
+        return {k: redact_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_strings(v) for v in value]
+    return value
+
+
+class View:
+    """One viewer's place in the hub: replay first, then live, each frame once, in order."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.cursor = hub.end
+        self.floor: frames.Key | None = None     # resume: skip ring entries up to this id
+        self.prefix: list[bytes] = []             # resume: journal entries older than the ring
+        self.replay_end = hub.end
+        self.live_sent = False
+        self.status_version = -1
+        self.sent = 0
+
+    async def start(self, last_event_id: str | None, replay: int) -> None:
+        hub = self.hub
+        if last_event_id:
+            self.floor = frames.parse_id(last_event_id)
+            self.cursor = hub.base
+            if hub.ring and self.floor < hub.ring[0][0] and hub.status["redis"] == "up":
+                oldest = hub.ring[0][1].split(b"\n", 1)[0][4:].decode()   # "id: X"
+                try:
+                    older = await hub.read_journal(last_event_id, hub.capacity, before=frames.stream_part(oldest))
+                except Exception:   # the live part still works; the seq gap will show what is missing
+                    older = []
+                self.prefix = [frames.frame(sid, event, payload) for sid, event, payload in older]
+        else:
+            self.cursor = max(hub.base, hub.end - replay)
+
+    def take(self) -> bytes:
+        """Everything this viewer has not been sent yet, as one chunk (b"" when nothing)."""
+        hub, out = self.hub, []
+        if self.status_version != hub.status_version:
+            self.status_version = hub.status_version
+            out.append(frames.control("status", dict(hub.status, viewers=hub.viewers)))
+        if self.prefix:
+            out.extend(self.prefix)
+            self.sent += len(self.prefix)
+            self.prefix = []
+        if self.cursor < hub.base:
+            out.append(frames.control("lagged", {"skipped": hub.base - self.cursor}))
+            self.cursor = hub.base
+        entries = hub.frames_since(self.cursor)
+        self.cursor = hub.end
+        if self.floor is not None and entries:
+            floor = self.floor
+            entries = [e for e in entries if e[0] > floor]
+            if entries:
+                self.floor = None
+        out.extend(frame for _, frame in entries)
+        self.sent += len(entries)
+        if not self.live_sent and self.cursor >= self.replay_end and hub.loaded:
+            self.live_sent = True
+            out.append(frames.control("live", {"replayed": self.sent}))
+        return b"".join(out)

@@ -1,0 +1,178 @@
+"""The dashboard web app (Starlette) and how it is served (uvicorn).
+
+Routes: GET / (the page), GET /events (the live feed, text/event-stream), GET /api/events?since=ID,
+GET /api/apps, GET /healthz, and /static/*. The API routes read Redis only when asked; the live
+feed goes through the hub, which holds Redis only while someone is watching.
+"""
+from __future__ import annotations
+
+import contextlib
+import html
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from .. import __version__
+from . import frames
+from .access import LOOPBACK, Guard
+from .hub import Hub
+from .sse import EventStream
+
+STATIC = Path(__file__).resolve().parent / "static"
+API_LIMIT_DEFAULT, API_LIMIT_MAX = 100, 10000
+NO_STORE = {"cache-control": "no-store"}
+
+
+def bad_request(error: str) -> JSONResponse:
+    return JSONResponse({"error": error}, status_code=400, headers=NO_STORE)
+
+
+def int_param(request: Request, name: str, default: int | None, lo: int, hi: int) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or not lo <= int(raw) <= hi:
+        raise ValueError(f"{name}={raw!r} is not valid: expected an integer from {lo} to {hi}")
+    return int(raw)
+
+
+def id_param(value: str | None, name: str) -> str | None:
+    if value is None or value == "":
+        return None
+    try:
+        frames.parse_id(value)
+    except ValueError as exc:
+        raise ValueError(f"{name}={value[:60]!r} is not valid: {exc}") from None
+    return value
+
+
+def create_app(redis_url: str, token: str | None = None, replay: int = 1000,
+               loopback_only: bool = True) -> Any:
+    hub = Hub(redis_url, replay=replay)
+    page = (STATIC / "index.html").read_text(encoding="utf-8")
+    # the page's own assets need the token too; it is the configured one, escaped for an attribute
+    asset_query = html.escape("?token=" + quote(token, safe=""), quote=True) if token else ""
+    page = page.replace("{{asset_query}}", asset_query)
+
+    async def index(request: Request) -> Response:
+        return Response(page, media_type="text/html; charset=utf-8", headers=NO_STORE)
+
+    async def events(request: Request) -> Any:
+        try:
+            last = id_param(request.headers.get("last-event-id") or request.query_params.get("last_event_id"),
+                            "Last-Event-ID")
+            replay_n = int_param(request, "replay", None, 0, hub.capacity)
+        except ValueError as exc:
+            return bad_request(str(exc))
+        return EventStream(hub, last, replay_n)
+
+    async def api_events(request: Request) -> Response:
+        try:
+            since = id_param(request.query_params.get("since"), "since")
+            limit = int_param(request, "limit", API_LIMIT_DEFAULT, 1, API_LIMIT_MAX)
+        except ValueError as exc:
+            return bad_request(str(exc))
+        try:
+            entries = await hub.read_journal(since, limit)
+        except Exception as exc:
+            return unavailable(hub, exc)
+        return JSONResponse({"events": [{"id": sid, "event": event} for sid, event, _ in entries],
+                             "last_id": entries[-1][0] if entries else since}, headers=NO_STORE)
+
+    async def api_apps(request: Request) -> Response:
+        try:
+            apps = await hub.apps()
+        except Exception as exc:
+            return unavailable(hub, exc)
+        return JSONResponse({"apps": [apps[k] | {"instance": k} for k in sorted(apps)]}, headers=NO_STORE)
+
+    async def healthz(request: Request) -> Response:
+        error = await hub.ping()
+        return JSONResponse({
+            "status": "ok" if error is None else "degraded",
+            "version": __version__,
+            "redis": "up" if error is None else "down",
+            "redis_url": hub.public_url,
+            "error": error,
+            "viewers": hub.viewers,
+            "subscribed": hub.subscribed,
+            "events_in_memory": len(hub.ring),
+            "counters": hub.counters,
+        }, headers=NO_STORE)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any):
+        yield
+        await hub.aclose()
+
+    app = Starlette(routes=[
+        Route("/", index),
+        Route("/events", events),
+        Route("/api/events", api_events),
+        Route("/api/apps", api_apps),
+        Route("/healthz", healthz),
+        Mount("/static", StaticFiles(directory=STATIC)),
+    ], lifespan=lifespan)
+    app.state.hub = hub
+    return Guard(app, token, loopback_only)
+
+
+def unavailable(hub: Hub, exc: Exception) -> JSONResponse:
+    return JSONResponse({"error": f"Redis at {hub.public_url} did not answer: {hub.scrub(exc)}"},
+                        status_code=503, headers=NO_STORE)
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """Bind before starting uvicorn, so a busy port is one clear line, not a log dump."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def serve(host: str, port: int, redis_url: str, token: str | None, replay: int) -> int:
+    import uvicorn
+
+    from ..config import redact_url
+
+    try:
+        sock = listen_socket(host, port)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        print(f"Error: cannot listen on {host}:{port}: {reason.lower()}; choose another --port", file=sys.stderr)
+        return 1
+    app = create_app(redis_url, token=token, replay=replay, loopback_only=host in LOOPBACK)
+    shown_host = f"[{host}]" if ":" in host else host
+    url = f"http://{shown_host}:{sock.getsockname()[1]}/" + (f"?token={quote(token, safe='')}" if token else "")
+    print(f"SynapticLlamas dashboard {__version__}: {url}", flush=True)
+    print(f"Events from {redact_url(redis_url)} (Redis is used only while a page is open). Ctrl-C stops.",
+          flush=True)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=1)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:   # uvicorn re-raises Ctrl-C after its clean shutdown
+        pass
+    return 0
+
+
+def main() -> None:
+    from .command import dashboard_server
+
+    dashboard_server.main(prog_name="synapticllamas-dashboard")

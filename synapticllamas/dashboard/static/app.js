@@ -1,0 +1,372 @@
+// The dashboard page: one EventSource (/events), panels built from the events it delivers.
+// Every piece of event text goes into the page with textContent, never as HTML.
+"use strict";
+(() => {
+  const MAX_ROWS = 500;        // events table rows kept in the DOM
+  const KEEP = 5000;           // events kept in memory, so a filter change can refill the table
+  const MAX_RAW = 500;         // raw llama.cpp lines kept in the log panel
+  const LEVELS = ["debug", "info", "warning", "error", "critical"];
+  const COMPONENTS = ["coordinator", "rpc_backend", "rpc_registry", "model", "system", "raw"];
+  const COORDINATOR_STATES = {
+    starting: "starting", model_loading: "starting", model_load: "starting", start: "running",
+    heartbeat: "running", stopping: "stopping", stop: "stopped", backoff: "backoff", fatal: "fatal",
+  };
+
+  const token = new URLSearchParams(location.search).get("token");
+  const withToken = (path) => token ? `${path}${path.includes("?") ? "&" : "?"}token=${encodeURIComponent(token)}` : path;
+  const $ = (id) => document.getElementById(id);
+
+  const apps = new Map();      // instance -> what we know about that app
+  const kept = [];             // recent events (and gap notes), oldest first
+  let live = false;            // false while the feed replays the journal
+  let paused = false, missedWhilePaused = 0;
+  let renderQueued = false;
+  const newRows = [];          // rows to append at the next animation frame
+
+  // ------------------------------------------------------------ small helpers
+
+  function el(tag, text, className) {
+    const node = document.createElement(tag);
+    if (text !== undefined && text !== null) node.textContent = String(text);
+    if (className) node.className = className;
+    return node;
+  }
+
+  function row(cells) {
+    const tr = document.createElement("tr");
+    for (const cell of cells) tr.appendChild(cell instanceof Node ? cell : el("td", cell));
+    return tr;
+  }
+
+  function stateCell(state, title) {
+    const td = el("td", state, `state-${String(state).split(" ")[0]}`);
+    if (title) td.title = title;
+    return td;
+  }
+
+  function clock(ts) {
+    const d = new Date(ts * 1000);
+    const pad = (n, w = 2) => String(n).padStart(w, "0");
+    return `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}.${pad(d.getMilliseconds(), 3)}`;
+  }
+
+  function age(ms) {
+    if (ms == null || !isFinite(ms)) return "-";
+    const s = Math.max(0, Math.round(ms / 1000));
+    if (s < 60) return `${s}s`;
+    if (s < 3600) return `${Math.floor(s / 60)}m${String(s % 60).padStart(2, "0")}s`;
+    return `${Math.floor(s / 3600)}h${String(Math.floor(s % 3600 / 60)).padStart(2, "0")}m`;
+  }
+
+  function setOptions(select, values) {
+    const have = new Set(Array.from(select.options, (o) => o.value));
+    for (const v of values) if (!have.has(v)) select.appendChild(new Option(v, v));
+  }
+
+  // ------------------------------------------------------------ state from events
+
+  function appFor(instance) {
+    let a = apps.get(instance);
+    if (!a) {
+      a = { instance, reg: null, source: {}, lastHeard: null, lastSeq: null, gaps: 0, count: 0,
+            unregistered: false, heartbeatEvery: null, coordinator: null, backends: new Map() };
+      apps.set(instance, a);
+      setOptions($("filter-app"), [instance]);
+    }
+    return a;
+  }
+
+  function noteSeq(a, ev) {
+    if (typeof ev.seq !== "number") return;
+    if (ev.component === "system" && ev.event_type === "register") a.lastSeq = null;  // a new run
+    if (a.lastSeq !== null && ev.seq > a.lastSeq + 1) {
+      const missing = ev.seq - a.lastSeq - 1;
+      a.gaps += missing;
+      remember({ gap: missing, instance: a.instance, from: a.lastSeq + 1, to: ev.seq - 1, timestamp: ev.timestamp });
+    }
+    if (a.lastSeq === null || ev.seq > a.lastSeq) a.lastSeq = ev.seq;
+  }
+
+  function coordinatorFrom(a, ev) {
+    const d = ev.details || {};
+    const c = a.coordinator || (a.coordinator = { state: "stopped", model: null, port: null, backends: [],
+                                                  startedAt: null, restarts: 0, reason: null });
+    c.state = typeof d.state === "string" ? d.state : (COORDINATOR_STATES[ev.event_type] || c.state);
+    if (ev.event_type === "stop" && d.reason) c.reason = d.reason;
+    if (ev.event_type === "start") { c.startedAt = ev.timestamp; c.reason = null; }
+    const uptime = d.uptime_s ?? d.uptime;
+    if (typeof uptime === "number" && c.state === "running") c.startedAt = ev.timestamp - uptime;
+    if (c.state !== "running") c.startedAt = null;
+    const model = d.model_path ?? d.model;
+    if (model) c.model = String(model).split("/").pop();
+    if (d.port != null) c.port = d.port;
+    else if (typeof d.url === "string") { const m = d.url.match(/:(\d+)\/?$/); if (m) c.port = m[1]; }
+    const backends = d.rpc_backends ?? d.backends;
+    if (Array.isArray(backends)) c.backends = backends.map((b) => typeof b === "object" && b ? b.address : b);
+    if (typeof d.restarts === "number") c.restarts = d.restarts;
+    else if (ev.event_type === "backoff") c.restarts += 1;
+  }
+
+  function backendFrom(a, address, state, ts) {
+    if (!address) return;
+    const b = a.backends.get(address);
+    if (!b) a.backends.set(address, { state, changed: ts });
+    else if (b.state !== state) { b.state = state; b.changed = ts; }
+  }
+
+  function handle(ev) {
+    const instance = (ev.source && ev.source.instance) || "(unknown)";
+    const a = appFor(instance);
+    a.source = ev.source || a.source;
+    a.count += 1;
+    // while replaying, an event is as old as its timestamp says; once live, we heard it now
+    const heard = live ? Date.now() : Math.min(Date.now(), ev.timestamp * 1000);
+    if (a.lastHeard === null || heard > a.lastHeard) a.lastHeard = heard;
+    noteSeq(a, ev);
+    const d = ev.details || {};
+    if (ev.component === "system" && ev.event_type === "register") { a.reg = d; a.unregistered = false; }
+    else if (ev.component === "system" && ev.event_type === "unregister") a.unregistered = true;
+    else if (ev.component === "coordinator") coordinatorFrom(a, ev);
+    else if (ev.component === "rpc_backend") {
+      const state = { connect: "up", disconnect: "down", added: "unknown", removed: "removed" }[ev.event_type];
+      if (state) backendFrom(a, d.address, d.state && ev.event_type !== "removed" ? d.state : state, ev.timestamp);
+    } else if (ev.component === "rpc_registry" && ev.event_type === "heartbeat" && Array.isArray(d.backends)) {
+      for (const b of d.backends) if (b && typeof b === "object") backendFrom(a, b.address, b.state, ev.timestamp);
+      if (typeof d.interval_s === "number") a.heartbeatEvery = d.interval_s;
+    } else if (ev.component === "raw") addRaw(instance, ev);
+    setOptions($("filter-component"), [ev.component]);
+    remember(ev);
+    queueRender();
+  }
+
+  // ------------------------------------------------------------ events table
+
+  function remember(item) {
+    kept.push(item);
+    if (kept.length > KEEP) kept.splice(0, kept.length - KEEP);
+    if (paused) { missedWhilePaused += 1; return; }
+    if (matches(item)) newRows.push(item);
+  }
+
+  function matches(item) {
+    const app = $("filter-app").value, component = $("filter-component").value;
+    if (app && item.instance !== app && !(item.source && item.source.instance === app)) return false;
+    if (item.gap) return !component;
+    if (component && item.component !== component) return false;
+    return LEVELS.indexOf(item.level || "info") >= LEVELS.indexOf($("filter-level").value);
+  }
+
+  function messageText(ev) {
+    const d = ev.details || {};
+    // the reference strings: "rpc_backend_connect on 127.0.0.1:18080" / "... on rpc_registry" + addresses
+    if (ev.event_type === "heartbeat" && Array.isArray(d.backends) && d.backends.length) {
+      const addresses = d.backends.map((b) => (b && typeof b === "object") ? `${b.address} (${b.state})` : String(b));
+      const totals = d.total_configured != null ? ` [${d.total_active ?? "?"}/${d.total_configured} active]` : "";
+      return `${ev.message}: ${addresses.join(", ")}${totals}`;
+    }
+    const used = d.rpc_backends;
+    if (ev.event_type === "heartbeat" && Array.isArray(used) && used.length) return `${ev.message}: ${used.join(", ")}`;
+    return ev.message;
+  }
+
+  function eventRow(item) {
+    if (item.gap) {
+      const tr = row([clock(item.timestamp), item.instance, "", "gap", "",
+        `${item.gap} event${item.gap > 1 ? "s" : ""} missing (seq ${item.from}${item.to > item.from ? `-${item.to}` : ""}): sampled out or lost`]);
+      tr.className = "gap";
+      return tr;
+    }
+    const tr = row([clock(item.timestamp), (item.source && item.source.instance) || "", item.component,
+                     item.event_type, el("td", item.level, `level-${item.level}`), messageText(item)]);
+    tr.className = `level-${item.level}`;
+    return tr;
+  }
+
+  function rebuildTable() {
+    const body = $("events").tBodies[0];
+    body.replaceChildren();
+    newRows.length = 0;
+    const rows = [];
+    for (let i = kept.length - 1; i >= 0 && rows.length < MAX_ROWS; i--) if (matches(kept[i])) rows.push(kept[i]);
+    for (let i = rows.length - 1; i >= 0; i--) body.appendChild(eventRow(rows[i]));
+    noteEvents();
+  }
+
+  function flushRows() {
+    const body = $("events").tBodies[0];
+    const items = newRows.splice(0, newRows.length).slice(-MAX_ROWS);
+    const fragment = document.createDocumentFragment();
+    for (const item of items) fragment.appendChild(eventRow(item));
+    body.appendChild(fragment);
+    while (body.rows.length > MAX_ROWS) body.deleteRow(0);
+  }
+
+  function noteEvents() {
+    const shown = $("events").tBodies[0].rows.length;
+    $("events-note").textContent = paused
+      ? `paused: ${missedWhilePaused} new event${missedWhilePaused === 1 ? "" : "s"} not shown`
+      : `${shown} shown (at most ${MAX_ROWS})`;
+  }
+
+  // ------------------------------------------------------------ raw llama.cpp log
+
+  function addRaw(instance, ev) {
+    const box = $("raw");
+    const atBottom = box.scrollTop + box.clientHeight >= box.scrollHeight - 4;
+    const line = el("div");
+    line.appendChild(el("span", `${clock(ev.timestamp)} ${instance} `, "who"));
+    line.appendChild(document.createTextNode(ev.message));
+    box.appendChild(line);
+    while (box.childElementCount > MAX_RAW) box.firstElementChild.remove();
+    if (atBottom) box.scrollTop = box.scrollHeight;
+  }
+
+  // ------------------------------------------------------------ panels
+
+  function expectedInterval(a) {
+    const r = a.reg || {};
+    const every = [];
+    if (a.heartbeatEvery) every.push(a.heartbeatEvery);
+    else if (r.backend_heartbeat !== false && r.backend_heartbeat_interval) every.push(r.backend_heartbeat_interval);
+    if (a.coordinator && a.coordinator.state === "running" && r.heartbeat_interval) every.push(r.heartbeat_interval);
+    return every.length ? Math.min(...every) : null;
+  }
+
+  function appState(a, now) {
+    if (a.unregistered) return ["stopped", "the app said goodbye (system/unregister)"];
+    const every = expectedInterval(a);
+    if (every === null) return ["unknown", "this app sends no heartbeat"];
+    const quiet = (now - a.lastHeard) / 1000;
+    if (quiet > 2 * every) return ["stale", `nothing heard for ${Math.round(quiet)}s; heartbeat every ${every}s`];
+    return ["live", `heartbeat every ${every}s`];
+  }
+
+  function renderPanels() {
+    const now = Date.now();
+    const list = Array.from(apps.values()).sort((x, y) => x.instance.localeCompare(y.instance));
+
+    const appRows = list.map((a) => {
+      const r = a.reg || {};
+      const [state, why] = appState(a, now);
+      return row([a.instance, r.app || a.source.app || "", r.mode || "", r.version || "", stateCell(state, why),
+                  a.lastHeard ? `${age(now - a.lastHeard)} ago` : "-", a.count, a.gaps]);
+    });
+    $("apps").tBodies[0].replaceChildren(...appRows);
+    $("apps-panel").querySelector(".empty").hidden = appRows.length > 0;
+
+    const coordRows = list.filter((a) => a.coordinator).map((a) => {
+      const c = a.coordinator;
+      const state = c.reason && c.state === "stopped" ? `stopped (${c.reason})` : c.state;
+      return row([a.instance, stateCell(state), c.model || "-", c.port ?? "-",
+                  c.backends.length ? c.backends.join(", ") : "none",
+                  c.startedAt ? age(now - c.startedAt * 1000) : "-", c.restarts]);
+    });
+    $("coordinators").tBodies[0].replaceChildren(...coordRows);
+    $("coordinator-panel").querySelector(".empty").hidden = coordRows.length > 0;
+
+    const backendRows = [];
+    for (const a of list) {
+      for (const [address, b] of Array.from(a.backends).sort()) {
+        backendRows.push(row([a.instance, address, stateCell(b.state),
+                              `${clock(b.changed)} (${age(now - b.changed * 1000)} ago)`]));
+      }
+    }
+    $("backends").tBodies[0].replaceChildren(...backendRows);
+    $("backends-panel").querySelector(".empty").hidden = backendRows.length > 0;
+
+    const running = list.filter((a) => a.coordinator && a.coordinator.state === "running").length;
+    $("summary").textContent = `${list.length} app${list.length === 1 ? "" : "s"}, ${running} coordinator${running === 1 ? "" : "s"} running`;
+  }
+
+  function queueRender() {
+    if (renderQueued) return;
+    renderQueued = true;
+    requestAnimationFrame(() => {
+      renderQueued = false;
+      flushRows();
+      renderPanels();
+      noteEvents();
+    });
+  }
+
+  // ------------------------------------------------------------ connection and banner
+
+  let redisDown = false, feedDown = false;
+
+  function showBanner() {
+    const banner = $("banner");
+    if (feedDown) banner.textContent = feedDown;
+    else if (redisDown) banner.textContent = redisDown;
+    banner.hidden = !feedDown && !redisDown;
+    const conn = $("conn");
+    conn.textContent = feedDown ? "disconnected" : redisDown ? "Redis down" : live ? "live" : "replaying";
+    conn.className = `pill ${feedDown || redisDown ? "down" : live ? "live" : ""}`;
+  }
+
+  async function loadApps() {
+    try {
+      const response = await fetch(withToken("api/apps"), { cache: "no-store" });
+      if (!response.ok) return;
+      const body = await response.json();
+      for (const reg of body.apps || []) {
+        const a = appFor(reg.instance);
+        if (!a.reg) a.reg = reg;
+        if (a.lastHeard === null && typeof reg.started_at === "number") a.lastHeard = reg.started_at * 1000;
+      }
+      queueRender();
+    } catch (err) { /* the feed's status event tells the user what is wrong */ }
+  }
+
+  function connect() {
+    const source = new EventSource(withToken("events"));
+    source.onmessage = (message) => {
+      let ev;
+      try { ev = JSON.parse(message.data); } catch (err) { return; }
+      if (ev && typeof ev === "object" && typeof ev.timestamp === "number") handle(ev);
+    };
+    source.addEventListener("status", (message) => {
+      const s = JSON.parse(message.data);
+      const wasDown = redisDown;
+      redisDown = s.redis === "down"
+        ? `Redis at ${s.url} is unreachable (${s.error || "no answer"}). Retrying; events resume by themselves.`
+        : false;
+      if (s.redis === "up" && wasDown) loadApps();
+      showBanner();
+    });
+    source.addEventListener("live", () => { live = true; showBanner(); });
+    source.addEventListener("lagged", (message) => {
+      const s = JSON.parse(message.data);
+      remember({ gap: s.skipped, instance: "(this page)", from: "?", to: "?", timestamp: Date.now() / 1000 });
+      queueRender();
+    });
+    source.onopen = () => { feedDown = false; showBanner(); };
+    source.onerror = () => {
+      live = false;
+      feedDown = source.readyState === EventSource.CLOSED
+        ? "The dashboard refused the live feed (wrong or missing token?). Reload the page to retry."
+        : "Lost the connection to the dashboard server; reconnecting.";
+      showBanner();
+    };
+  }
+
+  // ------------------------------------------------------------ controls
+
+  function start() {
+    setOptions($("filter-component"), COMPONENTS);
+    $("filter-level").value = "debug";
+    for (const id of ["filter-app", "filter-component", "filter-level"]) $(id).addEventListener("change", rebuildTable);
+    $("pause").addEventListener("click", () => {
+      paused = !paused;
+      $("pause").textContent = paused ? "Resume" : "Pause";
+      if (!paused) { missedWhilePaused = 0; rebuildTable(); }
+      noteEvents();
+    });
+    setInterval(renderPanels, 1000);   // ages and staleness move with the clock
+    renderPanels();
+    noteEvents();
+    loadApps();
+    connect();
+  }
+
+  start();
+})();

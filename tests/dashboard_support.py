@@ -1,0 +1,181 @@
+"""Helpers for the dashboard's tests: the real dashboard process, real shells that push to Redis,
+and a contract-format publisher for events no shell command can produce on demand.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from support import PYTHON, ROOT, free_port, shell_env, wait_for
+
+CHANNEL = "synapticllamas:llama_cpp:"
+JOURNAL = "synapticllamas:events"
+APPS = "synapticllamas:apps"
+
+
+class Dashboard:
+    """`python3 main.py dashboard-server` on a free loopback port, as a user starts it."""
+
+    def __init__(self, tmp: Path, redis_url: str, *args: str, token: str | None = None) -> None:
+        self.port = free_port()
+        self.token = token
+        cmd = [PYTHON, str(ROOT / "main.py"), "dashboard-server", "--port", str(self.port),
+               "--redis-url", redis_url, *args]
+        if token:
+            cmd += ["--token", token]
+        self.log_path = tmp / f"dashboard-{self.port}.log"
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                     env=shell_env(tmp))
+        wait_for(self._up, 20, what=f"the dashboard on port {self.port} (log: {self.log_path})")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def page_url(self) -> str:
+        return self.url + "/" + (f"?token={self.token}" if self.token else "")
+
+    def _up(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"the dashboard exited with {self.proc.returncode}: {self.log_path.read_text()}")
+        try:
+            self.get("/healthz")
+            return True
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def get(self, path: str, headers: dict[str, str] | None = None, auth: bool = True) -> tuple[int, Any]:
+        hdrs = dict(headers or {})
+        if auth and self.token:
+            hdrs.setdefault("Authorization", f"Bearer {self.token}")
+        request = urllib.request.Request(self.url + path, headers=hdrs)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                body = response.read().decode()
+                status = response.status
+                kind = response.headers.get("content-type", "")
+        except urllib.error.HTTPError as exc:
+            body, status, kind = exc.read().decode(), exc.code, exc.headers.get("content-type", "")
+        return status, json.loads(body) if kind.startswith("application/json") else body
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def cpu_seconds(self) -> float:
+        with open(f"/proc/{self.proc.pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+
+
+class Shell:
+    """A real shell process publishing to Redis (`main.py --redis`), fed commands on stdin."""
+
+    def __init__(self, tmp: Path, redis_url: str, name: str, **env: str) -> None:
+        home = tmp / name
+        home.mkdir(parents=True, exist_ok=True)
+        self.out_path = home / "shell.out"
+        self.out = open(self.out_path, "wb")
+        self.proc = subprocess.Popen([PYTHON, str(ROOT / "main.py"), "--redis", "--redis-url", redis_url],
+                                     stdin=subprocess.PIPE, stdout=self.out, stderr=subprocess.STDOUT,
+                                     cwd=ROOT, env=shell_env(home, **env))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def send(self, *lines: str) -> None:
+        self.proc.stdin.write("".join(line + "\n" for line in lines).encode())
+        self.proc.stdin.flush()
+
+    def exit(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            try:
+                self.send("exit")
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.out.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.out.close()
+
+    def output(self) -> str:
+        return self.out_path.read_text(errors="replace")
+
+
+def instance_of(client: Any, pid: int, timeout: float = 20) -> str:
+    """The instance id ("host:pid") under which the shell with this pid registered."""
+    def find():
+        for instance, text in client.hgetall(APPS).items():
+            if json.loads(text).get("pid") == pid:
+                return instance
+        return None
+
+    return wait_for(find, timeout, what=f"shell pid {pid} in {APPS}")
+
+
+class ContractPublisher:
+    """Pushes events in the contract's format with the publisher's command sequence (journal entry,
+    then one PUBLISH, in one MULTI/EXEC) for tests that need an event no shell command makes on
+    demand: a given raw llama.cpp line, a gap in seq, a heartbeat interval."""
+
+    def __init__(self, client: Any, instance: str = "test-host:1", app: str = "synapticllamas") -> None:
+        self.client = client
+        self.source = {"app": app, "instance": instance, "host": instance.split(":")[0]}
+        self.seq = 0
+
+    def event(self, component: str, event_type: str, message: str, details: dict | None = None,
+              level: str = "info", seq: int | None = None) -> dict:
+        self.seq = self.seq + 1 if seq is None else seq
+        return {"timestamp": time.time(), "component": component, "event_type": event_type,
+                "message": message, "details": details or {}, "level": level, "source": self.source,
+                "seq": self.seq}
+
+    def push(self, *events: dict) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        for ev in events:
+            text = json.dumps(ev, separators=(",", ":"))
+            pipe.xadd(JOURNAL, {"event": text}, maxlen=10000, approximate=True)
+            pipe.publish(CHANNEL + ev["component"], text)
+        pipe.execute()
+
+    def emit(self, *args: Any, **kwargs: Any) -> dict:
+        ev = self.event(*args, **kwargs)
+        self.push(ev)
+        return ev
+
+    def register(self, **registration: Any) -> dict:
+        reg = {"app": self.source["app"], "instance": self.source["instance"], "host": self.source["host"],
+               "pid": 1, "version": "test", "mode": "standard", "started_at": time.time(),
+               "heartbeat_interval": 30.0, "backend_heartbeat": True, "backend_heartbeat_interval": 30.0,
+               **registration}
+        self.client.hset(APPS, self.source["instance"], json.dumps(reg))
+        return self.emit("system", "register", "test app started", reg)
+
+
+def command_counts(client: Any) -> dict[str, int]:
+    """INFO commandstats as {command: calls}."""
+    return {name.removeprefix("cmdstat_"): stats["calls"] for name, stats in client.info("commandstats").items()}

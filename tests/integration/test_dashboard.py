@@ -1,0 +1,349 @@
+"""The dashboard process against a real redis-server, with real shells pushing events.
+
+Every test runs `python3 main.py dashboard-server` as a subprocess and talks HTTP to it; shells
+are `python3 main.py --redis` processes fed commands on stdin. Events no shell command makes on
+demand (a chosen seq, a pub/sub-only publisher) are pushed in the contract's format with redis-py.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections import defaultdict
+
+import pytest
+
+from dashboard_support import APPS, JOURNAL, ContractPublisher, Dashboard, Shell, command_counts, instance_of
+from sse_client import SSEClient
+from support import PYTHON, ROOT, free_port, shell_env, wait_for
+
+
+@pytest.fixture
+def dashboard(tmp_path, redis_server):
+    dash = Dashboard(tmp_path, redis_server.url)
+    yield dash
+    dash.stop()
+
+
+@pytest.fixture
+def shells(tmp_path, redis_server):
+    started: list[Shell] = []
+
+    def start(name: str, **env: str) -> Shell:
+        shell = Shell(tmp_path, redis_server.url, name, **env)
+        started.append(shell)
+        return shell
+
+    yield start
+    for shell in started:
+        shell.kill()
+
+
+def by_instance(messages):
+    out = defaultdict(list)
+    for m in messages:
+        ev = m.json()
+        out[ev["source"]["instance"]].append(ev)
+    return out
+
+
+def live(client):
+    return client.named("live")
+
+
+def numpat(client) -> int:
+    return client.execute_command("PUBSUB", "NUMPAT")
+
+
+def test_two_shells_each_event_once_in_order_and_a_late_viewer_gets_the_replay(dashboard, shells, redis_server):
+    client = redis_server.client()
+    viewer = SSEClient(dashboard.port)
+    try:
+        viewer.wait_for(live, what="the first viewer to be live")
+        a = shells("a", SOLLOL_RPC_BACKEND_HEARTBEAT_INTERVAL="0.5")
+        b = shells("b", SOLLOL_RPC_BACKEND_HEARTBEAT_INTERVAL="0.5")
+        inst_a, inst_b = instance_of(client, a.pid), instance_of(client, b.pid)
+        assert inst_a != inst_b
+        a.send("backends add 127.0.0.1:9")   # nothing listens on the discard port: added, then unreachable
+        b.send("backends add 127.0.0.1:9")
+
+        status, body = dashboard.get("/api/apps")
+        assert status == 200
+        listed = {app["instance"]: app for app in body["apps"]}
+        assert {inst_a, inst_b} <= set(listed), body
+        assert listed[inst_a]["pid"] == a.pid and listed[inst_b]["pid"] == b.pid
+
+        def heartbeats(c):
+            seen = by_instance(c.events())
+            return all(sum(e["event_type"] == "heartbeat" for e in seen[i]) >= 3 for i in (inst_a, inst_b))
+
+        viewer.wait_for(heartbeats, 20, what="3 registry heartbeats from each shell")
+        assert a.exit() == 0, a.output()
+        assert b.exit() == 0, b.output()
+
+        def goodbyes(c):
+            seen = by_instance(c.events())
+            return all(any(e["event_type"] == "unregister" for e in seen[i]) for i in (inst_a, inst_b))
+
+        viewer.wait_for(goodbyes, 10, what="both shells' system/unregister")
+        journal = [(sid, json.loads(fields["event"])) for sid, fields in client.xrange(JOURNAL)]
+        received = viewer.events()
+        # every journaled event exactly once, in journal order, with its journal id as the SSE id
+        assert [m.id for m in received] == [sid for sid, _ in journal]
+        assert [m.json() for m in received] == [ev for _, ev in journal]
+        seen = by_instance(received)
+        for inst in (inst_a, inst_b):
+            events = seen[inst]
+            seqs = [e["seq"] for e in events]
+            assert seqs == sorted(set(seqs)), f"{inst}: seq not strictly increasing: {seqs}"
+            assert events[0]["event_type"] == "register" and events[-1]["event_type"] == "unregister"
+            assert any(e["component"] == "rpc_backend" and e["event_type"] == "added" for e in events)
+            assert any(e["message"] == "rpc_backend_connect on rpc_registry" for e in events)
+
+        late = SSEClient(dashboard.port)
+        try:
+            late.wait_for(live, what="the late viewer's replay")
+            assert [m.id for m in late.events()] == [sid for sid, _ in journal]
+            assert late.named("live")[0].json() == {"replayed": len(journal)}
+        finally:
+            late.close()
+    finally:
+        viewer.close()
+
+
+def test_nobody_watching_means_no_subscription_no_redis_commands_no_cpu(dashboard, redis_server):
+    client = redis_server.client()
+    assert numpat(client) == 0, "subscribed before anyone looked"
+    viewer = SSEClient(dashboard.port)
+    viewer.wait_for(live, what="the viewer to be live")
+    assert numpat(client) == 1
+    second = SSEClient(dashboard.port)
+    second.wait_for(live, what="a second viewer")
+    assert numpat(client) == 1, "each viewer must share the one subscription"
+    viewer.close()
+    second.close()
+    wait_for(lambda: numpat(client) == 0, 5, what="the dashboard to unsubscribe after the last viewer left")
+
+    before = command_counts(client)
+    cpu_before = dashboard.cpu_seconds()
+    time.sleep(10)
+    cpu_used = dashboard.cpu_seconds() - cpu_before
+    after = command_counts(client)
+    changed = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    assert changed == {"info": 1}, f"Redis commands while nobody watched (only our own INFO expected): {changed}"
+    assert numpat(client) == 0
+    # a process that sleeps uses ~0 s in 10 s; a busy or polling loop shows up well above this
+    assert cpu_used < 0.3, f"the idle dashboard used {cpu_used:.2f} s of CPU in 10 s"
+
+
+def test_a_reconnecting_viewer_resumes_after_its_last_event_id(dashboard, redis_server):
+    client = redis_server.client()
+    pub = ContractPublisher(client, "resume-host:1")
+    for i in range(5):
+        pub.emit("system", "note", f"before {i}")
+    first = SSEClient(dashboard.port)
+    first.wait_for(lambda c: len(c.events()) == 5 and live(c), what="5 replayed events")
+    last_id = first.events()[-1].id
+    first.close()
+    wait_for(lambda: numpat(client) == 0, 5, what="the hub to close")
+
+    for i in range(5):                       # pushed while nobody watched
+        pub.emit("system", "note", f"while away {i}")
+    again = SSEClient(dashboard.port, last_event_id=last_id)
+    try:
+        again.wait_for(live, what="the resumed feed")
+        assert [e.json()["seq"] for e in again.events()] == [6, 7, 8, 9, 10]
+        # the hub is open now: a resume point inside its memory works the same way
+        mid = again.events()[1].id
+        third = SSEClient(dashboard.port, last_event_id=mid)
+        try:
+            third.wait_for(live, what="a resume from memory")
+            pub.emit("system", "note", "live")
+            third.wait_for(lambda c: len(c.events()) == 4, what="3 resumed + 1 live event")
+            assert [e.json()["seq"] for e in third.events()] == [8, 9, 10, 11]
+        finally:
+            third.close()
+    finally:
+        again.close()
+
+
+def test_redis_restart_while_watching_then_the_feed_resumes_without_loss(dashboard, shells, redis_server):
+    client = redis_server.client()
+    viewer = SSEClient(dashboard.port)
+    try:
+        viewer.wait_for(live, what="the viewer")
+        shell = shells("beating", SOLLOL_RPC_BACKEND_HEARTBEAT_INTERVAL="0.3")
+        inst = instance_of(client, shell.pid)
+
+        def beats(c):
+            return [e for e in by_instance(c.events())[inst] if e["event_type"] == "heartbeat"]
+
+        viewer.wait_for(lambda c: len(beats(c)) >= 2, 15, what="heartbeats before the outage")
+        redis_server.kill()
+        viewer.wait_for(lambda c: any(m.json()["redis"] == "down" for m in c.named("status")), 10,
+                        what="a 'redis down' status event")
+        time.sleep(1.5)                       # the shell keeps emitting; its publisher buffers
+        redis_server.start()
+        viewer.wait_for(lambda c: c.named("status")[-1].json()["redis"] == "up", 15,
+                        what="the dashboard to resubscribe by itself")
+        count = len(beats(viewer))
+        viewer.wait_for(lambda c: len(beats(c)) >= count + 3, 15, what="heartbeats after the restart")
+        assert shell.exit() == 0, shell.output()
+        viewer.wait_for(lambda c: any(e["event_type"] == "unregister" for e in by_instance(c.events())[inst]), 10,
+                        what="the shell's unregister")
+        seqs = [e["seq"] for e in by_instance(viewer.events())[inst]]
+        # nothing lost across the outage (the publisher buffered, the hub caught up), nothing twice
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
+        assert len({m.id for m in viewer.events()}) == len(viewer.events())
+    finally:
+        viewer.close()
+
+
+def test_an_event_only_published_on_pubsub_is_shown_once(dashboard, redis_server):
+    client = redis_server.client()
+    viewer = SSEClient(dashboard.port)
+    try:
+        viewer.wait_for(live, what="the viewer")
+        # a publisher that follows only the reference document: PUBLISH, no journal entry
+        foreign = {"timestamp": time.time(), "component": "system", "event_type": "note", "message": "from SOLLOL",
+                   "details": {}, "level": "info", "source": {"app": "sollol", "instance": "other:7"}, "seq": 1}
+        client.publish("synapticllamas:llama_cpp:system", json.dumps(foreign))
+        client.publish("synapticllamas:llama_cpp:system", "not json at all")
+        ContractPublisher(client, "journaled:1").emit("system", "note", "journaled")
+        viewer.wait_for(lambda c: len(c.events()) == 2, 5, what="both events")
+        time.sleep(1.0)
+        events = viewer.events()
+        assert sorted(e.json()["message"] for e in events) == ["from SOLLOL", "journaled"]
+        ids = [e.id for e in events]
+        assert ids == sorted(ids, key=lambda s: tuple(int(p) for p in s.replace("~", "-").split("-")))
+    finally:
+        viewer.close()
+
+
+def test_every_route_needs_the_token(tmp_path, redis_server):
+    dash = Dashboard(tmp_path, redis_server.url, token="t0ken/+&x")
+    try:
+        for path in ("/", "/events", "/api/events", "/api/apps", "/healthz", "/static/app.js"):
+            status, body = dash.get(path, auth=False)
+            assert status == 401, (path, status)
+            assert "token" in body["error"]
+            status, _ = dash.get(path, headers={"Authorization": "Bearer wrong"}, auth=False)
+            assert status == 401, path
+        for path in ("/api/events", "/api/apps", "/healthz", "/static/app.js"):
+            assert dash.get(path)[0] == 200, path
+            assert dash.get(f"{path}?token=t0ken%2F%2B%26x", auth=False)[0] == 200, path
+        status, page = dash.get("/?token=t0ken%2F%2B%26x", auth=False)
+        assert status == 200 and 'src="static/app.js?token=t0ken%2F%2B%26x"' in page
+        feed = SSEClient(dash.port, "/events?token=t0ken%2F%2B%26x")
+        try:
+            assert feed.status_code == 200
+            feed.wait_for(live, what="the feed with ?token=")
+        finally:
+            feed.close()
+    finally:
+        dash.stop()
+
+
+def test_the_redis_password_never_reaches_the_page(tmp_path, redis_server):
+    client = redis_server.client()
+    client.config_set("requirepass", "s3cretpw")
+    client = redis_server.client(password="s3cretpw")
+    client.hset(APPS, "leaky:1", json.dumps({"instance": "leaky:1", "redis_url": "redis://:s3cretpw@db:6379/0"}))
+    dash = Dashboard(tmp_path, f"redis://:s3cretpw@127.0.0.1:{redis_server.port}/0")
+    wrong = Dashboard(tmp_path, f"redis://:wr0ngpw@127.0.0.1:{redis_server.port}/0")
+    try:
+        bodies = [dash.get(p)[1] for p in ("/", "/healthz", "/api/apps", "/api/events")]
+        assert dash.get("/healthz")[1]["redis"] == "up"
+        feed = SSEClient(dash.port)
+        feed.wait_for(live, what="the feed")
+        feed.close()
+        bad_feed = SSEClient(wrong.port)
+        bad_feed.wait_for(lambda c: c.named("status") and c.named("status")[-1].json()["redis"] == "down", 10,
+                          what="the wrong password reported as down")
+        bad_feed.close()
+        bodies += [m.data for m in feed.snapshot() + bad_feed.snapshot()] + [wrong.get("/healthz")[1]]
+        text = json.dumps(bodies)
+        assert "s3cretpw" not in text and "wr0ngpw" not in text
+        assert "redis://:***@127.0.0.1" in text and "redis://:***@db:6379/0" in text
+    finally:
+        dash.stop()
+        wrong.stop()
+    for path in (dash.log_path, wrong.log_path):
+        assert "s3cretpw" not in path.read_text() and "wr0ngpw" not in path.read_text()
+
+
+def test_api_events_since_and_bad_input(dashboard, redis_server):
+    pub = ContractPublisher(redis_server.client(), "api:1")
+    for i in range(4):
+        pub.emit("system", "note", f"n{i}")
+    status, body = dashboard.get("/api/events?limit=2")
+    assert status == 200 and [e["event"]["seq"] for e in body["events"]] == [3, 4]
+    status, body2 = dashboard.get(f"/api/events?since={body['events'][0]['id']}")
+    assert [e["event"]["seq"] for e in body2["events"]] == [4]
+    assert body2["last_id"] == body["events"][1]["id"]
+    for query, name in (("since=yesterday", "since="), ("limit=0", "limit="), ("limit=x", "limit=")):
+        status, err = dashboard.get(f"/api/events?{query}")
+        assert status == 400 and err["error"].startswith(name) and "expected" in err["error"], err
+    status, err = dashboard.get("/events", headers={"Last-Event-ID": "<script>"})
+    assert status == 400 and "Last-Event-ID" in err["error"]
+
+
+def test_api_says_when_redis_is_down_and_page_still_loads(dashboard, redis_server):
+    redis_server.kill()
+    status, body = dashboard.get("/api/apps")
+    assert status == 503 and body["error"].startswith(f"Redis at {redis_server.url} did not answer")
+    status, health = dashboard.get("/healthz")
+    assert status == 200 and health["status"] == "degraded" and health["redis"] == "down"
+    assert dashboard.get("/")[0] == 200
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--port", "abc"], "Error: --port='abc' is not valid: expected an integer from 1 to 65535"),
+    (["--port", "70000"], "Error: --port='70000' is not valid: expected an integer from 1 to 65535"),
+    (["--redis-url", "http://:pw@x"], "Error: --redis-url='http://:***@x' is not valid: expected redis://"),
+    (["--replay", "-1"], "Error: --replay='-1' is not valid: expected an integer >= 0"),
+    (["--token", ""], "Error: --token='' is not valid: expected a non-empty token"),
+])
+def test_bad_options_are_one_line_errors(tmp_path, args, expected):
+    result = subprocess.run([PYTHON, str(ROOT / "main.py"), "dashboard-server", *args], capture_output=True,
+                            text=True, env=shell_env(tmp_path), cwd=ROOT, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.startswith(expected), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_a_busy_port_is_one_line_and_the_console_script_serves(tmp_path, redis_server):
+    dash = Dashboard(tmp_path, redis_server.url)
+    try:
+        busy = subprocess.run([PYTHON, str(ROOT / "main.py"), "dashboard-server", "--port", str(dash.port)],
+                              capture_output=True, text=True, env=shell_env(tmp_path), cwd=ROOT, timeout=30)
+        assert busy.returncode == 1
+        assert busy.stderr.strip() == (f"Error: cannot listen on 127.0.0.1:{dash.port}: address already in use; "
+                                       "choose another --port")
+    finally:
+        dash.stop()
+    # the `synapticllamas-dashboard` entry point (pyproject [project.scripts]) runs the same server
+    port = free_port()
+    proc = subprocess.Popen([PYTHON, "-c", "from synapticllamas.dashboard.server import main; main()",
+                             "--port", str(port), "--redis-url", redis_server.url],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env=shell_env(tmp_path))
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith(f"SynapticLlamas dashboard ") and f"http://127.0.0.1:{port}/" in first
+        wait_for(lambda: _answers(port), 10, what="the console script's server")
+    finally:
+        proc.send_signal(signal.SIGINT)
+    assert proc.wait(10) == 0          # Ctrl-C: a clean stop
+    assert "Traceback" not in proc.stdout.read()
+
+
+def _answers(port: int) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
