@@ -17,7 +17,7 @@
   const $ = (id) => document.getElementById(id);
 
   const apps = new Map();      // instance -> what we know about that app
-  const kept = [];             // recent events (and gap notes), oldest first
+  const kept = [];             // recent {ev, gap} items (and notes), oldest first
   let live = false;            // false while the feed replays the journal
   let paused = false, missedWhilePaused = 0;
   let renderQueued = false;
@@ -76,15 +76,18 @@
     return a;
   }
 
+  // seq counts every event an app created: a jump means events it sampled out or that were lost.
+  // The gap is shown on the event after it (the table's seq column) and summed in the apps panel.
   function noteSeq(a, ev) {
-    if (typeof ev.seq !== "number") return;
+    if (typeof ev.seq !== "number") return null;
     if (ev.component === "system" && ev.event_type === "register") a.lastSeq = null;  // a new run
+    let gap = null;
     if (a.lastSeq !== null && ev.seq > a.lastSeq + 1) {
-      const missing = ev.seq - a.lastSeq - 1;
-      a.gaps += missing;
-      remember({ gap: missing, instance: a.instance, from: a.lastSeq + 1, to: ev.seq - 1, timestamp: ev.timestamp });
+      gap = { missing: ev.seq - a.lastSeq - 1, from: a.lastSeq + 1, to: ev.seq - 1 };
+      a.gaps += gap.missing;
     }
     if (a.lastSeq === null || ev.seq > a.lastSeq) a.lastSeq = ev.seq;
+    return gap;
   }
 
   function coordinatorFrom(a, ev) {
@@ -92,7 +95,7 @@
     const c = a.coordinator || (a.coordinator = { state: "stopped", model: null, port: null, backends: [],
                                                   startedAt: null, restarts: 0, reason: null });
     c.state = typeof d.state === "string" ? d.state : (COORDINATOR_STATES[ev.event_type] || c.state);
-    if (ev.event_type === "stop" && d.reason) c.reason = d.reason;
+    if (["stop", "fatal"].includes(ev.event_type) && d.reason) c.reason = d.reason;
     if (ev.event_type === "start") { c.startedAt = ev.timestamp; c.reason = null; }
     const uptime = d.uptime_s ?? d.uptime;
     if (typeof uptime === "number" && c.state === "running") c.startedAt = ev.timestamp - uptime;
@@ -122,7 +125,7 @@
     // while replaying, an event is as old as its timestamp says; once live, we heard it now
     const heard = live ? Date.now() : Math.min(Date.now(), ev.timestamp * 1000);
     if (a.lastHeard === null || heard > a.lastHeard) a.lastHeard = heard;
-    noteSeq(a, ev);
+    const gap = noteSeq(a, ev);
     const d = ev.details || {};
     if (ev.component === "system" && ev.event_type === "register") { a.reg = d; a.unregistered = false; }
     else if (ev.component === "system" && ev.event_type === "unregister") a.unregistered = true;
@@ -135,7 +138,7 @@
       if (typeof d.interval_s === "number") a.heartbeatEvery = d.interval_s;
     } else if (ev.component === "raw") addRaw(instance, ev);
     setOptions($("filter-component"), [ev.component]);
-    remember(ev);
+    remember({ ev, gap });
     queueRender();
   }
 
@@ -149,11 +152,11 @@
   }
 
   function matches(item) {
-    const app = $("filter-app").value, component = $("filter-component").value;
-    if (app && item.instance !== app && !(item.source && item.source.instance === app)) return false;
-    if (item.gap) return !component;
-    if (component && item.component !== component) return false;
-    return LEVELS.indexOf(item.level || "info") >= LEVELS.indexOf($("filter-level").value);
+    if (item.note) return true;
+    const ev = item.ev, app = $("filter-app").value, component = $("filter-component").value;
+    if (app && !(ev.source && ev.source.instance === app)) return false;
+    if (component && ev.component !== component) return false;
+    return LEVELS.indexOf(ev.level || "info") >= LEVELS.indexOf($("filter-level").value);
   }
 
   function messageText(ev) {
@@ -169,16 +172,26 @@
     return ev.message;
   }
 
+  function seqCell(ev, gap) {
+    const td = el("td", ev.seq ?? "");
+    if (gap) {
+      const span = el("span", ` +${gap.missing} missing`, "gap");
+      span.title = `seq ${gap.from}${gap.to > gap.from ? `-${gap.to}` : ""} never arrived: sampled out by the app, or lost`;
+      td.appendChild(span);
+    }
+    return td;
+  }
+
   function eventRow(item) {
-    if (item.gap) {
-      const tr = row([clock(item.timestamp), item.instance, "", "gap", "",
-        `${item.gap} event${item.gap > 1 ? "s" : ""} missing (seq ${item.from}${item.to > item.from ? `-${item.to}` : ""}): sampled out or lost`]);
-      tr.className = "gap";
+    if (item.note) {
+      const tr = row([clock(item.timestamp), "", "", "", "", "", item.note]);
+      tr.className = "note";
       return tr;
     }
-    const tr = row([clock(item.timestamp), (item.source && item.source.instance) || "", item.component,
-                     item.event_type, el("td", item.level, `level-${item.level}`), messageText(item)]);
-    tr.className = `level-${item.level}`;
+    const ev = item.ev;
+    const tr = row([clock(ev.timestamp), (ev.source && ev.source.instance) || "", seqCell(ev, item.gap), ev.component,
+                     ev.event_type, el("td", ev.level, `level-${ev.level}`), messageText(ev)]);
+    tr.className = `level-${ev.level}`;
     return tr;
   }
 
@@ -188,7 +201,7 @@
     newRows.length = 0;
     const rows = [];
     for (let i = kept.length - 1; i >= 0 && rows.length < MAX_ROWS; i--) if (matches(kept[i])) rows.push(kept[i]);
-    for (let i = rows.length - 1; i >= 0; i--) body.appendChild(eventRow(rows[i]));
+    for (const item of rows) body.appendChild(eventRow(item));     // newest first
     noteEvents();
   }
 
@@ -196,9 +209,9 @@
     const body = $("events").tBodies[0];
     const items = newRows.splice(0, newRows.length).slice(-MAX_ROWS);
     const fragment = document.createDocumentFragment();
-    for (const item of items) fragment.appendChild(eventRow(item));
-    body.appendChild(fragment);
-    while (body.rows.length > MAX_ROWS) body.deleteRow(0);
+    for (let i = items.length - 1; i >= 0; i--) fragment.appendChild(eventRow(items[i]));
+    body.insertBefore(fragment, body.firstChild);                  // newest first
+    while (body.rows.length > MAX_ROWS) body.deleteRow(-1);
   }
 
   function noteEvents() {
@@ -256,7 +269,8 @@
 
     const coordRows = list.filter((a) => a.coordinator).map((a) => {
       const c = a.coordinator;
-      const state = c.reason && c.state === "stopped" ? `stopped (${c.reason})` : c.state;
+      const ended = ["stopped", "exited", "fatal"].includes(c.state);
+      const state = ended && c.reason ? `${c.state} (${c.reason})` : c.state;
       return row([a.instance, stateCell(state), c.model || "-", c.port ?? "-",
                   c.backends.length ? c.backends.join(", ") : "none",
                   c.startedAt ? age(now - c.startedAt * 1000) : "-", c.restarts]);
@@ -336,7 +350,7 @@
     source.addEventListener("live", () => { live = true; showBanner(); });
     source.addEventListener("lagged", (message) => {
       const s = JSON.parse(message.data);
-      remember({ gap: s.skipped, instance: "(this page)", from: "?", to: "?", timestamp: Date.now() / 1000 });
+      remember({ note: `${s.skipped} events skipped: this page fell behind the feed`, timestamp: Date.now() / 1000 });
       queueRender();
     });
     source.onopen = () => { feedDown = false; showBanner(); };

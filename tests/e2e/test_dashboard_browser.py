@@ -1,0 +1,242 @@
+"""The dashboard page in Debian's headless Chromium, driven by Playwright, fed by real shells.
+
+Chromium is never downloaded: scripts/test installs the Debian package, and a missing binary fails
+these tests (it does not skip them). Screenshots go to test-artifacts/ (gitignored).
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from dashboard_support import ContractPublisher, Dashboard, Shell, instance_of
+from support import ROOT, free_port, wait_for
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = ROOT / "test-artifacts"
+XSS = "<img src=x onerror=alert(1)>"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} not found: the browser tests need Debian's chromium (scripts/test installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+class Watched:
+    """A page plus everything it said: console errors, uncaught exceptions, dialogs."""
+
+    def __init__(self, browser, url: str) -> None:
+        self.page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        self.errors: list[str] = []
+        self.dialogs: list[str] = []
+        self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
+        self.page.on("pageerror", lambda exc: self.errors.append(f"uncaught: {exc}"))
+        self.page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
+        self.page.goto(url)
+
+    def close(self) -> None:
+        self.page.close()
+
+
+@pytest.fixture
+def env(tmp_path, redis_server, browser):
+    dash = Dashboard(tmp_path, redis_server.url, token="pagetoken")
+    pages: list[Watched] = []
+    shells: list[Shell] = []
+
+    class Env:
+        redis = redis_server
+        dashboard = dash
+        client = redis_server.client()
+
+        @staticmethod
+        def open() -> Watched:
+            watched = Watched(browser, dash.page_url())
+            pages.append(watched)
+            return watched
+
+        @staticmethod
+        def shell(name: str, *args: str, **vars: str) -> Shell:
+            shell = Shell(tmp_path, redis_server.url, name, **vars)
+            shells.append(shell)
+            return shell
+
+    yield Env
+    for watched in pages:
+        watched.close()
+    for shell in shells:
+        shell.kill()
+    dash.stop()
+
+
+def expect():
+    from playwright.sync_api import expect as playwright_expect
+
+    return playwright_expect
+
+
+def test_two_shells_heartbeats_gaps_and_a_hostile_log_line_render_as_text(env):
+    watched = env.open()
+    page = watched.page
+    a = env.shell("a", SOLLOL_RPC_BACKEND_HEARTBEAT_INTERVAL="1")
+    b = env.shell("b", SOLLOL_RPC_BACKEND_HEARTBEAT_INTERVAL="1")
+    inst_a, inst_b = instance_of(env.client, a.pid), instance_of(env.client, b.pid)
+    a.send("backends add 127.0.0.1:9")
+    for inst in (inst_a, inst_b):
+        row = page.locator("#apps tbody tr", has_text=inst)
+        expect()(row).to_contain_text("live", timeout=10000)
+    expect()(page.locator("#backends tbody tr", has_text=inst_a)).to_contain_text("127.0.0.1:9", timeout=10000)
+    expect()(page.locator("#events tbody")).to_contain_text("rpc_backend_connect on rpc_registry: 127.0.0.1:9",
+                                                            timeout=10000)
+
+    # a llama.cpp line as the coordinator would push it (no shell command prints a chosen line)
+    llama = ContractPublisher(env.client, "llama-host:42")
+    llama.emit("raw", "log", XSS)
+    llama.emit("system", "note", "before the gap")
+    llama.emit("system", "note", "after the gap", seq=5)        # seq 3 and 4 never arrive
+    hostile = ContractPublisher(env.client, "<script>alert(2)</script>:1")
+    hostile.emit("system", "note", "<b>bold?</b>", level="warning")
+
+    raw = page.locator("#raw")
+    expect()(raw).to_contain_text(f"llama-host:42 {XSS}", timeout=5000)
+    after_gap = page.locator("#events tbody tr", has_text="after the gap").locator("td").nth(2)
+    expect()(after_gap).to_have_text("5 +2 missing")
+    assert after_gap.locator(".gap").get_attribute("title").startswith("seq 3-4 never arrived")
+    expect()(page.locator("#apps tbody tr", has_text="llama-host:42").locator("td").nth(7)).to_have_text("2")
+    expect()(page.locator("#apps tbody tr", has_text="<script>alert(2)</script>:1")).to_be_visible()
+    expect()(page.locator("#events tbody")).to_contain_text("<b>bold?</b>")
+    assert page.locator("img").count() == 0, "a log line became an <img> element"
+    assert page.locator("#events b, #apps script, main script").count() == 0
+    assert page.locator("#raw div").last.text_content().endswith(XSS)
+    time.sleep(0.5)   # give an onerror handler, if one had been created, the time to fire
+    assert watched.dialogs == [], f"event text ran as script: {watched.dialogs}"
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+    assert (ARTIFACTS / "dashboard.png").stat().st_size > 10000
+    assert a.exit() == 0 and b.exit() == 0
+    expect()(page.locator("#apps tbody tr", has_text=inst_a)).to_contain_text("stopped", timeout=5000)
+    assert watched.errors == [], f"console errors: {watched.errors}"
+
+
+def test_a_coordinator_start_from_a_real_shell_shows_in_the_panel_within_1s(env):
+    from synapticllamas import binaries
+
+    try:
+        binaries.llama_server()
+        model = binaries.demo_model()
+    except binaries.NotFound as exc:
+        pytest.fail(f"this test needs llama-server and the demo model (scripts/test installs them): {exc}")
+    watched = env.open()
+    page = watched.page
+    started = threading.Event()
+    subscriber = env.client.pubsub()
+    subscriber.subscribe("synapticllamas:llama_cpp:coordinator")
+
+    def listen():
+        for message in subscriber.listen():
+            if message["type"] == "message" and '"event_type":"start"' in message["data"]:
+                started.set()
+                return
+
+    threading.Thread(target=listen, daemon=True).start()
+    shell = env.shell("coord")
+    port = free_port()
+    shell.send(f"coordinator start --port {port}")
+    instance = instance_of(env.client, shell.pid)
+    assert started.wait(300), f"no coordinator start event; shell said:\n{shell.output()}"
+    row = page.locator("#coordinators tbody tr", has_text=instance)
+    # within 1 s of the event reaching Redis's subscribers (a test subscriber saw it just now)
+    expect()(row.locator("td").nth(1)).to_have_text("running", timeout=1000)
+    expect()(row).to_contain_text(model.name)
+    expect()(row.locator("td").nth(3)).to_have_text(str(port))
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard-coordinator.png"), full_page=True)
+    shell.send("coordinator stop")
+    expect()(row.locator("td").nth(1)).to_have_text("stopped (user)", timeout=30000)
+    assert shell.exit() == 0, shell.output()
+    subscriber.close()
+    assert watched.errors == [], f"console errors: {watched.errors}"
+
+
+def test_redis_restart_shows_the_banner_then_events_flow_without_a_reload(env):
+    watched = env.open()
+    page = watched.page
+    shell = env.shell("beating", SOLLOL_RPC_BACKEND_HEARTBEAT_INTERVAL="0.5")
+    instance = instance_of(env.client, shell.pid)
+    expect()(page.locator("#apps tbody tr", has_text=instance)).to_contain_text("live", timeout=10000)
+    page.evaluate("window.__sameDocument = 42")
+    banner = page.locator("#banner")
+    expect()(banner).to_be_hidden()
+
+    env.redis.kill()
+    expect()(banner).to_be_visible(timeout=5000)
+    expect()(banner).to_contain_text(f"Redis at {env.redis.url} is unreachable")
+    expect()(page.locator("#conn")).to_have_text("Redis down")
+    env.redis.start()
+    expect()(banner).to_be_hidden(timeout=15000)
+    after = ContractPublisher(env.client, "after-restart:1")
+    after.emit("system", "note", "pushed after the restart")
+    expect()(page.locator("#events tbody")).to_contain_text("pushed after the restart", timeout=5000)
+    # the shell's own events flow again too (its publisher reconnected and flushed)
+    count = page.locator("#events tbody tr", has_text=instance).count()
+    wait_for(lambda: page.locator("#events tbody tr", has_text=instance).count() > count + 2, 15,
+             what="the shell's heartbeats after the restart")
+    assert page.evaluate("window.__sameDocument") == 42, "the page was reloaded"
+    assert shell.exit() == 0
+    # console errors are allowed here only for the feed's own reconnect, never a script error
+    assert [e for e in watched.errors if "uncaught" in e] == []
+
+
+def test_filters_pause_row_cap_and_staleness(env):
+    watched = env.open()
+    page = watched.page
+    noisy = ContractPublisher(env.client, "noisy:1")
+    quiet = ContractPublisher(env.client, "quiet:2")
+    quiet.register(backend_heartbeat_interval=1.0, heartbeat_interval=1.0)
+    quiet.emit("rpc_registry", "heartbeat", "rpc_backend_connect on rpc_registry",
+               {"backends": [], "total_configured": 0, "total_active": 0, "interval_s": 1.0})
+    quiet_row = page.locator("#apps tbody tr", has_text="quiet:2")
+    expect()(quiet_row.locator("td").nth(4)).to_have_text("live", timeout=5000)
+
+    batch = [noisy.event("system", "note", f"n{i}", level="error" if i % 10 == 0 else "info") for i in range(600)]
+    for start in range(0, 600, 100):
+        noisy.push(*batch[start:start + 100])
+    rows = page.locator("#events tbody tr")
+    expect()(page.locator("#events tbody")).to_contain_text("n599", timeout=10000)
+    assert rows.count() == 500, "the table keeps at most 500 rows in the DOM"
+
+    page.select_option("#filter-level", "error")
+    expect()(rows).to_have_count(60)
+    assert set(page.locator("#events tbody tr td:nth-child(6)").all_text_contents()) == {"error"}
+    page.select_option("#filter-level", "debug")
+    page.select_option("#filter-app", "quiet:2")
+    expect()(rows).to_have_count(2)          # its register and heartbeat, nothing from noisy
+    page.select_option("#filter-app", "")
+    page.select_option("#filter-component", "rpc_registry")
+    expect()(rows).to_have_count(1)
+    page.select_option("#filter-component", "")
+
+    page.click("#pause")
+    noisy.emit("system", "note", "while paused")
+    expect()(page.locator("#events-note")).to_have_text("paused: 1 new event not shown", timeout=5000)
+    assert "while paused" not in page.locator("#events tbody").text_content()
+    page.click("#pause")
+    expect()(page.locator("#events tbody")).to_contain_text("while paused")
+
+    # quiet:2 promised a heartbeat every 1 s and sent one: after 2 s of silence it is stale
+    expect()(quiet_row.locator("td").nth(4)).to_have_text("stale", timeout=6000)
+    assert watched.errors == [], f"console errors: {watched.errors}"

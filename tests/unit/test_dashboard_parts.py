@@ -1,0 +1,60 @@
+"""The dashboard's pure parts: SSE ids and frames, the token and Host checks, password redaction."""
+import json
+
+import pytest
+
+from synapticllamas.dashboard import frames
+from synapticllamas.dashboard.access import host_name, request_token
+from synapticllamas.dashboard.hub import redact_strings
+
+
+def test_ids_sort_in_journal_order_with_pubsub_only_events_between():
+    ids = ["1700000000000-0", "1700000000000-0~1", "1700000000000-0~2", "1700000000000-1", "1700000000001-0"]
+    assert sorted(ids, key=frames.parse_id) == ids
+    assert frames.parse_id("1700000000000") == (1700000000000, 0, 0)
+    assert frames.stream_part("5-1~2") == "5-1"
+
+
+@pytest.mark.parametrize("bad", ["", "abc", "1-", "-1", "1-2-3", "1~", "<script>", "1 -2", "9" * 21])
+def test_bad_ids_say_what_is_accepted(bad):
+    with pytest.raises(ValueError, match="expected a journal id such as 1704067200123-0"):
+        frames.parse_id(bad)
+
+
+def test_a_frame_is_one_data_line_even_for_pretty_printed_json():
+    event = {"message": "a\nb", "seq": 1}
+    pretty = json.dumps(event, indent=2).encode()
+    frame = frames.frame("1-0", event, pretty)
+    assert frame.startswith(b"id: 1-0\ndata: {") and frame.endswith(b"\n\n")
+    assert frame.count(b"\n") == 3 and json.loads(frame.split(b"data: ", 1)[1]) == event
+    compact = b'{"seq":1}'
+    assert frames.frame("2-0", {"seq": 1}, compact) == b"id: 2-0\ndata: " + compact + b"\n\n"
+
+
+def test_events_are_keyed_by_instance_and_seq_else_by_text():
+    ev = {"source": {"instance": "h:1"}, "seq": 3}
+    assert frames.event_key(ev, b"x") == ("h:1", 3)
+    assert frames.event_key({"seq": 3}, b"x") == b"x"
+    assert frames.decode(b"[1]") is None and frames.decode(b"\xff") is None and frames.decode(b"{") is None
+
+
+def test_token_from_bearer_header_or_query():
+    assert request_token({"headers": [(b"authorization", b"Bearer abc")]}) == "abc"
+    assert request_token({"headers": [(b"authorization", b"Basic abc")]}) is None
+    assert request_token({"headers": [], "query_string": b"a=1&token=x%2By"}) == "x+y"
+    assert request_token({"headers": []}) is None
+
+
+@pytest.mark.parametrize("header, name", [
+    (b"127.0.0.1:8080", "127.0.0.1"), (b"localhost", "localhost"), (b"[::1]:8080", "[::1]"),
+    (b"Evil.example:80", "evil.example"),
+])
+def test_host_names(header, name):
+    assert host_name({"headers": [(b"host", header)]}) == name
+
+
+def test_registration_urls_lose_their_password():
+    reg = {"redis_url": "redis://:pw@h:6379/0", "nested": [{"u": "rediss://user:pw@h"}], "n": 1, "s": "a@b"}
+    out = redact_strings(reg)
+    assert "pw" not in json.dumps(out)
+    assert out["redis_url"] == "redis://:***@h:6379/0" and out["s"] == "a@b" and out["n"] == 1
