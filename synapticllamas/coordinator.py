@@ -119,6 +119,7 @@ class Run:
     listening: bool = False
     ready: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     stop_reason: str | None = None
+    error: str | None = None                                     # the manager's own reason to stop it
     tasks: list[asyncio.Task] = field(default_factory=list)      # readers, then the start-up prober
     watcher: asyncio.Task | None = None
 
@@ -278,8 +279,8 @@ class CoordinatorManager:
             if not backends:
                 known = ", ".join(f"{k} ({why})" for k, why in left_out.items())
                 raise CoordinatorError(
-                    "no healthy RPC backend" + (f" ({known})" if known else " is configured")
-                    + "; start two local ones with `backends spawn 2`, or add one with `backends add HOST:PORT`")
+                    (f"no healthy RPC backend ({known})" if known else "no RPC backend is configured")
+                    + " in distributed mode; start two local ones with `backends spawn 2`, or add one with `backends add HOST:PORT`")
         return Plan(binary, model_path, host, port, backends, left_out)
 
     # ------------------------------------------------------------ start
@@ -400,8 +401,7 @@ class CoordinatorManager:
                         break
         except TimeoutError:
             run.stop_reason = "startup_failed"
-            run.failures.append(parse(f"/health did not report ok within "
-                                      f"{self.settings.coordinator_start_timeout:g}s"))
+            run.error = f"/health did not report ok within {self.settings.coordinator_start_timeout:g}s"
             self._spawn_task(self._terminate(run))
             return
         if self.run is run and self.state == "starting":
@@ -432,7 +432,7 @@ class CoordinatorManager:
         failure = min(run.failures, key=lambda f: order.index(f.kind) if f.kind in order else len(order),
                       default=None)
         if failure is None:
-            return ""
+            return run.error or ""
         if failure.kind == "rpc_connect_failed":
             return f"Failed to connect to RPC backend {failure.details['backend']}"
         # drop the source tag: "srv  load_model: ...", "ggml-rpc.cpp:566: ..."

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+MAX_PARSED = 4096   # longer lines are kept as they are, but not matched against the patterns
 _PREFIX = re.compile(r"^\d+\.\d+\.\d+\.\d+ ([IWEDT]) (.*)$")
 _LEVELS = {"I": "info", "W": "warning", "E": "error", "D": "debug", "T": "debug"}
 
@@ -31,7 +32,7 @@ _LISTENING = re.compile(r"listening on (?P<url>https?://\S+)")
 _CONNECT_FAILED = re.compile(r"Failed to connect to (?P<backend>\S+?)\s*$")
 _RPC_CRASHED = re.compile(r"Remote RPC server crashed")
 _DEVICE = re.compile(r"- (?P<name>RPC\d+)\s*: (?P<backend>\S+) \((?P<total>\d+) MiB, (?P<free>\d+) MiB free\)")
-_BUFFER = re.compile(r"(?P<device>[A-Za-z_]+\d*)(?:\[(?P<backend>[^\]]+)\])?\s+(?P<what>model|KV|compute|output) "
+_BUFFER = re.compile(r"(?<!\w)(?P<device>\w+)(?:\[(?P<backend>[^\]]+)\])?\s+(?P<what>model|KV|compute|output) "
                      r"buffer size =\s*(?P<mib>[\d.]+) MiB")
 _OFFLOADED = re.compile(r"offloaded (?P<done>\d+)/(?P<total>\d+) layers")
 _MODEL_FAILED = re.compile(r"failed to load model|error loading model|exiting due to model loading error")
@@ -69,6 +70,8 @@ def _mib(text: str) -> float:
 
 def parse(text: str) -> LogLine:
     text = text.rstrip("\r\n")
+    if len(text) > MAX_PARSED:     # no status line is this long (a prompt echo, a dump): no pattern
+        return LogLine(text, text, "info", "log")
     m = _PREFIX.match(text)
     level, message = (_LEVELS[m.group(1)], m.group(2)) if m else ("info", text)
 
