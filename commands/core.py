@@ -54,6 +54,8 @@ def redis_summary(redis: dict[str, Any]) -> str:
     where = redis.get("url", "")
     if redis.get("connected"):
         return f"on, connected to {where}; {redis.get('published', 0)} published"
+    if redis.get("state") == "connecting":
+        return f"on, connecting to {where}; {redis.get('buffered', 0)} buffered"
     return (f"on, {where} unreachable; {redis.get('buffered', 0)} buffered, "
             f"{redis.get('dropped', 0)} dropped")
 

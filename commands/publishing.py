@@ -1,11 +1,88 @@
-"""`redis`: placeholder until its issue lands (it says so plainly)."""
+"""`redis on|off|status`: publish this app's events to Redis pub/sub, and say truthfully how it goes."""
 from __future__ import annotations
 
 from typing import Any
 
-from .registry import Result, command
+from .registry import Result, UsageError, command
+
+SUBCOMMANDS = {
+    "on": "start publishing events (reports whether Redis answered within 2 s)",
+    "off": "stop publishing: flush what is queued (at most 2 s) and say how many were sent",
+    "status": "on/off, connected, URL, published, buffered, dropped, last error, reconnects",
+}
 
 
-@command("redis", "Toggle Redis event publishing (not available yet)", "redis on|off|status", subcommands={"on": "not available yet", "off": "not available yet", "status": "not available yet"})
+@command("redis", "Publish events to Redis pub/sub (on, off, status)", "redis on|off|status",
+         subcommands=SUBCOMMANDS)
 async def redis_command(app: Any, args: list[str]) -> Result:
-    return Result.error("'redis' is not available yet in this build")
+    if len(args) != 1 or args[0] not in SUBCOMMANDS:
+        given = f"'{args[0]}'" if args else "nothing"
+        extra = " (one at a time)" if len(args) > 1 and args[0] in SUBCOMMANDS else ""
+        raise UsageError(f"redis needs one of: on, off, status; got {given}{extra}")
+    return await {"on": _on, "off": _off, "status": _status}[args[0]](app)
+
+
+async def _on(app: Any) -> Result:
+    started, outcome = await app.redis_on()
+    status = app.publisher.status()
+    url, limit = status["url"], status["buffer_limit"]
+    if not started:
+        state = "connected" if status["connected"] else f"not connected ({status['last_error'] or 'connecting'})"
+        return Result.text(f"Redis publishing is already ON -> {url}, {state}")
+    if outcome is None:
+        return Result.warning(f"Redis publishing ON, but {url} has not answered within 2 s; buffering up to"
+                              f" {limit} events and retrying")
+    connected, error = outcome
+    if connected:
+        return Result.success(f"Redis publishing ON -> {url} (channels {status['channels']},"
+                              f" journal {status['journal']})")
+    return Result.warning(f"Redis publishing ON, but {url} is unreachable ({error}); buffering up to"
+                          f" {limit} events and retrying")
+
+
+async def _off(app: Any) -> Result:
+    outcome = await app.redis_off()
+    if outcome is None:
+        return Result.text("Redis publishing is already OFF")
+    status = app.publisher.status()
+    if outcome["unsent"]:
+        return Result.warning(f"Redis publishing OFF; {outcome['unsent']} queued events were NOT sent"
+                              f" ({status['url']}: {status['last_error'] or 'no answer within 2 s'});"
+                              f" {status['published']} were published since 'redis on'")
+    flushed = f", {outcome['flushed']} of them while stopping" if outcome["flushed"] else ""
+    return Result.success(f"Redis publishing OFF: {status['published']} events published since 'redis on'"
+                          f"{flushed}")
+
+
+async def _status(app: Any) -> Result:
+    publisher = app.publisher
+    if publisher is None:
+        return Result.text(f"Redis publishing: OFF (type 'redis on' to publish to {_url(app)})")
+    s = publisher.status()
+    if not s["enabled"]:
+        state = "OFF"
+    elif s["connected"]:
+        state = "ON, connected"
+    elif s["state"] == "connecting":
+        state = "ON, connecting"
+    else:
+        state = "ON, unreachable: buffering and retrying"
+    rows = [
+        ("state", state),
+        ("url", s["url"]),
+        ("channels", s["channels"]),
+        ("journal", s["journal"]),
+        ("published", s["published"]),
+        ("buffered", f"{s['buffered']} (limit {s['buffer_limit']})"),
+        ("dropped", s["dropped"]),
+        ("reconnects", s["reconnects"]),
+        ("failed attempts", s["failed_attempts"]),
+        ("last error", s["last_error"] or "-"),
+    ]
+    return Result.table("Redis publishing", ("item", "value"), rows)
+
+
+def _url(app: Any) -> str:
+    from synapticllamas.config import redact_url
+
+    return redact_url(app.settings.redis_url)

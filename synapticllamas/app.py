@@ -58,9 +58,12 @@ class App:
         }
 
     async def start(self) -> None:
-        # (issue 3) with --redis the publisher starts here, before `register`, so Redis sees it
+        if self.settings.redis_enabled:
+            self._start_publisher()   # before `register`, so Redis sees it; notices tell the outcome
         self.observer.emit("system", "register", f"SynapticLlamas {__version__} started ({self.mode} mode)",
                            self.registration())
+        if self.publisher is not None:
+            self._announce_redis_on()
         if self.registry is not None:
             await self.registry.start()
 
@@ -81,8 +84,44 @@ class App:
         self.observer.emit("system", "unregister", f"SynapticLlamas stopped ({reason})",
                            {"instance": self.instance, "reason": reason,
                             "uptime_s": round(time.time() - self.started_at, 3)})
-        if self.publisher is not None:
-            await self.publisher.close(timeout=2.0)   # flush what is queued, bounded
+        if self.publisher is not None and self.publisher.enabled:
+            outcome = await self.publisher.close(timeout=2.0)   # flush what is queued, bounded
+            if outcome["unsent"]:
+                self.ui.notice(f"{outcome['unsent']} events were not sent to Redis ({self.publisher.shown_url}:"
+                               f" {self.publisher.last_error or 'no answer within 2 s'})", "warning")
+
+    # ------------------------------------------------------------ Redis publishing (`redis on|off`)
+
+    def _start_publisher(self) -> None:
+        from .publisher import RedisPublisher
+
+        self.publisher = RedisPublisher(self.settings, self.observer, self.registration())
+        self.publisher.start()
+
+    def _announce_redis_on(self) -> None:
+        from .events import CHANNEL_PATTERN, JOURNAL_STREAM
+
+        url = self.publisher.shown_url
+        self.observer.emit("system", "redis_on", f"Redis publishing on -> {url}",
+                           {"url": url, "channels": CHANNEL_PATTERN, "journal": JOURNAL_STREAM,
+                            "registration": self.registration()})
+
+    async def redis_on(self, wait: float = 2.0) -> tuple[bool, tuple[bool, str | None] | None]:
+        """Start publishing. Returns (started now, outcome of the first connection attempt:
+        (connected, error), or None when Redis has not answered within `wait` seconds)."""
+        if self.publisher is not None and self.publisher.enabled:
+            return False, (self.publisher.connected, self.publisher.last_error)
+        self._start_publisher()
+        self._announce_redis_on()
+        return True, await self.publisher.wait_first_attempt(wait)
+
+    async def redis_off(self) -> dict[str, Any] | None:
+        """Stop publishing: say so, flush within 2 s, unregister. None if it was not on."""
+        if self.publisher is None or not self.publisher.enabled:
+            return None
+        self.observer.emit("system", "redis_off", f"Redis publishing off ({self.publisher.shown_url})",
+                           {"url": self.publisher.shown_url, "published": self.publisher.published})
+        return await self.publisher.close(timeout=2.0)
 
     def status(self) -> dict[str, Any]:
         """One summary for the `status` command and the toolbar."""

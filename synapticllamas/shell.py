@@ -191,7 +191,8 @@ class Shell:
         if not redis.get("enabled"):
             redis_text = "off"
         else:
-            redis_text = "on" if redis.get("connected") else "on (unreachable, buffering)"
+            redis_text = "on" if redis.get("connected") else \
+                "on (connecting)" if redis.get("state") == "connecting" else "on (unreachable, buffering)"
         backends = s["backends"]
         return (f" mode: {s['mode']} | redis: {redis_text} | coordinator: {s['coordinator'].get('state')}"
                 f" | backends: {backends.get('up', 0)}/{backends.get('configured', 0)} up")

@@ -1,0 +1,177 @@
+"""`python3 main.py events [--follow]`: a terminal event viewer for people without a browser.
+
+It reads Redis only, so it runs on any machine that can reach it: first the journal's last N events,
+then (with --follow) every event published on synapticllamas:llama_cpp:*, one line each. It
+subscribes before it reads the journal and drops repeats by (instance, seq), so nothing published
+in between is missed or shown twice. When Redis goes away it says so, retries, and on reconnecting
+prints from the journal what it missed.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from collections import deque
+from typing import Any, TextIO
+
+import click
+
+from .events import CHANNEL_PATTERN, COMPONENTS, JOURNAL_FIELD, JOURNAL_STREAM, LEVEL_RANK, LEVELS, Event
+
+CONNECT_TIMEOUT = 2.0
+RETRY_FIRST, RETRY_CAP = 0.5, 5.0
+CATCH_UP = 10000     # journal entries read after a reconnection, at most
+REMEMBERED = 50000   # (instance, seq) pairs kept to drop repeats
+
+
+class Viewer:
+    def __init__(self, url: str, replay: int, component: str | None = None, level: str | None = None,
+                 as_json: bool = False, out: TextIO | None = None, err: TextIO | None = None) -> None:
+        from .config import redact_url
+
+        self.url = url
+        self.shown_url = redact_url(url)
+        self.replay = replay
+        self.component = component
+        self.floor = LEVEL_RANK[level] if level else 0
+        self.as_json = as_json
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self._seen: set[tuple[str, int]] = set()
+        self._order: deque[tuple[str, int]] = deque()
+        self._last_id: bytes | None = None   # newest journal entry at the last (re)connection
+
+    # ------------------------------------------------------------ printing
+
+    def say(self, text: str) -> None:
+        self.err.write(text + "\n")
+        self.err.flush()
+
+    def handle(self, payload: bytes, where: str) -> bool:
+        """Print one event unless it was shown before or is filtered out. True if printed."""
+        try:
+            event = Event.from_json(payload)
+        except ValueError:
+            self.say(f"(skipped a message on {where} that is not a SynapticLlamas event)")
+            return False
+        key = (str(event.source.get("instance", "")), event.seq)
+        if key[0] and event.seq:
+            if key in self._seen:
+                return False
+            self._seen.add(key)
+            self._order.append(key)
+            if len(self._order) > REMEMBERED:
+                self._seen.discard(self._order.popleft())
+        if (self.component and event.component != self.component) or LEVEL_RANK.get(event.level, 1) < self.floor:
+            return False
+        if self.as_json:
+            line = event.to_json()
+        else:
+            from .event_lines import format_line
+
+            line = format_line(event, with_source=True)
+        self.out.write(line + "\n")
+        self.out.flush()
+        return True
+
+    # ------------------------------------------------------------ reading
+
+    def run(self, follow: bool) -> int:
+        from redis import Redis
+        from redis.backoff import NoBackoff
+        from redis.exceptions import RedisError
+        from redis.retry import Retry
+
+        first, down_since, delay = True, None, RETRY_FIRST
+        while True:
+            client = Redis.from_url(self.url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=10,
+                                    retry=Retry(NoBackoff(), 0), socket_keepalive=True)
+            pubsub = client.pubsub() if follow else None
+            try:
+                if pubsub is not None:
+                    self._subscribe(pubsub)
+                shown = self._read_journal(client, first)
+                if first:
+                    what = f"{shown} events from the journal" if self.replay else "no replay"
+                    self.say(f"Connected to {self.shown_url} ({what})" +
+                             (f"; following {CHANNEL_PATTERN} (Ctrl-C to stop)" if follow else ""))
+                elif down_since is not None:
+                    self.say(f"Reconnected to {self.shown_url} after {time.monotonic() - down_since:.1f} s;"
+                             f" {shown} missed events read from the journal")
+                if pubsub is None:
+                    return 0
+                first, down_since, delay = False, None, RETRY_FIRST
+                while True:
+                    message = pubsub.get_message(timeout=1.0)
+                    if message and message["type"] == "pmessage":
+                        self.handle(message["data"], message["channel"].decode(errors="replace"))
+            except (RedisError, OSError) as exc:
+                from .publisher import describe
+
+                if not follow:
+                    self.say(f"Error: cannot read events from Redis at {self.shown_url}: {describe(exc)}")
+                    return 1
+                if down_since is None:
+                    down_since = time.monotonic()
+                    self.say(f"Redis at {self.shown_url} is not reachable ({describe(exc)});"
+                             " retrying until it is (Ctrl-C to stop)")
+                time.sleep(delay)
+                delay = min(delay * 2, RETRY_CAP)
+            finally:
+                if pubsub is not None:
+                    pubsub.close()
+                client.close()
+
+    def _subscribe(self, pubsub: Any) -> None:
+        pubsub.psubscribe(CHANNEL_PATTERN)
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        while time.monotonic() < deadline:   # the journal is read only once the subscription holds
+            message = pubsub.get_message(timeout=0.2)
+            if message and message["type"] == "psubscribe":
+                return
+        raise TimeoutError(f"no subscription confirmed within {CONNECT_TIMEOUT:g} s")
+
+    def _read_journal(self, client: Any, first: bool) -> int:
+        if first:
+            entries = client.xrevrange(JOURNAL_STREAM, count=self.replay) if self.replay else []
+        elif self._last_id is not None:   # what was journalled since we last connected
+            entries = client.xrevrange(JOURNAL_STREAM, min=b"(" + self._last_id, count=CATCH_UP)
+        else:
+            entries = client.xrevrange(JOURNAL_STREAM, count=CATCH_UP)
+        newest = client.xrevrange(JOURNAL_STREAM, count=1)
+        if newest:
+            self._last_id = newest[0][0]
+        field = JOURNAL_FIELD.encode()
+        shown = 0
+        for _, fields in reversed(entries):
+            if field in fields:
+                shown += self.handle(fields[field], JOURNAL_STREAM)
+        return shown
+
+
+@click.command("events")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing events as they are published (Ctrl-C stops).")
+@click.option("--redis-url", metavar="URL", help="Redis to read (default: SOLLOL_REDIS_URL or the main --redis-url).")
+@click.option("--replay", metavar="N", default=20, show_default=True, type=click.IntRange(min=0),
+              help="First print the journal's last N events.")
+@click.option("--component", type=click.Choice(COMPONENTS), help="Only this component.")
+@click.option("--level", type=click.Choice(LEVELS), help="Only this level and more severe.")
+@click.option("--json", "as_json", is_flag=True, help="Print each event as its JSON object.")
+@click.pass_obj
+def events_viewer(settings: Any, follow: bool, redis_url: str | None, replay: int, component: str | None,
+                  level: str | None, as_json: bool) -> None:
+    """Print SynapticLlamas events from Redis: the journal's last N, then live with --follow."""
+    from .config import parse_redis_url, redact_url
+
+    url = settings.redis_url
+    if redis_url is not None:
+        try:
+            url = parse_redis_url(redis_url)
+        except ValueError as exc:
+            click.echo(f"Error: --redis-url={redact_url(redis_url)!r} is not valid: {exc}", err=True)
+            sys.exit(2)
+    viewer = Viewer(url, replay, component, level, as_json)
+    try:
+        status = viewer.run(follow)
+    except KeyboardInterrupt:
+        status = 0
+    sys.exit(status)
