@@ -36,7 +36,9 @@ def _kind(app: Any, backend: Any) -> str:
     return f"remote ({backend.source})"
 
 
-def _note(backend: Any) -> str:
+def _note(app: Any, backend: Any) -> str:
+    if app.registry.held(backend.key):
+        return "in use by the coordinator (not probed meanwhile)"
     if backend.duplicate_of:
         return f"same backend as {backend.duplicate_of}"
     if backend.state == "unknown" and backend.last_check is None:
@@ -52,7 +54,7 @@ def backends_table(app: Any, message: str | None = None) -> Result:
     for b in registry.backends():
         rows.append((b.key, b.state, _age(now - b.last_check) if b.last_check is not None else "never",
                      f"{b.latency_ms:.1f} ms" if b.latency_ms is not None else "-", b.failures,
-                     _kind(app, b), _note(b)))
+                     _kind(app, b), _note(app, b)))
     if settings.rpc_backend_heartbeat:
         probing = f"probed every {settings.rpc_backend_heartbeat_interval:g}s"
     else:

@@ -12,6 +12,13 @@ backends takes about one probe timeout. Hysteresis, so that one slow probe does 
 Every change of state emits rpc_backend/connect or rpc_backend/disconnect. With the heartbeat on,
 one round of probes and one aggregated rpc_registry/heartbeat every interval; with it off, no
 probe at all until check() is called (`backends check`).
+
+Backends the coordinator is connected to are not probed: rpc-server serves one client at a time
+with a listen backlog of 1, so while llama-server holds it a probe's connection waits in the
+backlog and the next probes time out; probing would mark a busy backend down. The registry learns
+which backends are held from the coordinator's own events (starting/start -> held, stop/backoff/
+fatal -> released). A held backend that dies is still reported: a local one by its exit, a remote
+one by the coordinator, which fails on it and probes it once it has let go (check(addresses)).
 """
 from __future__ import annotations
 
@@ -50,10 +57,6 @@ class Backend:
     def local(self) -> bool:
         return self.source == "local"
 
-    def summary(self) -> dict[str, Any]:
-        return {"address": self.key, "state": self.state, "latency_ms": self.latency_ms,
-                "failures": self.failures, "local": self.local}
-
 
 def _source_label(origin: str) -> str:
     # Settings.source() says "flag --rpc-backend", "env SYNAPTICLLAMAS_RPC_BACKENDS", "config PATH"
@@ -68,9 +71,11 @@ class RpcRegistry:
         self._backends: dict[str, Backend] = {}     # insertion order = configured order
         self._round_lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
+        self._held: frozenset[str] = frozenset()     # in use by the coordinator: not probed
         self.file_errors: list[str] = []
         self.rounds = 0
         self.probes = 0
+        observer.add_sink(self._on_event)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -150,6 +155,27 @@ class RpcRegistry:
                 out.append(backend.key)
         return out
 
+    def held(self, address: str) -> bool:
+        """True while the coordinator is connected to this backend (it is not probed then)."""
+        return address in self._held
+
+    def hold(self, addresses: Any) -> None:
+        """The backends a coordinator is connected to (empty: none). Round-wide checks skip them."""
+        self._held = frozenset(addresses)
+
+    def _on_event(self, event: Any) -> None:
+        # Observer sink (O(1), no I/O): follow our coordinator's life to know which backends it holds.
+        if event.component != "coordinator":
+            return
+        if event.event_type in ("starting", "start"):
+            self.hold(event.details.get("rpc_backends") or ())
+        elif event.event_type in ("stop", "backoff", "fatal"):
+            self.hold(())
+
+    def summary(self, backend: Backend) -> dict[str, Any]:
+        return {"address": backend.key, "state": backend.state, "latency_ms": backend.latency_ms,
+                "failures": backend.failures, "local": backend.local, "in_use": backend.key in self._held}
+
     def status(self) -> dict[str, Any]:
         counts = {"up": 0, "down": 0, "unknown": 0}
         for backend in self._backends.values():
@@ -210,9 +236,13 @@ class RpcRegistry:
     # ------------------------------------------------------------ health
 
     async def check(self, addresses: list[str] | None = None) -> None:
-        """One probe round now: every backend (or those given) at once; emits the transitions."""
+        """One probe round now, all at once; emits the transitions. Without `addresses`: every
+        backend the coordinator does not hold; with them: exactly those (held or not)."""
         async with self._round_lock:
-            targets = [b for b in self._backends.values() if addresses is None or b.key in addresses]
+            if addresses is None:
+                targets = [b for b in self._backends.values() if b.key not in self._held]
+            else:
+                targets = [b for b in self._backends.values() if b.key in addresses]
             self.rounds += 1
             await asyncio.gather(*(self._probe_one(b) for b in targets))
 
@@ -288,7 +318,7 @@ class RpcRegistry:
     # ------------------------------------------------------------ heartbeat
 
     def heartbeat_details(self) -> dict[str, Any]:
-        return {"backends": [b.summary() for b in self._backends.values()],
+        return {"backends": [self.summary(b) for b in self._backends.values()],
                 "total_configured": len(self._backends),
                 "total_active": len(self.healthy()),
                 "interval_s": self.settings.rpc_backend_heartbeat_interval}

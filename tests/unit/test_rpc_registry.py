@@ -353,3 +353,27 @@ def test_a_round_is_concurrent(tmp_path):
     took, registry = asyncio.run(run())
     assert registry.status() == {"configured": 50, "up": 40, "down": 10, "unknown": 0}
     assert took < 2 * 0.3, f"a round of 50 took {took:.2f}s (sequential: 5 x 0.3s)"
+
+
+def test_backends_held_by_the_coordinator_are_not_probed_by_rounds(tmp_path):
+    """The registry follows the coordinator's events: starting/start hold its backends,
+    stop/backoff/fatal release them. An explicit check(addresses) still probes them."""
+
+    async def run():
+        a, b = await Listener().start(), await Listener().start()
+        observer = Observer()
+        registry = RpcRegistry(make_settings(tmp_path, [a.address, b.address]), observer)
+        await registry.start()
+        observer.emit("coordinator", "starting", "starting", {"rpc_backends": [a.address]})
+        await registry.check()
+        assert (a.accepted, b.accepted) == (0, 1) and registry.held(a.address)
+        assert [x["in_use"] for x in registry.heartbeat_details()["backends"]] == [True, False]
+        await registry.check([a.address])           # the coordinator asking after a crash
+        assert a.accepted == 1
+        observer.emit("coordinator", "stop", "stopped", {"reason": "user"})
+        await registry.check()
+        assert (a.accepted, b.accepted) == (2, 2) and not registry.held(a.address)
+        for x in (a, b):
+            await x.stop()
+
+    asyncio.run(run())
