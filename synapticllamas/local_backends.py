@@ -105,10 +105,6 @@ class LocalBackends:
     def list(self) -> list[LocalBackend]:
         return list(self._backends.values())
 
-    def status(self) -> dict[str, Any]:
-        return {"running": sum(b.running for b in self._backends.values()),
-                "addresses": list(self._backends)}
-
     # ------------------------------------------------------------ spawn
 
     async def spawn(self, n: int, port_base: int | None = None) -> list[str]:

@@ -73,8 +73,6 @@ class RpcRegistry:
         self._task: asyncio.Task | None = None
         self._held: frozenset[str] = frozenset()     # in use by the coordinator: not probed
         self.file_errors: list[str] = []
-        self.rounds = 0
-        self.probes = 0
         observer.add_sink(self._on_event)
 
     # ------------------------------------------------------------ lifecycle
@@ -243,11 +241,9 @@ class RpcRegistry:
                 targets = [b for b in self._backends.values() if b.key not in self._held]
             else:
                 targets = [b for b in self._backends.values() if b.key in addresses]
-            self.rounds += 1
             await asyncio.gather(*(self._probe_one(b) for b in targets))
 
     async def _probe_one(self, backend: Backend) -> None:
-        self.probes += 1
         try:
             result = await self._probe(backend.host, backend.port, self.settings.probe_timeout)
         except ProbeFailure as exc:
