@@ -15,7 +15,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import binaries
 from .rpc_probe import ProbeFailure, probe
 
 HOST = "127.0.0.1"
@@ -112,6 +111,8 @@ class LocalBackends:
         persisted). All or nothing: if one fails, the others of this call are stopped again."""
         if n < 1:
             raise LocalBackendError(f"the number of backends must be 1 or more, not {n}")
+        from . import binaries    # on first use: start-up does not need it
+
         try:
             binary = binaries.rpc_server(self.settings.rpc_server)
         except binaries.NotFound as exc:
