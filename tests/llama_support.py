@@ -139,3 +139,104 @@ def wait_gone(pid: int, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"process {pid} still running after {timeout}s")
         time.sleep(0.02)
+
+
+class PipedShell:
+    """`python3 main.py` with stdin kept open (commands sent one by one), output read on threads."""
+
+    def __init__(self, tmp: Path, *args: str, **env: str) -> None:
+        import queue
+        import threading
+
+        from support import PYTHON, ROOT, shell_env
+
+        self.proc = subprocess.Popen([PYTHON, str(ROOT / "main.py"), *args], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=shell_env(tmp, **env), cwd=ROOT)
+        self.lines: queue.Queue = queue.Queue()
+        self.seen: list[str] = []
+        for stream in (self.proc.stdout, self.proc.stderr):
+            threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream: Any) -> None:
+        for line in stream:
+            self.lines.put(line.rstrip("\n"))
+
+    def send(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def expect(self, pattern: str, timeout: float = 60.0):
+        import queue
+        import re
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no line matching {pattern!r} within {timeout}s; output:\n"
+                                     + "\n".join(self.seen)) from None
+            self.seen.append(line)
+            if (match := re.search(pattern, line)):
+                return match
+
+    def close(self, timeout: float = 60.0) -> int:
+        if self.proc.stdin and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+class Subscriber:
+    """`redis-cli psubscribe "synapticllamas:llama_cpp:*"`, exactly as a user would run it."""
+
+    def __init__(self, port: int) -> None:
+        import shutil
+        import threading
+
+        from synapticllamas.events import CHANNEL_PATTERN
+
+        cli = shutil.which("redis-cli")
+        assert cli, "redis-cli is not installed (apt-get install redis-tools / redis-server)"
+        self.proc = subprocess.Popen([cli, "-p", str(port), "psubscribe", CHANNEL_PATTERN],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.raw: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        # redis-cli confirms with three lines: psubscribe, the pattern, the count
+        wait_for(lambda: len(self.raw) >= 3, 10, what="redis-cli psubscribe to confirm")
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.raw.append(line.rstrip("\n"))
+
+    def events(self, instance: str | None = None) -> list[dict]:
+        import json
+
+        out = []
+        for line in list(self.raw):
+            if line.startswith("{"):
+                event = json.loads(line)
+                if instance is None or event["source"]["instance"] == instance:
+                    out.append(event)
+        return out
+
+    def wait_for_event(self, component: str, event_type: str, timeout: float = 60.0, after: int = 0,
+                       **details: Any) -> tuple[int, dict]:
+        def find():
+            for i, e in enumerate(self.events()[after:], after):
+                if e["component"] == component and e["event_type"] == event_type and \
+                        all(e["details"].get(k) == v for k, v in details.items()):
+                    return i, e
+            return None
+
+        return wait_for(find, timeout, what=f"{component}/{event_type} {details or ''} at the subscriber")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)

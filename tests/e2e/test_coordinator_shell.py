@@ -1,0 +1,193 @@
+"""`coordinator` as a user drives it: the real shell, `backends spawn 2` (real ggml-rpc-servers), the real
+llama-server and demo model, a real redis-server and `redis-cli psubscribe` as the subscriber."""
+import os
+import re
+import signal
+
+import pytest
+
+from llama_support import (TAG_VAR, PipedShell, Subscriber, llama_binaries, new_tag, pid_alive, tagged_processes,
+                           wait_gone)
+from support import free_port, run_piped, shell_env, wait_for
+
+pytestmark = pytest.mark.llama
+
+
+@pytest.fixture
+def tag():
+    llama_binaries()
+    value = new_tag()
+    yield value
+    left = tagged_processes(value)
+    for pid, _ in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes left running by the test: {left}"
+
+
+def llama_env(tag, redis_url="redis://127.0.0.1:1", **extra):
+    return {TAG_VAR: tag, "SOLLOL_REDIS_URL": redis_url, "SYNAPTICLLAMAS_COORDINATOR_PORT": str(free_port()),
+            "SYNAPTICLLAMAS_COORDINATOR_ARGS": "-t 1", **extra}
+
+
+def kinds(events):
+    return [(e["component"], e["event_type"]) for e in events]
+
+
+def test_piped_end_to_end_seen_in_order_by_a_redis_subscriber(tmp_path, redis_server, tag):
+    sub = Subscriber(redis_server.port)
+    try:
+        script = ('redis on\nbackends spawn 2\ncoordinator start\ncoordinator ask "Once upon a time" --n 8\n'
+                  'coordinator stop\nexit\n')
+        proc = run_piped(script, tmp_path, "--distributed",
+                         env=shell_env(tmp_path, **llama_env(tag, redis_server.url)))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        started = re.search(r"Started 2 local backends: (\S+), (\S+) \(", proc.stdout)
+        assert started, proc.stdout
+        backends = [started.group(1), started.group(2)]
+        assert "No model given: using the demo model SmolLM2-135M-Instruct" in proc.stdout
+        assert f"RPC backends: {backends[0]}, {backends[1]}" in proc.stdout
+        generated = re.search(r"^Once upon a time(.+)$", proc.stdout, re.M)
+        assert generated and generated.group(1).strip(), proc.stdout
+        assert "Coordinator stopped." in proc.stdout
+
+        sub.wait_for_event("system", "unregister", timeout=20)
+        events = [e for e in sub.events() if e["component"] != "raw"]
+        order = kinds(events)
+
+        def at(kind, **details):
+            for i, e in enumerate(events):
+                if (e["component"], e["event_type"]) == kind and \
+                        all(e["details"].get(k) == v for k, v in details.items()):
+                    return i
+            raise AssertionError(f"{kind} {details} not seen; saw {order}")
+
+        first = events[0]
+        assert (first["component"], first["event_type"]) in (("system", "register"), ("system", "redis_on"))
+        connects = [at(("rpc_backend", "connect"), address=b) for b in backends]
+        starting = at(("coordinator", "starting"))
+        loading = [i for i, k in enumerate(order) if k == ("model", "model_loading")]
+        loaded = at(("model", "model_load"))
+        start = at(("coordinator", "start"))
+        stop = at(("coordinator", "stop"), reason="user")
+        unregister = at(("system", "unregister"))
+        assert max(connects) < starting < min(loading) <= max(loading) < loaded < start < stop < unregister
+        assert events[start]["details"]["rpc_backends"] == backends
+        assert events[start]["message"] == "llama.cpp coordinator started"
+        assert order.count(("coordinator", "start")) == 1 and order.count(("coordinator", "stop")) == 1
+        # each event exactly once, seq rising, all from this one shell
+        seqs = [e["seq"] for e in sub.events()]
+        assert seqs == sorted(set(seqs))
+        # raw llama.cpp lines reach the subscriber (sampled: 1 in 10 by default)
+        assert any(e["component"] == "raw" for e in sub.events())
+    finally:
+        sub.close()
+
+
+def test_crash_and_a_dead_backend_in_one_session(tmp_path, redis_server, tag):
+    """SIGKILL llama-server -> crash, backoff, start again; then kill a backend and ask: the RPC error
+    names it and the restart leaves it out."""
+    sub = Subscriber(redis_server.port)
+    shell = PipedShell(tmp_path, "--distributed",
+                       **llama_env(tag, redis_server.url, SYNAPTICLLAMAS_COORDINATOR_BACKOFF="0.2"))
+    try:
+        shell.send("redis on")
+        shell.expect("Redis publishing ON")
+        shell.send("backends spawn 2")
+        found = shell.expect(r"Started 2 local backends: (\S+), (\S+) \(")
+        alive, doomed = found.group(1), found.group(2)
+        shell.send("coordinator start")
+        first_pid = int(shell.expect(r"Coordinator running at \S+ \(pid (\d+)\)").group(1))
+
+        os.kill(first_pid, signal.SIGKILL)
+        i, stop = sub.wait_for_event("coordinator", "stop", reason="crash", timeout=10)
+        assert stop["details"]["signal"] == "SIGKILL" and stop["details"]["pid"] == first_pid
+        j, backoff = sub.wait_for_event("coordinator", "backoff", after=i)
+        k, again = sub.wait_for_event("coordinator", "start", after=j, timeout=60)
+        assert again["details"]["pid"] != first_pid and again["details"]["rpc_backends"] == [alive, doomed]
+
+        doomed_port = int(doomed.rsplit(":", 1)[1])
+        pids = [pid for pid, _ in tagged_processes(tag) if _ == "ggml-rpc-server" and
+                f"{doomed_port}".encode() in open(f"/proc/{pid}/cmdline", "rb").read()]
+        assert len(pids) == 1, tagged_processes(tag)
+        os.kill(pids[0], signal.SIGKILL)
+        shell.send('coordinator ask "Once upon a time" --n 8')
+        error = shell.expect(r"Error: .*completion failed.*", timeout=30).group(0)
+        assert "Remote RPC server crashed" in error and doomed in error, error
+
+        m, rpc_stop = sub.wait_for_event("coordinator", "stop", reason="crash", after=k, timeout=20)
+        assert rpc_stop["details"]["signal"] == "SIGABRT"
+        assert rpc_stop["details"]["failed_backends"] == [doomed] and doomed in rpc_stop["message"]
+        n, starting = sub.wait_for_event("coordinator", "starting", after=m, timeout=20)
+        assert starting["details"]["rpc_backends"] == [alive] and doomed in starting["details"]["left_out"]
+        _, restarted = sub.wait_for_event("coordinator", "start", after=n, timeout=60)
+        assert restarted["details"]["rpc_backends"] == [alive]
+
+        shell.send("coordinator ask Hello --n 4")
+        shell.expect(r"^\[\d+ tokens in ", timeout=30)
+        shell.send("coordinator status")
+        shell.expect(rf"^RPC backends\s+{re.escape(alive)}$")
+        shell.send("exit")
+        assert shell.close() == 1       # the failed ask counts as a failed command
+    finally:
+        shell.kill()
+        sub.close()
+
+
+@pytest.mark.parametrize("ending", ["exit", "eof", "SIGTERM", "SIGHUP"])
+def test_no_orphans_however_the_shell_ends(tmp_path, tag, ending):
+    shell = PipedShell(tmp_path, "--distributed", **llama_env(tag))
+    try:
+        shell.send("backends spawn 2")
+        shell.expect("Started 2 local backends")
+        shell.send("coordinator start")
+        pid = int(shell.expect(r"Coordinator running at \S+ \(pid (\d+)\)").group(1))
+        children = tagged_processes(tag)
+        assert sorted(name for _, name in children) == ["ggml-rpc-server", "ggml-rpc-server", "llama-server"]
+        if ending == "exit":
+            shell.send("exit")
+            assert shell.close() == 0
+        elif ending == "eof":
+            assert shell.close() == 0
+        else:
+            shell.proc.send_signal(getattr(signal, ending))
+            assert shell.proc.wait(60) == 128 + getattr(signal, ending)
+        assert not pid_alive(pid)
+        assert tagged_processes(tag) == []
+    finally:
+        shell.kill()
+
+
+def test_coordinator_mistakes_are_one_line_and_the_shell_goes_on(tmp_path, tag):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a model")
+    script = "\n".join([
+        "coordinator start --model /nonexistent/model.gguf",
+        f"coordinator start --model {text}",
+        "coordinator start --port 0",
+        "coordinator stop",
+        "coordinator ask hello",
+        "coordinator logs zero",
+        "coordinator attach ftp://x",
+        "coordinator frobnicate",
+        "coordinator start",          # distributed mode, no backends
+        "status",
+    ]) + "\n"
+    proc = run_piped(script, tmp_path, "--distributed", env=shell_env(tmp_path, **llama_env(tag)))
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert errors == [
+        "Error: model /nonexistent/model.gguf does not exist; give a GGUF file with --model PATH",
+        f"Error: model {text} is not a GGUF file (it starts with b'not ', a GGUF file with b'GGUF'); "
+        "llama-server needs a .gguf model",
+        "Error: argument --port: port '0' is not valid; expected a number from 1 to 65535",
+        "Error: the coordinator is not running (state: stopped)",
+        "Error: no running coordinator (state: stopped); `coordinator start` first",
+        "Error: argument N: 'zero' is not a whole number",
+        "Error: URL 'ftp://x' is not supported; expected http://HOST:PORT, e.g. http://10.0.0.9:8080",
+        "Error: unknown subcommand 'frobnicate'; expected one of: start, stop, restart, status, logs, attach, "
+        "detach, ask",
+        "Error: no RPC backend is configured in distributed mode; start two local ones with `backends spawn 2`, "
+        "or add one with `backends add HOST:PORT`",
+    ], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "mode         distributed" in proc.stdout     # the shell went on to the last line
+    assert proc.returncode == 1
