@@ -37,6 +37,18 @@ def of(observer, component, event_type):
     return [e for e in observer.recent(component=component) if e.event_type == event_type]
 
 
+def free_pair():
+    """A free loopback port whose next port is free too (for --port-base with N=2)."""
+    while True:
+        base = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", base + 1))
+                return base
+            except OSError:
+                continue
+
+
 async def until(predicate, timeout=10.0):
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -81,7 +93,7 @@ def test_spawn_two_kill_one_stop_all(tmp_path):
 
 def test_port_base_in_use_starts_nothing(tmp_path):
     observer, registry, local = make(tmp_path)
-    base = free_port()
+    base = free_pair()
     blocker = socket.socket()
     blocker.bind(("127.0.0.1", base + 1))
     blocker.listen()
@@ -115,11 +127,12 @@ def test_cancelled_spawn_leaves_nothing_running(tmp_path, rpc_server_binary):
     slow.write_text(f'#!/bin/sh\nsleep 2\nexec "{rpc_server_binary}" "$@"\n')
     slow.chmod(0o755)
     observer, registry, local = make(tmp_path, rpc_server=str(slow))
-    base = free_port()
+    base = free_pair()
 
     async def run():
         task = asyncio.create_task(local.spawn(2, port_base=base))
-        await until(lambda: len(local.list()) == 2)      # both processes exist, neither is ready
+        await until(lambda: len(local.list()) == 2 or task.done())   # both exist, neither is ready
+        assert not task.done(), task.exception()
         pids = [b.pid for b in local.list()]
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
