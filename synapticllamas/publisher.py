@@ -209,12 +209,13 @@ class RedisPublisher:
             self._finished.set_result(unsent)
 
     def _notice(self, event_type: str, message: str, details: dict[str, Any], level: str) -> None:
-        self.observer.emit("system", event_type, message, details, level=level)
+        if self.enabled:   # after close() the outcome is reported by whoever closed us
+            self.observer.emit("system", event_type, message, details, level=level)
 
     def _emit_drops(self) -> None:
         total = self._overflowed + self._trimmed
         new = total - self._drops_reported
-        if new <= 0:
+        if new <= 0 or not self.enabled:
             return
         self._drops_reported = total
         self.observer.emit(

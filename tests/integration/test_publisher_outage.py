@@ -1,0 +1,184 @@
+"""Redis goes away and comes back: nothing lost, nothing twice, in order; overflow is counted and told.
+
+redis-server is really killed (SIGKILL) and restarted on the same port. It runs without persistence,
+so the restarted server has an empty journal: it must receive every event the old one did not run.
+"""
+import asyncio
+import io
+import sys
+import time
+
+from commands.publishing import redis_command
+from event_support import Subscriber, journal, make_app, until
+from synapticllamas.render import render_plain
+from support import PYTHON, ROOT, shell_env
+
+RATE = 1000   # events per second
+
+
+async def produce(app, stop: asyncio.Event) -> int:
+    """raw/log events at RATE per second, paced by the loop clock, until `stop` is set."""
+    loop = asyncio.get_running_loop()
+    start, n = loop.time(), 0
+    while not stop.is_set():
+        due = int((loop.time() - start) * RATE)
+        while n < due:
+            app.observer.emit("raw", "log", f"line {n} " + "x" * 200, {"n": n, "stream": "stderr"})
+            n += 1
+        await asyncio.sleep(0.002)
+    return n
+
+
+class PipedShell:
+    """A real `python3 main.py` with a pipe for stdin, answering commands one at a time."""
+
+    def __init__(self, proc):
+        self.proc = proc
+
+    @classmethod
+    async def start(cls, tmp, url):
+        env = shell_env(tmp, SOLLOL_REDIS_URL=url)
+        proc = await asyncio.create_subprocess_exec(
+            PYTHON, str(ROOT / "main.py"), "--redis", cwd=str(ROOT), env=env,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        return cls(proc)
+
+    async def ask(self, command: str, last_line: str, timeout: float = 10) -> tuple[float, str]:
+        """Send a command; read stdout up to the line starting with `last_line`. (seconds, text)."""
+        started = time.monotonic()
+        self.proc.stdin.write(command.encode() + b"\n")
+        await self.proc.stdin.drain()
+        lines = []
+        while True:
+            line = (await asyncio.wait_for(self.proc.stdout.readline(), timeout)).decode()
+            assert line, f"the shell ended while answering {command!r}: {''.join(lines)}"
+            lines.append(line)
+            if line.startswith(last_line):
+                return time.monotonic() - started, "".join(lines)
+
+    async def exit(self) -> tuple[int, str]:
+        self.proc.stdin.close()
+        await asyncio.wait_for(self.proc.wait(), 15)
+        return self.proc.returncode, (await self.proc.stderr.read()).decode()
+
+
+def test_kill_and_restart_during_1000_events_per_second(tmp_path, redis_server):
+    app = make_app(tmp_path / "app", redis_server.url)
+    subscriber = Subscriber(redis_server.port, instance=app.instance)
+    subscriber.start()
+    assert subscriber.ready.wait(10)
+    created = []
+    answers = {}
+
+    async def scenario():
+        app.observer.add_sink(created.append)
+        await app.start()
+        assert (await app.redis_on())[1] == (True, None)
+        shell = await PipedShell.start(tmp_path / "shell", redis_server.url)
+        await shell.ask("redis status", "last error")
+        stop = asyncio.Event()
+        producer = asyncio.ensure_future(produce(app, stop))
+        await asyncio.sleep(1.0)
+
+        kill_seq = app.observer.seq
+        await asyncio.to_thread(redis_server.kill)
+        outage = asyncio.ensure_future(asyncio.sleep(3.0))
+        await until(lambda: not app.publisher.connected, 5, "the publisher to notice the outage")
+        # the shell is used as usual meanwhile; its own publisher has to find out and buffer too
+        answers["redis off"] = await shell.ask("redis off", "Redis publishing OFF")
+        answers["redis on"] = await shell.ask("redis on", "Redis publishing ON")
+        answers["status"] = await shell.ask("status", "uptime")
+        answers["events"] = await shell.ask("events 3", "3 shown")
+        answers["redis status"] = await shell.ask("redis status", "last error")
+        during = app.publisher.status()
+        await outage
+        await asyncio.to_thread(redis_server.start)
+
+        await until(lambda: app.publisher.connected, 10, "the publisher to reconnect")
+        await asyncio.sleep(1.0)
+        stop.set()
+        emitted = await producer
+        await until(lambda: app.publisher.status()["buffered"] == 0, 10, "the backlog to be flushed")
+        final = app.publisher.status()
+        await app.close()
+        code, shell_err = await shell.exit()
+        return kill_seq, during, final, emitted, code, shell_err
+
+    kill_seq, during, final, emitted, code, shell_err = asyncio.run(scenario())
+    first = next(e.seq for e in created if e.event_type == "redis_on")
+    expected = [e.seq for e in created if e.seq >= first]           # everything since `redis on`
+    try:
+        until_delivered = time.monotonic() + 10
+        while len(subscriber.delivered) < len(expected) and time.monotonic() < until_delivered:
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        subscriber.stop()
+
+    assert emitted >= 4500                                          # ~1000/s for ~5 s really flowed
+    assert during["buffered"] > 0 and not during["connected"] and during["dropped"] == 0
+    assert final["dropped"] == 0 and final["reconnects"] == 1
+    delivered = [e.seq for e in subscriber.delivered]
+    assert delivered == expected                                    # every event, in order, none twice
+    raw_seqs = [e["seq"] for e in subscriber.raw]
+    assert len(raw_seqs) == len(set(raw_seqs))                      # pub/sub itself never repeated one
+    assert raw_seqs == sorted(raw_seqs)
+
+    # the restarted server's journal holds everything the old one had not run, once, in order
+    restarted = [e.seq for e in journal(redis_server.port) if e.source["instance"] == app.instance]
+    assert restarted == expected[expected.index(restarted[0]):]
+    assert restarted[0] <= kill_seq + 1
+    before_kill = set(raw_seqs)
+    assert all(seq in before_kill for seq in expected if seq < restarted[0])
+
+    # the shell answered normally while Redis was gone, and told the truth
+    for name, (seconds, text) in answers.items():
+        assert seconds < 3.0, f"'{name}' took {seconds:.1f} s during the outage:\n{text}"
+    assert "NOT sent" in answers["redis off"][1]
+    assert "is unreachable (connection refused); buffering up to 10000 events" in answers["redis on"][1]
+    assert "unreachable" in answers["status"][1]
+    assert "ON, unreachable: buffering and retrying" in answers["redis status"][1]
+    assert code == 0, shell_err
+    # ...and its events from the outage reached Redis after the restart without another command
+    shell_events = [(e.event_type, e.details.get("url")) for e in journal(redis_server.port)
+                    if e.source["instance"] != app.instance]
+    assert ("redis_on", redis_server.url) in shell_events and ("unregister", None) in shell_events
+
+
+def test_overflow_drops_the_oldest_counts_them_and_says_so(tmp_path, redis_server):
+    app = make_app(tmp_path, redis_server.url, SOLLOL_OBSERVER_MAX_EVENTS="100")
+
+    async def scenario():
+        await app.redis_on()
+        await until(lambda: app.publisher.status()["buffered"] == 0 and app.publisher.connected)
+        await asyncio.to_thread(redis_server.kill)
+        # 500 events during the outage: a probe, the publisher's own redis_disconnected notice, 498 more
+        app.observer.emit("model", "probe", "first event of the outage")
+        await until(lambda: any(e.event_type == "redis_disconnected" for e in app.observer.buffer), 5,
+                    "the publisher to notice the outage")
+        for i in range(498):
+            app.observer.emit("raw", "log", f"line {i}", {"i": i})
+        during = app.publisher.status()
+        status_text = render_plain(await redis_command(app, ["status"]))
+        outage = [e.seq for e in app.observer.buffer][-100:]              # the newest 100 of the 500
+        await asyncio.to_thread(redis_server.start)
+        await until(lambda: any(e.event_type == "events_dropped" for e in journal(redis_server.port)), 10,
+                    "system/events_dropped to be published")
+        after = app.publisher.status()
+        after_text = render_plain(await redis_command(app, ["status"]))
+        await app.close()
+        return during, status_text, outage, after, after_text
+
+    during, status_text, outage, after, after_text = asyncio.run(scenario())
+    assert (during["buffered"], during["dropped"]) == (100, 400)
+    assert "dropped          400" in status_text and "buffered         100 (limit 100)" in status_text
+    assert after["dropped"] == 400 and "dropped          400" in after_text
+
+    entries = journal(redis_server.port)
+    seqs = [e.seq for e in entries]
+    assert seqs[:100] == outage                        # the newest 100, in order; the oldest 400 are gone
+    assert [e.details["i"] for e in entries[:100]] == list(range(398, 498))
+    dropped_events = [e for e in entries if e.event_type == "events_dropped"]
+    assert len(dropped_events) == 1
+    assert dropped_events[0].details["dropped"] == 400 and dropped_events[0].level == "warning"
+    assert "400 events were dropped" in dropped_events[0].message
