@@ -191,3 +191,21 @@ def test_coordinator_mistakes_are_one_line_and_the_shell_goes_on(tmp_path, tag):
     assert "Traceback" not in proc.stderr
     assert "mode         distributed" in proc.stdout     # the shell went on to the last line
     assert proc.returncode == 1
+
+
+def test_ctrl_c_during_start_kills_the_child_and_the_shell_goes_on(tmp_path, tag):
+    shell = PipedShell(tmp_path, **llama_env(tag))
+    try:
+        shell.send("coordinator start")
+        pid = int(shell.expect(r"Starting llama-server \(pid (\d+)\)").group(1))
+        os.kill(pid, signal.SIGSTOP)          # hold it mid-load, so the Ctrl-C surely comes first
+        shell.proc.send_signal(signal.SIGINT)
+        shell.expect(r"Cancelled\.")
+        wait_gone(pid)
+        shell.send("coordinator status")
+        shell.expect(r"^state\s+stopped$")
+        assert tagged_processes(tag) == []
+        shell.send("exit")
+        assert shell.close() == 1             # the cancelled command counts as failed
+    finally:
+        shell.kill()
