@@ -5,7 +5,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from synapticllamas import binaries
 from synapticllamas.coordinator import CoordinatorError, Notice, StateChange
 
 from .registry import CommandError, Result, UsageError, command, parse_args, parser, positive_int
@@ -51,6 +50,8 @@ async def _start(app: Any, args: list[str], restart: bool = False) -> Result:
         ns = parse_args(p, args)
         model, port = ns.model, ns.port
         if model is None and not app.settings.model:
+            from synapticllamas import binaries
+
             try:
                 model = str(binaries.demo_model())
             except binaries.NotFound as exc:

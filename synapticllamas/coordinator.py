@@ -21,10 +21,12 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from . import binaries, llama_http
-from .llama_log import LoadReport, LogLine, parse
+from . import llama_http
+
+if TYPE_CHECKING:   # llama_log (its patterns) and binaries load with the first start, not at start-up
+    from .llama_log import LoadReport, LogLine
 
 STATES = ("stopped", "starting", "running", "backoff", "stopping", "exited", "fatal")
 ACTIVE = ("starting", "running", "backoff", "stopping")
@@ -111,8 +113,8 @@ class Run:
     plan: Plan
     proc: asyncio.subprocess.Process
     auto: bool                                   # an automatic restart, not a user's start
+    report: LoadReport                           # devices and buffers, from its load log
     started: float = field(default_factory=time.monotonic)
-    report: LoadReport = field(default_factory=LoadReport)
     failures: list[LogLine] = field(default_factory=list)
     lines: deque = field(default_factory=lambda: deque(maxlen=12))
     hint: asyncio.Event = field(default_factory=asyncio.Event)   # the log says: try /health now
@@ -251,6 +253,8 @@ class CoordinatorManager:
 
     async def _plan(self, model: Path | None, port: int | None, auto: bool) -> Plan:
         """Every check that can fail before anything is started; raises CoordinatorError."""
+        from . import binaries
+
         s = self.settings
         try:
             binary = binaries.llama_server(s.llama_server)
@@ -317,7 +321,9 @@ class CoordinatorManager:
                 stderr=asyncio.subprocess.PIPE, start_new_session=True, limit=LINE_LIMIT)
         except OSError as exc:
             raise CoordinatorError(f"cannot run {plan.binary}: {exc.strerror or exc}") from None
-        run = Run(plan, proc, auto)
+        from .llama_log import LoadReport
+
+        run = Run(plan, proc, auto, LoadReport())
         self.run = run
         self.last_plan = plan
         n = len(plan.backends)
@@ -354,6 +360,8 @@ class CoordinatorManager:
             self._on_line(run, name, raw.decode("utf-8", "replace").rstrip("\r\n"))
 
     def _on_line(self, run: Run, stream: str, text: str) -> None:
+        from .llama_log import parse
+
         rec = parse(text)
         self.logs.append((time.time(), run.pid, stream, text))
         run.lines.append(text)
