@@ -35,6 +35,7 @@ GRACE = 0.5              # seconds an event seen on pub/sub may wait for its jou
 PENDING_BLOCK_MS = 100   # XREAD BLOCK while an announced event is not in the journal yet
 BATCH = 1000             # journal entries per XREAD
 BACKOFF_FIRST, BACKOFF_CAP = 0.2, 5.0
+KEEPALIVE = 15.0         # seconds between comment lines on a quiet feed (proxies, dead clients)
 CONNECT_TIMEOUT = 2.0
 COMMAND_TIMEOUT = 5.0
 
@@ -60,21 +61,16 @@ class Hub:
         self.counters = {"journal": 0, "pubsub_only": 0, "invalid": 0, "reconnects": 0}
         self.status: dict[str, Any] = {"redis": "closed", "url": self.public_url, "error": None}
         self.status_version = 0
-        self._tick: asyncio.Future | None = None
+        self.beats = 0              # keepalive rounds, while the hub is open
+        self.views: set[View] = set()
         self._task: asyncio.Task | None = None
+        self._beat: asyncio.TimerHandle | None = None
         self._ready = asyncio.Event()
         self._doorbell = asyncio.Event()
         self._lock = asyncio.Lock()
         self._client: Any = None    # command connection pool for the API routes, made on first use
 
     # ------------------------------------------------------------ viewers
-
-    @property
-    def tick(self) -> asyncio.Future:
-        """Resolved (and replaced) whenever there are new frames or a new status."""
-        if self._tick is None:
-            self._tick = asyncio.get_running_loop().create_future()
-        return self._tick
 
     @property
     def subscribed(self) -> bool:
@@ -96,9 +92,11 @@ class Hub:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._ready.wait(), CONNECT_TIMEOUT + COMMAND_TIMEOUT)
             view = View(self)
+            self.views.add(view)
             await view.start(last_event_id, self.replay if replay is None else replay)
             yield view
         finally:
+            self.views.discard(view)
             async with self._lock:
                 self.viewers -= 1
                 if self.viewers == 0:
@@ -113,8 +111,12 @@ class Hub:
         self._ready.clear()
         self._set_status("connecting")
         self._task = asyncio.create_task(self._run(), name="dashboard-hub")
+        self._beat = asyncio.get_running_loop().call_later(KEEPALIVE, self._keepalive)
 
     async def _close(self) -> None:
+        if self._beat is not None:
+            self._beat.cancel()
+            self._beat = None
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -275,10 +277,13 @@ class Hub:
         return newest_first
 
     def _notify(self) -> None:
-        tick = self._tick
-        self._tick = None
-        if tick is not None and not tick.done():
-            tick.set_result(None)
+        for view in self.views:
+            view.wake.set()
+
+    def _keepalive(self) -> None:
+        self.beats += 1
+        self._notify()
+        self._beat = asyncio.get_running_loop().call_later(KEEPALIVE, self._keepalive)
 
     def _set_status(self, state: str, error: str | None = None) -> None:
         if self.status.get("redis") == state and self.status.get("error") == error:
@@ -353,6 +358,8 @@ class View:
 
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
+        self.wake = asyncio.Event()               # set by the hub: new frames, status or keepalive
+        self.beats = hub.beats
         self.cursor = hub.end
         self.floor: frames.Key | None = None     # resume: skip ring entries up to this id
         self.prefix: list[bytes] = []             # resume: journal entries older than the ring
@@ -401,4 +408,8 @@ class View:
         if not self.live_sent and self.cursor >= self.replay_end and hub.loaded:
             self.live_sent = True
             out.append(frames.control("live", {"replayed": self.sent}))
+        if self.beats != hub.beats:
+            self.beats = hub.beats
+            if not out:
+                out.append(b": keepalive\n\n")
         return b"".join(out)

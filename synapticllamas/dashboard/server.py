@@ -133,8 +133,10 @@ def unavailable(hub: Hub, exc: Exception) -> JSONResponse:
 def listen_socket(host: str, port: int) -> socket.socket:
     """Bind before starting uvicorn, so a busy port is one clear line, not a log dump."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, _, _, _, address = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    family, kind, proto, _, address = infos[0]
+    # proto must say TCP: asyncio sets TCP_NODELAY only on such sockets, and without it Nagle's
+    # algorithm holds back the feed's small writes (tens of ms at 50 viewers)
+    sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
