@@ -39,6 +39,7 @@ class Viewer:
         self._seen: set[tuple[str, int]] = set()
         self._order: deque[tuple[str, int]] = deque()
         self._last_id: bytes | None = None   # newest journal entry at the last (re)connection
+        self.field = JOURNAL_FIELD.encode()
 
     # ------------------------------------------------------------ printing
 
@@ -61,7 +62,7 @@ class Viewer:
             self._order.append(key)
             if len(self._order) > REMEMBERED:
                 self._seen.discard(self._order.popleft())
-        if (self.component and event.component != self.component) or LEVEL_RANK.get(event.level, 1) < self.floor:
+        if not self._passes(event):
             return False
         if self.as_json:
             line = event.to_json()
@@ -131,28 +132,52 @@ class Viewer:
         raise TimeoutError(f"no subscription confirmed within {CONNECT_TIMEOUT:g} s")
 
     def _read_journal(self, client: Any, first: bool) -> int:
-        if first:
-            entries = client.xrevrange(JOURNAL_STREAM, count=self.replay) if self.replay else []
-        elif self._last_id is not None:   # what was journalled since we last connected
-            entries = client.xrevrange(JOURNAL_STREAM, min=b"(" + self._last_id, count=CATCH_UP)
-        else:
-            entries = client.xrevrange(JOURNAL_STREAM, count=CATCH_UP)
+        """Print the replay (first connection) or what was journalled since the last connection."""
         newest = client.xrevrange(JOURNAL_STREAM, count=1)
+        if first:
+            entries = self._last_matching(client, self.replay) if self.replay else []
+        else:
+            low = b"(" + self._last_id if self._last_id is not None else "-"
+            entries = client.xrevrange(JOURNAL_STREAM, min=low, count=CATCH_UP)
         if newest:
             self._last_id = newest[0][0]
-        field = JOURNAL_FIELD.encode()
         shown = 0
         for _, fields in reversed(entries):
-            if field in fields:
-                shown += self.handle(fields[field], JOURNAL_STREAM)
+            if self.field in fields:
+                shown += self.handle(fields[self.field], JOURNAL_STREAM)
         return shown
+
+    def _last_matching(self, client: Any, n: int) -> list:
+        """The newest n journal entries that pass the filters (reading back at most CATCH_UP entries)."""
+        found: list = []
+        high: Any = "+"
+        scanned = 0
+        while len(found) < n and scanned < CATCH_UP:
+            page = client.xrevrange(JOURNAL_STREAM, max=high, count=max(n, 200))
+            if not page:
+                break
+            scanned += len(page)
+            found.extend(entry for entry in page if self.field in entry[1] and self.matches(entry[1][self.field]))
+            high = b"(" + page[-1][0]
+        return found[:n]
+
+    def matches(self, payload: bytes) -> bool:
+        try:
+            event = Event.from_json(payload)
+        except ValueError:
+            return False
+        return self._passes(event)
+
+    def _passes(self, event: Event) -> bool:
+        return not (self.component and event.component != self.component) and \
+            LEVEL_RANK.get(event.level, 1) >= self.floor
 
 
 @click.command("events")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing events as they are published (Ctrl-C stops).")
 @click.option("--redis-url", metavar="URL", help="Redis to read (default: SOLLOL_REDIS_URL or the main --redis-url).")
 @click.option("--replay", metavar="N", default=20, show_default=True, type=click.IntRange(min=0),
-              help="First print the journal's last N events.")
+              help="First print the journal's last N events (that pass the filters).")
 @click.option("--component", type=click.Choice(COMPONENTS), help="Only this component.")
 @click.option("--level", type=click.Choice(LEVELS), help="Only this level and more severe.")
 @click.option("--json", "as_json", is_flag=True, help="Print each event as its JSON object.")

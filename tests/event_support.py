@@ -20,6 +20,7 @@ from synapticllamas.app import App
 from synapticllamas.config import load_settings
 from synapticllamas.events import CHANNEL_PATTERN, JOURNAL_FIELD, JOURNAL_STREAM, Event
 from synapticllamas.ui import PlainUI
+from support import PYTHON, ROOT, shell_env
 
 CONTRACT_FIELDS = {"timestamp", "component", "event_type", "message", "details", "level", "source", "seq"}
 
@@ -107,3 +108,36 @@ class Subscriber(threading.Thread):
     def stop(self) -> None:
         self._stop_flag.set()
         self.join(5)
+
+
+class PipedShell:
+    """A real `python3 main.py` with a pipe for stdin, answering commands one at a time."""
+
+    def __init__(self, proc):
+        self.proc = proc
+
+    @classmethod
+    async def start(cls, tmp, url, *args: str):
+        env = shell_env(tmp, SOLLOL_REDIS_URL=url)
+        proc = await asyncio.create_subprocess_exec(
+            PYTHON, str(ROOT / "main.py"), *args, cwd=str(ROOT), env=env,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        return cls(proc)
+
+    async def ask(self, command: str, last_line: str, timeout: float = 10) -> tuple[float, str]:
+        """Send a command; read stdout up to the line starting with `last_line`. (seconds, text)."""
+        started = time.monotonic()
+        self.proc.stdin.write(command.encode() + b"\n")
+        await self.proc.stdin.drain()
+        lines = []
+        while True:
+            line = (await asyncio.wait_for(self.proc.stdout.readline(), timeout)).decode()
+            assert line, f"the shell ended while answering {command!r}: {''.join(lines)}"
+            lines.append(line)
+            if line.startswith(last_line):
+                return time.monotonic() - started, "".join(lines)
+
+    async def exit(self) -> tuple[int, str]:
+        self.proc.stdin.close()
+        await asyncio.wait_for(self.proc.wait(), 15)
+        return self.proc.returncode, (await self.proc.stderr.read()).decode()

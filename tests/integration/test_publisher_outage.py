@@ -4,14 +4,11 @@ redis-server is really killed (SIGKILL) and restarted on the same port. It runs 
 so the restarted server has an empty journal: it must receive every event the old one did not run.
 """
 import asyncio
-import io
-import sys
 import time
 
 from commands.publishing import redis_command
-from event_support import Subscriber, journal, make_app, until
+from event_support import PipedShell, Subscriber, journal, make_app, until
 from synapticllamas.render import render_plain
-from support import PYTHON, ROOT, shell_env
 
 RATE = 1000   # events per second
 
@@ -29,39 +26,6 @@ async def produce(app, stop: asyncio.Event) -> int:
     return n
 
 
-class PipedShell:
-    """A real `python3 main.py` with a pipe for stdin, answering commands one at a time."""
-
-    def __init__(self, proc):
-        self.proc = proc
-
-    @classmethod
-    async def start(cls, tmp, url):
-        env = shell_env(tmp, SOLLOL_REDIS_URL=url)
-        proc = await asyncio.create_subprocess_exec(
-            PYTHON, str(ROOT / "main.py"), "--redis", cwd=str(ROOT), env=env,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        return cls(proc)
-
-    async def ask(self, command: str, last_line: str, timeout: float = 10) -> tuple[float, str]:
-        """Send a command; read stdout up to the line starting with `last_line`. (seconds, text)."""
-        started = time.monotonic()
-        self.proc.stdin.write(command.encode() + b"\n")
-        await self.proc.stdin.drain()
-        lines = []
-        while True:
-            line = (await asyncio.wait_for(self.proc.stdout.readline(), timeout)).decode()
-            assert line, f"the shell ended while answering {command!r}: {''.join(lines)}"
-            lines.append(line)
-            if line.startswith(last_line):
-                return time.monotonic() - started, "".join(lines)
-
-    async def exit(self) -> tuple[int, str]:
-        self.proc.stdin.close()
-        await asyncio.wait_for(self.proc.wait(), 15)
-        return self.proc.returncode, (await self.proc.stderr.read()).decode()
-
-
 def test_kill_and_restart_during_1000_events_per_second(tmp_path, redis_server):
     app = make_app(tmp_path / "app", redis_server.url)
     subscriber = Subscriber(redis_server.port, instance=app.instance)
@@ -74,7 +38,7 @@ def test_kill_and_restart_during_1000_events_per_second(tmp_path, redis_server):
         app.observer.add_sink(created.append)
         await app.start()
         assert (await app.redis_on())[1] == (True, None)
-        shell = await PipedShell.start(tmp_path / "shell", redis_server.url)
+        shell = await PipedShell.start(tmp_path / "shell", redis_server.url, "--redis")
         await shell.ask("redis status", "last error")
         stop = asyncio.Event()
         producer = asyncio.ensure_future(produce(app, stop))

@@ -1,0 +1,119 @@
+"""`python3 main.py events [--follow]`: the terminal viewer, against a real redis-server."""
+import asyncio
+import json
+import queue
+import signal
+import subprocess
+import threading
+
+from event_support import make_app, until
+from support import PYTHON, ROOT, RedisServer, free_port, shell_env
+
+
+class Viewer:
+    def __init__(self, tmp, url, *args):
+        self.proc = subprocess.Popen([PYTHON, str(ROOT / "main.py"), "events", "--redis-url", url, *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                     env=shell_env(tmp))
+        self.out: queue.Queue[str] = queue.Queue()
+        self.err: queue.Queue[str] = queue.Queue()
+        for stream, q in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
+            threading.Thread(target=lambda s=stream, q=q: [q.put(line.rstrip("\n")) for line in s],
+                             daemon=True).start()
+
+    def lines(self, n, timeout=10):
+        return [self.out.get(timeout=timeout) for _ in range(n)]
+
+    def said(self, text, timeout=10):
+        """Wait for a stderr line containing `text`; return it."""
+        while True:
+            line = self.err.get(timeout=timeout)
+            if text in line:
+                return line
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(10)
+
+
+def emit_batch(app, start, n):
+    for i in range(start, start + n):
+        app.observer.emit("rpc_backend", "connect", f"backend {i} up", {"i": i})
+
+
+def test_replays_the_journal_then_follows_across_a_redis_restart(tmp_path, redis_server):
+    app = make_app(tmp_path / "app", redis_server.url)
+    holder = {}
+
+    async def scenario():
+        await app.redis_on()
+        emit_batch(app, 0, 30)
+        await until(lambda: app.publisher.status()["buffered"] == 0 and app.publisher.published >= 31)
+        viewer = holder["viewer"] = await asyncio.to_thread(
+            Viewer, tmp_path / "viewer", redis_server.url, "--follow", "--replay", "10", "--json",
+            "--component", "rpc_backend")
+        await asyncio.to_thread(viewer.said, "following synapticllamas:llama_cpp:*")
+        replayed = await asyncio.to_thread(viewer.lines, 10)
+        emit_batch(app, 30, 5)                                             # live
+        live = await asyncio.to_thread(viewer.lines, 5)
+
+        await asyncio.to_thread(redis_server.kill)
+        await asyncio.to_thread(viewer.said, "is not reachable (connection refused); retrying")
+        emit_batch(app, 35, 5)                                             # while Redis is down
+        await asyncio.to_thread(redis_server.start)
+        await asyncio.to_thread(viewer.said, "Reconnected to")
+        after = await asyncio.to_thread(viewer.lines, 5, 15)
+        await app.close()
+        return replayed, live, after
+
+    try:
+        replayed, live, after = asyncio.run(scenario())
+    finally:
+        viewer = holder.get("viewer")
+        code = viewer.stop() if viewer else None
+    assert [json.loads(line)["details"]["i"] for line in replayed] == list(range(20, 30))
+    assert [json.loads(line)["details"]["i"] for line in live] == list(range(30, 35))
+    after_events = [json.loads(line) for line in after]
+    assert [e["details"]["i"] for e in after_events] == list(range(35, 40))   # none lost, none twice
+    assert code == 0
+    extra = []
+    while not viewer.out.empty():
+        extra.append(json.loads(viewer.out.get()))
+    assert all(e["event_type"] != "connect" for e in extra)                # and nothing repeated later
+
+
+def test_waits_for_redis_that_is_not_there_yet(tmp_path):
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}"
+    server = RedisServer(tmp_path / "redis", port=port)
+    viewer = Viewer(tmp_path, url, "--follow")
+    try:
+        line = viewer.said("not reachable")
+        assert line == (f"Redis at {url} is not reachable (connection refused); retrying until it is"
+                        " (Ctrl-C to stop)")
+        server.start()
+        viewer.said(f"Connected to {url} (0 events from the journal)")
+        app = make_app(tmp_path / "app", url)
+
+        async def scenario():
+            await app.redis_on()
+            app.observer.emit("coordinator", "start", "llama.cpp coordinator started", {"port": 18080})
+            await app.close()
+
+        asyncio.run(scenario())
+        lines = []
+        while not any("coordinator/start" in line for line in lines):
+            lines.append(viewer.out.get(timeout=10))
+        shown = next(line for line in lines if "coordinator/start" in line)
+        assert shown.split(" ", 3)[2:] == [app.instance, "INFO     coordinator/start llama.cpp coordinator started"]
+    finally:
+        assert viewer.stop() == 0
+        server.kill()
+
+
+def test_without_follow_a_missing_redis_is_one_line_and_exit_1(tmp_path):
+    url = f"redis://127.0.0.1:{free_port()}"
+    proc = subprocess.run([PYTHON, str(ROOT / "main.py"), "events", "--redis-url", url], capture_output=True,
+                          text=True, env=shell_env(tmp_path), timeout=30)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr == f"Error: cannot read events from Redis at {url}: connection refused\n"
