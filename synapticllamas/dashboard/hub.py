@@ -302,8 +302,12 @@ class Hub:
 
     def client(self) -> Any:
         if self._client is None:
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+
+            # one retry on a new connection: a pooled one is dead after Redis restarted
             self._client = aioredis.from_url(self.redis_url, socket_connect_timeout=CONNECT_TIMEOUT,
-                                             socket_timeout=COMMAND_TIMEOUT)
+                                             socket_timeout=COMMAND_TIMEOUT, retry=Retry(NoBackoff(), 1))
         return self._client
 
     async def read_journal(self, since: str | None, limit: int, before: str | None = None

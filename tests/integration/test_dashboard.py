@@ -187,6 +187,8 @@ def test_redis_restart_while_watching_then_the_feed_resumes_without_loss(dashboa
         redis_server.start()
         viewer.wait_for(lambda c: c.named("status")[-1].json()["redis"] == "up", 15,
                         what="the dashboard to resubscribe by itself")
+        # the API's pooled connection died with the old server: the next request still answers
+        assert dashboard.get("/api/apps")[0] == 200
         count = len(beats(viewer))
         viewer.wait_for(lambda c: len(beats(c)) >= count + 3, 15, what="heartbeats after the restart")
         assert shell.exit() == 0, shell.output()
