@@ -11,6 +11,9 @@ reason. The rules that keep it safe:
 - Observer state is loop-only, so the thread never calls observer.emit(): its notices
   (redis_connected, redis_disconnected, events_dropped, error) go through loop.call_soon_threadsafe.
 
+Events are turned into JSON on the thread, so emitters hand `details` over and do not change it
+afterwards (each emitter builds a fresh dict).
+
 Delivery, per batch of up to BATCH events, in one round trip:
 
     MULTI, (XADD journal MAXLEN ~ max_events * event <json>, PUBLISH <channel> <json>) x n,
@@ -71,6 +74,17 @@ def describe(exc: BaseException) -> str:
     return text[:200] or type(exc).__name__
 
 
+def encode(event: Event) -> bytes:
+    """The event's JSON; one whose details cannot be encoded (a cycle...) still goes out, without them."""
+    try:
+        return event.to_json().encode()
+    except (TypeError, ValueError, RecursionError) as exc:
+        bare = Event(event.timestamp, event.component, event.event_type, event.message,
+                     {"unencodable_details": f"{type(exc).__name__}: {exc}"[:200]}, event.level, event.source,
+                     event.seq)
+        return bare.to_json().encode()
+
+
 class RedisPublisher:
     def __init__(self, settings: Any, observer: Any, registration: dict[str, Any] | None = None) -> None:
         self.observer = observer
@@ -102,7 +116,7 @@ class RedisPublisher:
         self.state = "off"              # connecting | connected | retrying | closed
         self.connected = False
         self.published = 0
-        self.reconnects = 0             # successful reconnections after a loss
+        self.reconnects = 0             # connections made after a failed attempt or a lost connection
         self.failed_attempts = 0
         self.last_error: str | None = None
         self.flushed_on_close = 0
@@ -355,7 +369,7 @@ class RedisPublisher:
         maxlen = self.max_events
         commands: list[tuple[Any, ...]] = [("MULTI",)]
         for event in batch:
-            data = event.to_json().encode()
+            data = encode(event)
             commands.append(("XADD", JOURNAL_STREAM, "MAXLEN", "~", maxlen, "*", JOURNAL_FIELD, data))
             commands.append(("PUBLISH", event.channel, data))
         commands.append(("SET", self._last_seq_key, self._inflight_last_seq, "EX", LAST_SEQ_TTL))
