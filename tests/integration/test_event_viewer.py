@@ -58,7 +58,7 @@ def test_replays_the_journal_then_follows_across_a_redis_restart(tmp_path, redis
         live = await asyncio.to_thread(viewer.lines, 5)
 
         await asyncio.to_thread(redis_server.kill)
-        await asyncio.to_thread(viewer.said, "is not reachable (connection refused); retrying")
+        await asyncio.to_thread(viewer.said, "is not reachable")   # the reason depends on what broke first
         emit_batch(app, 35, 5)                                             # while Redis is down
         await asyncio.to_thread(redis_server.start)
         await asyncio.to_thread(viewer.said, "Reconnected to")
