@@ -34,8 +34,9 @@ async def _on(app: Any) -> Result:
                               f" {limit} events and retrying")
     connected, error = outcome
     if connected:
+        earlier = f"; sent the {app.backlog_sent} events from before first" if app.backlog_sent else ""
         return Result.success(f"Redis publishing ON -> {url} (channels {status['channels']},"
-                              f" journal {status['journal']})")
+                              f" journal {status['journal']}){earlier}")
     return Result.warning(f"Redis publishing ON, but {url} is unreachable ({error}); buffering up to"
                           f" {limit} events and retrying")
 

@@ -28,6 +28,8 @@ class App:
         # Components. Each is created here or on first use, and each offers
         # start()/close() and status() -> dict for `status` and the toolbar.
         self.publisher: Any = None       # publisher.RedisPublisher, created by `redis on`
+        self._handed_seq = 0             # events up to this seq were handed to a publisher
+        self.backlog_sent = 0            # events the last `redis on` sent from before it
         self.registry = RpcRegistry(settings, self.observer)
         self.local_backends = LocalBackends(settings, self.observer, self.registry)
         self.coordinator = CoordinatorManager(settings, self.observer, self.registry)
@@ -55,6 +57,9 @@ class App:
             "backend_heartbeat": s.rpc_backend_heartbeat,
             "backend_heartbeat_interval": s.rpc_backend_heartbeat_interval,
             "redis_url": redact_url(s.redis_url),
+            # lets a subscriber tell seq gaps from sampling apart from lost events
+            "sampling": s.observer_sampling,
+            "sample_rate": s.observer_sample_rate,
         }
 
     async def start(self) -> None:
@@ -92,11 +97,14 @@ class App:
 
     # ------------------------------------------------------------ Redis publishing (`redis on|off`)
 
-    def _start_publisher(self) -> None:
+    def _start_publisher(self) -> int:
+        """Start a publisher; events emitted while publishing was off go first. Returns their count."""
         from .publisher import RedisPublisher
 
+        backlog = [e for e in self.observer.buffer if e.seq > self._handed_seq]
         self.publisher = RedisPublisher(self.settings, self.observer, self.registration())
-        self.publisher.start()
+        self.publisher.start(backlog)
+        return len(backlog)
 
     def _announce_redis_on(self) -> None:
         from .events import CHANNEL_PATTERN, JOURNAL_STREAM
@@ -108,10 +116,13 @@ class App:
 
     async def redis_on(self, wait: float = 2.0) -> tuple[bool, tuple[bool, str | None] | None]:
         """Start publishing. Returns (started now, outcome of the first connection attempt:
-        (connected, error), or None when Redis has not answered within `wait` seconds)."""
+        (connected, error), or None when Redis has not answered within `wait` seconds).
+
+        The events emitted while publishing was off (still in the ring buffer) are sent first, so
+        a dashboard sees this app's `register` and everything since, not only what follows."""
         if self.publisher is not None and self.publisher.enabled:
             return False, (self.publisher.connected, self.publisher.last_error)
-        self._start_publisher()
+        self.backlog_sent = self._start_publisher()
         self._announce_redis_on()
         return True, await self.publisher.wait_first_attempt(wait)
 
@@ -121,6 +132,7 @@ class App:
             return None
         self.observer.emit("system", "redis_off", f"Redis publishing off ({self.publisher.shown_url})",
                            {"url": self.publisher.shown_url, "published": self.publisher.published})
+        self._handed_seq = self.observer.seq
         return await self.publisher.close(timeout=2.0)
 
     def status(self) -> dict[str, Any]:

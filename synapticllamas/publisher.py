@@ -134,10 +134,14 @@ class RedisPublisher:
 
     # ------------------------------------------------------------ loop side
 
-    def start(self) -> None:
-        """Attach to the observer and start the sender thread (from the event loop)."""
+    def start(self, backlog: Any = ()) -> None:
+        """Attach to the observer and start the sender thread (from the event loop).
+
+        `backlog`: events emitted before publishing was on, sent first and in order (the newest
+        max_events of them), so a subscriber sees the app's history from `register` on."""
         if self.enabled:
             return
+        self._queue.extend(list(backlog)[-self.max_events:])
         self._loop = asyncio.get_running_loop()
         self._first = self._loop.create_future()
         self._finished = self._loop.create_future()

@@ -36,7 +36,8 @@ def test_redis_on_with_nothing_listening_then_redis_starts(tmp_path):
 
     try:
         instance, flowed, status, code = asyncio.run(scenario())
-        assert flowed[:2] == ["redis_on", "redis_disconnected"]           # what was buffered, in order
+        lifecycle = [t for t in flowed if t in ("register", "redis_on", "redis_disconnected")]
+        assert lifecycle[:3] == ["register", "redis_on", "redis_disconnected"]  # what was buffered, in order
         assert "ON, connected" in status and "reconnects       1" in status
         assert code == 0
         types = [e.event_type for e in journal(port)]
