@@ -3,7 +3,7 @@ import pexpect
 import pytest
 
 from commands import load_all
-from support import spawn_shell, strip_ansi
+from support import shell_env, spawn_shell, strip_ansi
 
 PROMPT = "SynapticLlamas>"
 
@@ -105,3 +105,32 @@ def test_history_persists_across_runs(tmp_path):
     second.expect(pexpect.EOF)
     history = (tmp_path / "state" / "synapticllamas" / "history").read_text()
     assert "help dashboard" in history
+
+
+def test_background_event_prints_above_the_prompt_and_keeps_the_typed_line(tmp_path):
+    """A lost backend is announced while the person is typing; what they typed survives."""
+    import os
+    import re
+    import signal
+
+    child = spawn_shell(tmp_path, "--distributed",
+                        env=shell_env(tmp_path, TERM="xterm", SOLLOL_RPC_BACKEND_HEARTBEAT_INTERVAL="1"))
+    try:
+        child.expect(PROMPT)
+        child.sendline("backends spawn 1")
+        child.expect(r"local, pid (\d+)")
+        pid = int(child.match.group(1))
+        child.expect(PROMPT)
+        child.send("help stat")                       # half-typed when the event arrives
+        os.kill(pid, signal.SIGKILL)
+        child.expect(r"\[rpc_backend\] RPC backend 127\.0\.0\.1:\d+ disconnected")
+        child.expect(PROMPT)                          # the prompt is redrawn below the notice ...
+        child.send("us\r")                            # ... with the typed text still in it
+        child.expect("Usage: status")
+        child.expect(PROMPT)
+        child.sendcontrol("d")
+        child.expect(pexpect.EOF)
+    finally:
+        if child.isalive():
+            child.terminate(force=True)
+    assert re.search(r"disconnected: local ggml-rpc-server exited", strip_ansi(read_log(child)))
