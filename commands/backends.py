@@ -5,6 +5,7 @@ import argparse
 import time
 from typing import Any
 
+from .formatting import duration
 from .registry import CommandError, Result, UsageError, command, parse_args, parser, positive_int
 
 USAGE = ("backends [list] | add HOST[:PORT] | remove HOST[:PORT] | check | spawn N [--port-base P] | "
@@ -18,15 +19,6 @@ SUBCOMMANDS = {
     "stop-local": "stop the local backends this shell started",
 }
 MAX_LOCAL = 32
-
-
-def _age(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s ago"
-    if seconds < 3600:
-        return f"{seconds // 60}m ago"
-    return f"{seconds // 3600}h ago"
 
 
 def _kind(app: Any, backend: Any) -> str:
@@ -52,7 +44,8 @@ def backends_table(app: Any, message: str | None = None) -> Result:
     now = time.monotonic()
     rows = []
     for b in registry.backends():
-        rows.append((b.key, b.state, _age(now - b.last_check) if b.last_check is not None else "never",
+        checked = f"{duration(now - b.last_check)} ago" if b.last_check is not None else "never"
+        rows.append((b.key, b.state, checked,
                      f"{b.latency_ms:.1f} ms" if b.latency_ms is not None else "-", b.failures,
                      _kind(app, b), _note(app, b)))
     if settings.rpc_backend_heartbeat:

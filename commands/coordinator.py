@@ -7,6 +7,7 @@ from typing import Any
 
 from synapticllamas.coordinator import CoordinatorError, Notice, StateChange
 
+from .formatting import duration
 from .registry import CommandError, Result, UsageError, command, parse_args, parser, positive_int
 
 USAGE = ('coordinator start [--model PATH] [--port N] | stop | restart | status | logs [N] | attach URL | '
@@ -91,14 +92,6 @@ async def _stop(app: Any, args: list[str]) -> Result:
     return Result.success("Coordinator stopped.")
 
 
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
-        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
 async def _status(app: Any, args: list[str]) -> Result:
     if args:
         raise UsageError("coordinator status takes no arguments")
@@ -110,7 +103,7 @@ async def _status(app: Any, args: list[str]) -> Result:
         ("url", s["url"]),
         ("model", s["model"]),
         ("RPC backends", ", ".join(s["backends"]) or "-"),
-        ("uptime", _age(s["uptime_s"])),
+        ("uptime", duration(s["uptime_s"])),
         ("restarts", f"{s['restarts']} in total, {s['tries']} since it last ran"),
         ("last exit", last["message"] if last else "-"),
     ]

@@ -6,6 +6,7 @@ from typing import Any
 
 from synapticllamas.config import SPECS
 
+from .formatting import duration
 from .registry import REGISTRY, ExitShell, Result, UsageError, command, lookup, suggest
 
 
@@ -37,15 +38,6 @@ async def exit_command(app: Any, args: list[str]) -> Result:
     if args:
         raise UsageError("exit takes no arguments")
     raise ExitShell()
-
-
-def _age(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def redis_summary(redis: dict[str, Any]) -> str:
@@ -87,7 +79,7 @@ async def status_command(app: Any, args: list[str]) -> Result:
         ("backends", f"{backends.get('up', 0)} up of {backends.get('configured', 0)} configured"
                      + (f", {backends['down']} down" if backends.get("down") else "")),
         ("events", f"{ev['emitted']} emitted, {ev['kept']} kept, {ev['sampled_out']} sampled out"),
-        ("uptime", _age(time.time() - app.started_at)),
+        ("uptime", duration(time.time() - app.started_at)),
     ]
     return Result.table("Status", ("item", "state"), rows)
 

@@ -6,12 +6,11 @@ imported on first use so that piped runs and the first prompt stay fast.
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any, TextIO
 
 from commands.registry import Result
 
-from .ui import PlainUI
+from .ui import PlainUI, Streams
 
 _STYLES = {"info": "", "success": "green", "warning": "yellow", "error": "bold red"}
 
@@ -53,26 +52,16 @@ def render_plain(result: Result) -> str:
     return "\n".join(parts)
 
 
-class Renderer:
+class Renderer(Streams):
     """Prints Results. `rich_output` is decided once: a TTY that is not TERM=dumb and no NO_COLOR."""
 
     def __init__(self, out: TextIO | None = None, err: TextIO | None = None, rich_output: bool | None = None):
-        self._out = out
-        self._err = err
+        super().__init__(out, err)
         if rich_output is None:
             rich_output = (self.out.isatty() and os.environ.get("TERM", "") != "dumb"
                            and "NO_COLOR" not in os.environ)
         self.rich_output = rich_output
         self._console: Any = None
-
-    # Looked up at each write, like PlainUI: prompt_toolkit's patch_stdout swaps sys.stdout.
-    @property
-    def out(self) -> TextIO:
-        return self._out or sys.stdout
-
-    @property
-    def err(self) -> TextIO:
-        return self._err or sys.stderr
 
     @property
     def console(self) -> Any:

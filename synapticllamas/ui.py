@@ -9,14 +9,14 @@ import sys
 from typing import TextIO
 
 
-class PlainUI:
+class Streams:
+    """stdout/stderr, or the streams given. Looked up at each write: prompt_toolkit swaps
+    sys.stdout while the prompt is shown, and a notice must go through its proxy to print above it."""
+
     def __init__(self, out: TextIO | None = None, err: TextIO | None = None) -> None:
         self._out = out
         self._err = err
-        self._last_progress: str | None = None
 
-    # Looked up at each write: prompt_toolkit swaps sys.stdout while the prompt is shown, and a
-    # notice must go through its proxy to print above the prompt.
     @property
     def out(self) -> TextIO:
         return self._out or sys.stdout
@@ -24,6 +24,12 @@ class PlainUI:
     @property
     def err(self) -> TextIO:
         return self._err or sys.stderr
+
+
+class PlainUI(Streams):
+    def __init__(self, out: TextIO | None = None, err: TextIO | None = None) -> None:
+        super().__init__(out, err)
+        self._last_progress: str | None = None
 
     def write(self, text: str = "", end: str = "\n") -> None:
         """Streamed output of the running command (a generated token, a line of a live view)."""
