@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import llama_http
+from .child_process import spawn
 
 if TYPE_CHECKING:   # llama_log (its patterns) and binaries load with the first start, not at start-up
     from .llama_log import LoadReport, LogLine
@@ -316,9 +317,9 @@ class CoordinatorManager:
     async def _launch(self, plan: Plan, auto: bool) -> Run:
         argv = plan.argv(self.settings.coordinator_ctx_size, self.settings.coordinator_args)
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, start_new_session=True, limit=LINE_LIMIT)
+            proc = await spawn(
+                argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, limit=LINE_LIMIT)
         except OSError as exc:
             raise CoordinatorError(f"cannot run {plan.binary}: {exc.strerror or exc}") from None
         from .llama_log import LoadReport

@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from .child_process import spawn
 from .rpc_probe import ProbeFailure, probe
 
 HOST = "127.0.0.1"
@@ -171,10 +172,10 @@ class LocalBackends:
     async def _start(self, binary: str, port: int) -> LocalBackend:
         key = f"{HOST}:{port}"
         try:
-            proc = await asyncio.create_subprocess_exec(
-                binary, "--host", HOST, "--port", str(port),
+            proc = await spawn(
+                [binary, "--host", HOST, "--port", str(port)],
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+                stderr=asyncio.subprocess.STDOUT)
         except OSError as exc:
             raise LocalBackendError(f"cannot run {binary}: {exc.strerror or exc}") from None
         backend = LocalBackend(key, port, proc)

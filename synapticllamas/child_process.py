@@ -1,0 +1,32 @@
+"""Start llama.cpp children so that they cannot outlive the shell.
+
+The shell stops its children on every exit path it sees (exit, EOF, SIGTERM, SIGHUP). It cannot
+see SIGKILL, or a crash of the interpreter: for those the kernel's parent-death signal ends the
+child. Setting it with preexec_fn is unsafe in a program with threads (the stdin reader and the
+Redis sender are threads), so the child is started through util-linux's `setpriv --pdeathsig`,
+which sets it and then execs the real binary (same pid, same argv from then on). The signal fires
+when the thread that forked dies; asyncio forks from the loop thread, which lives as long as the app.
+"""
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+from functools import lru_cache
+from typing import Any
+
+
+@lru_cache(maxsize=1)
+def _setpriv() -> str | None:
+    return shutil.which("setpriv") if sys.platform.startswith("linux") else None
+
+
+def tied_to_parent(argv: list[str]) -> list[str]:
+    """argv, prefixed so the child gets SIGTERM if this process dies (where setpriv exists)."""
+    setpriv = _setpriv()
+    return [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv else list(argv)
+
+
+async def spawn(argv: list[str], **kwargs: Any) -> asyncio.subprocess.Process:
+    """asyncio.create_subprocess_exec in its own session, tied to this process's life."""
+    return await asyncio.create_subprocess_exec(*tied_to_parent(argv), start_new_session=True, **kwargs)
