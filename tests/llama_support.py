@@ -141,57 +141,6 @@ def wait_gone(pid: int, timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
-class PipedShell:
-    """`python3 main.py` with stdin kept open (commands sent one by one), output read on threads."""
-
-    def __init__(self, tmp: Path, *args: str, **env: str) -> None:
-        import queue
-        import threading
-
-        from support import PYTHON, ROOT, shell_env
-
-        self.proc = subprocess.Popen([PYTHON, str(ROOT / "main.py"), *args], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=shell_env(tmp, **env), cwd=ROOT)
-        self.lines: queue.Queue = queue.Queue()
-        self.seen: list[str] = []
-        for stream in (self.proc.stdout, self.proc.stderr):
-            threading.Thread(target=self._read, args=(stream,), daemon=True).start()
-
-    def _read(self, stream: Any) -> None:
-        for line in stream:
-            self.lines.put(line.rstrip("\n"))
-
-    def send(self, line: str) -> None:
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-
-    def expect(self, pattern: str, timeout: float = 60.0):
-        import queue
-        import re
-
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"no line matching {pattern!r} within {timeout}s; output:\n"
-                                     + "\n".join(self.seen)) from None
-            self.seen.append(line)
-            if (match := re.search(pattern, line)):
-                return match
-
-    def close(self, timeout: float = 60.0) -> int:
-        if self.proc.stdin and not self.proc.stdin.closed:
-            self.proc.stdin.close()
-        return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
 class Subscriber:
     """`redis-cli psubscribe "synapticllamas:llama_cpp:*"`, exactly as a user would run it."""
 

@@ -6,12 +6,14 @@ loopback port, and the shell runs as a real subprocess (piped) or in a pty (pexp
 from __future__ import annotations
 
 import os
+import queue
 import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -123,3 +125,119 @@ def spawn_shell(tmp: Path, *args: str, env: dict[str, str] | None = None, timeou
                           encoding="utf-8", timeout=timeout, dimensions=(40, 140), cwd=str(ROOT))
     child.logfile_read = open(tmp / "pexpect.log", "a", encoding="utf-8")
     return child
+
+
+class PipedShell:
+    """`python3 main.py ARGS` with stdin a pipe kept open: commands go in one at a time (send), and
+    stdout and stderr are read line by line on two threads, for expect() / read_until() to wait on.
+
+    Every line is also kept in `transcript` as (stream, line), so output() and the failure messages
+    show all the shell said, and stderr() what it wrote there."""
+
+    timeout = 60.0      # the default, in seconds, for expect() and for waiting for the exit
+
+    def __init__(self, tmp: Path, *args: str, **env: str) -> None:
+        self.proc = subprocess.Popen([PYTHON, str(ROOT / "main.py"), *args], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8",
+                                     env=shell_env(tmp, **env), cwd=ROOT)
+        self.transcript: list[tuple[str, str]] = []
+        self._lines: queue.Queue = queue.Queue()        # (stream, line), (stream, None) at its end
+        self._ended: set[str] = set()
+        self._readers = [threading.Thread(target=self._read, args=(name, stream), daemon=True)
+                         for name, stream in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr))]
+        for reader in self._readers:
+            reader.start()
+
+    def _read(self, name: str, stream) -> None:
+        for line in stream:
+            line = line.rstrip("\n")
+            self.transcript.append((name, line))
+            self._lines.put((name, line))
+        self._lines.put((name, None))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def send(self, *lines: str) -> None:
+        self.proc.stdin.write("".join(line + "\n" for line in lines))
+        self.proc.stdin.flush()
+
+    def read_until(self, pattern: str, timeout: float | None = None,
+                   stream: str | None = None) -> tuple[re.Match, list[str]]:
+        """Read lines not read yet until one matches `pattern` (re.search): the match, and the lines
+        read on the way, the matching one last. With `stream` ("stdout" or "stderr") only that
+        stream's lines count (the other's are passed over). Fails if that output ends first, or if
+        no line matched within `timeout` seconds."""
+        timeout = self.timeout if timeout is None else timeout
+        watched = {stream} if stream else {"stdout", "stderr"}
+        deadline = time.monotonic() + timeout
+        read: list[str] = []
+        while True:
+            if watched <= self._ended:
+                raise AssertionError(f"the shell's output ended without a line matching {pattern!r}; "
+                                     f"output:\n{self.output()}")
+            try:
+                name, line = self._lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no line matching {pattern!r} within {timeout}s; output:\n"
+                                     + self.output()) from None
+            if line is None:
+                self._ended.add(name)
+            elif stream in (None, name):
+                read.append(line)
+                if (match := re.search(pattern, line)):
+                    return match, read
+
+    def expect(self, pattern: str, timeout: float | None = None) -> re.Match:
+        """The match of the next line (of either stream) that matches `pattern`."""
+        return self.read_until(pattern, timeout)[0]
+
+    def wait(self, timeout: float | None = None) -> int:
+        """The exit status; fails the test if the shell does not end within `timeout`."""
+        timeout = self.timeout if timeout is None else timeout
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the shell did not exit within {timeout}s; output:\n" + self.output()) from None
+
+    def close(self, timeout: float | None = None) -> int:
+        """Close stdin (end of input, as Ctrl-D would) and wait for the exit status."""
+        try:
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        return self.wait(timeout)
+
+    def exit(self, timeout: float | None = None) -> int:
+        """Type `exit`, close stdin and wait for the exit status."""
+        if self.proc.poll() is None:
+            try:
+                self.send("exit")
+            except BrokenPipeError:
+                pass
+        return self.close(timeout)
+
+    def kill(self, grace: float | None = None) -> None:
+        """End the shell whatever state it is in (clean-up after a failed test): SIGKILL, or with
+        `grace`, SIGTERM first (so it can stop what it started) and SIGKILL `grace` seconds later."""
+        if self.proc.poll() is not None:
+            return
+        if grace is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(grace)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def output(self) -> str:
+        """Every line the shell printed so far, stdout and stderr as they arrived."""
+        return "\n".join(line for _, line in self.transcript)
+
+    def stderr(self, timeout: float = 10.0) -> str:
+        """All the shell wrote to stderr; waits (up to `timeout`) for the stream to end."""
+        self._readers[1].join(timeout)
+        return "".join(line + "\n" for name, line in self.transcript if name == "stderr")

@@ -6,9 +6,8 @@ import signal
 
 import pytest
 
-from llama_support import (TAG_VAR, PipedShell, Subscriber, llama_binaries, new_tag, pid_alive, tagged_processes,
-                           wait_gone)
-from support import free_port, run_piped, shell_env, wait_for
+from llama_support import TAG_VAR, Subscriber, llama_binaries, new_tag, pid_alive, tagged_processes, wait_gone
+from support import PipedShell, free_port, run_piped, shell_env, wait_for
 
 pytestmark = pytest.mark.llama
 
