@@ -12,7 +12,7 @@ import time
 import pytest
 
 from procs import rpc_servers_on
-from support import PYTHON, ROOT, run_piped, shell_env
+from support import PipedShell, run_piped, shell_env
 from synapticllamas import binaries
 
 BAD = ["foo", "host:0", "host:99999", ":50052", "a b:1"]
@@ -26,56 +26,14 @@ def rpc_server_binary():
         pytest.fail(f"these tests need the real ggml-rpc-server: {exc}")
 
 
-class Shell:
-    """`python3 main.py` with stdin as a pipe we keep open, output read on threads."""
+class Shell(PipedShell):
+    """support.PipedShell with a 30 s default wait, and a clean-up that sends SIGTERM first, so the
+    shell still stops the rpc-servers it spawned."""
 
-    def __init__(self, tmp_path, *args, **env):
-        self.proc = subprocess.Popen([PYTHON, str(ROOT / "main.py"), *args], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=shell_env(tmp_path, **env), cwd=ROOT)
-        self.lines: queue.Queue = queue.Queue()
-        self.seen: list[str] = []
-        for stream in (self.proc.stdout, self.proc.stderr):
-            threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+    timeout = 30.0
 
-    def _read(self, stream):
-        for line in stream:
-            self.lines.put(line.rstrip("\n"))
-
-    def send(self, line):
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-
-    def expect(self, pattern, timeout=30.0):
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"no line matching {pattern!r} within {timeout}s; output:\n"
-                                     + "\n".join(self.seen)) from None
-            self.seen.append(line)
-            match = re.search(pattern, line)
-            if match:
-                return match
-
-    def finish(self, timeout=30.0):
-        """The exit status; fails the test if the shell does not end within `timeout`."""
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"the shell did not exit within {timeout}s; output:\n"
-                                 + "\n".join(self.seen)) from None
-
-    def kill(self):
-        """Clean-up after a failed test: whatever state the shell is in, end it (and its group)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    def kill(self, grace: float | None = 15.0) -> None:
+        super().kill(grace)
 
 
 def started_ports(match):
@@ -143,7 +101,7 @@ def test_heartbeat_variable_decides_whether_anything_probes_while_idle(tmp_path,
         else:
             assert idle >= 4, f"only {idle} probes in 1.5 s at a 0.2 s interval"
         shell.send("exit")
-        assert shell.finish() == 0
+        assert shell.wait() == 0
     finally:
         listener.sock.close()
         shell.kill()
@@ -163,7 +121,7 @@ def test_no_spawned_rpc_server_survives_the_shell(tmp_path, rpc_server_binary, e
         shell.proc.stdin.close()
     else:
         shell.proc.send_signal(signal.SIGTERM)
-    status = shell.finish()
+    status = shell.wait()
     assert status == {"exit": 0, "eof": 0, "sigterm": 128 + signal.SIGTERM}[ending]
     assert rpc_servers_on(ports) == {}
 
@@ -239,7 +197,7 @@ def test_spawn_kill_restart_seen_by_a_redis_subscriber(tmp_path, redis_server, r
         assert counts(wait_event("rpc_registry", "heartbeat", timeout=2.5)) == (2, 2)
 
         shell.send("exit")
-        assert shell.finish() == 0
+        assert shell.wait() == 0
         wait_event("system", "unregister")
         assert rpc_servers_on([int(keys[1].rsplit(":", 1)[1])]) == {}
     finally:
