@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from support import PYTHON, ROOT, free_port, shell_env, wait_for
+from support import PYTHON, ROOT, PipedShell, free_port, shell_env, wait_for
 
 CHANNEL = "synapticllamas:llama_cpp:"
 JOURNAL = "synapticllamas:events"
@@ -84,46 +84,16 @@ class Dashboard:
         self.log.close()
 
 
-class Shell:
-    """A real shell process publishing to Redis (`main.py --redis`), fed commands on stdin."""
+class Shell(PipedShell):
+    """A real shell process publishing to Redis (`main.py --redis`), fed commands on stdin, with its
+    own XDG directories under tmp/name."""
+
+    timeout = 30.0
 
     def __init__(self, tmp: Path, redis_url: str, name: str, **env: str) -> None:
         home = tmp / name
         home.mkdir(parents=True, exist_ok=True)
-        self.out_path = home / "shell.out"
-        self.out = open(self.out_path, "wb")
-        self.proc = subprocess.Popen([PYTHON, str(ROOT / "main.py"), "--redis", "--redis-url", redis_url],
-                                     stdin=subprocess.PIPE, stdout=self.out, stderr=subprocess.STDOUT,
-                                     cwd=ROOT, env=shell_env(home, **env))
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def send(self, *lines: str) -> None:
-        self.proc.stdin.write("".join(line + "\n" for line in lines).encode())
-        self.proc.stdin.flush()
-
-    def exit(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            try:
-                self.send("exit")
-                self.proc.stdin.close()
-            except BrokenPipeError:
-                pass
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self.out.close()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.out.close()
-
-    def output(self) -> str:
-        return self.out_path.read_text(errors="replace")
+        super().__init__(home, "--redis", "--redis-url", redis_url, **env)
 
 
 def instance_of(client: Any, pid: int, timeout: float = 20) -> str:
