@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from synapticllamas.app import App
 from synapticllamas.config import load_settings
 from synapticllamas.events import CHANNEL_PATTERN, JOURNAL_FIELD, JOURNAL_STREAM, Event
 from synapticllamas.ui import PlainUI
-from support import PYTHON, ROOT, shell_env
+from support import PipedShell
 
 CONTRACT_FIELDS = {"timestamp", "component", "event_type", "message", "details", "level", "source", "seq"}
 
@@ -110,34 +111,29 @@ class Subscriber(threading.Thread):
         self.join(5)
 
 
-class PipedShell:
-    """A real `python3 main.py` with a pipe for stdin, answering commands one at a time."""
+class AsyncShell:
+    """support.PipedShell for scenarios that run inside asyncio next to an in-process App: each
+    blocking step runs in a worker thread, so the loop (and the App on it) keeps running while the
+    shell answers."""
 
-    def __init__(self, proc):
-        self.proc = proc
+    def __init__(self, shell: PipedShell) -> None:
+        self.shell = shell
 
     @classmethod
-    async def start(cls, tmp, url, *args: str):
-        env = shell_env(tmp, SOLLOL_REDIS_URL=url)
-        proc = await asyncio.create_subprocess_exec(
-            PYTHON, str(ROOT / "main.py"), *args, cwd=str(ROOT), env=env,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        return cls(proc)
+    async def start(cls, tmp: Path, url: str, *args: str) -> "AsyncShell":
+        return cls(PipedShell(tmp, *args, SOLLOL_REDIS_URL=url))
 
     async def ask(self, command: str, last_line: str, timeout: float = 10) -> tuple[float, str]:
         """Send a command; read stdout up to the line starting with `last_line`. (seconds, text)."""
-        started = time.monotonic()
-        self.proc.stdin.write(command.encode() + b"\n")
-        await self.proc.stdin.drain()
-        lines = []
-        while True:
-            line = (await asyncio.wait_for(self.proc.stdout.readline(), timeout)).decode()
-            assert line, f"the shell ended while answering {command!r}: {''.join(lines)}"
-            lines.append(line)
-            if line.startswith(last_line):
-                return time.monotonic() - started, "".join(lines)
+        def ask() -> tuple[float, str]:
+            started = time.monotonic()
+            self.shell.send(command)
+            _, lines = self.shell.read_until("^" + re.escape(last_line), timeout, stream="stdout")
+            return time.monotonic() - started, "".join(line + "\n" for line in lines)
+
+        return await asyncio.to_thread(ask)
 
     async def exit(self) -> tuple[int, str]:
-        self.proc.stdin.close()
-        await asyncio.wait_for(self.proc.wait(), 15)
-        return self.proc.returncode, (await self.proc.stderr.read()).decode()
+        """Close stdin and wait for the shell to end: (exit status, all it wrote to stderr)."""
+        code = await asyncio.to_thread(self.shell.close, 15)
+        return code, await asyncio.to_thread(self.shell.stderr)

@@ -7,7 +7,7 @@ import asyncio
 import time
 
 from commands.publishing import redis_command
-from event_support import PipedShell, Subscriber, journal, make_app, until
+from event_support import AsyncShell, Subscriber, journal, make_app, until
 from synapticllamas.render import render_plain
 
 RATE = 1000   # events per second
@@ -38,7 +38,7 @@ def test_kill_and_restart_during_1000_events_per_second(tmp_path, redis_server):
         app.observer.add_sink(created.append)
         await app.start()
         assert (await app.redis_on())[1] == (True, None)
-        shell = await PipedShell.start(tmp_path / "shell", redis_server.url, "--redis")
+        shell = await AsyncShell.start(tmp_path / "shell", redis_server.url, "--redis")
         await shell.ask("redis status", "last error")
         stop = asyncio.Event()
         producer = asyncio.ensure_future(produce(app, stop))

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from event_support import PipedShell, journal, until
+from event_support import AsyncShell, journal, until
 from support import PYTHON, ROOT, RedisServer, free_port, shell_env, wait_for
 from synapticllamas.events import APPS_HASH
 
@@ -19,7 +19,7 @@ def test_redis_on_with_nothing_listening_then_redis_starts(tmp_path):
     server = RedisServer(tmp_path / "redis", port=port)
 
     async def scenario():
-        shell = await PipedShell.start(tmp_path, url)
+        shell = await AsyncShell.start(tmp_path, url)
         seconds, text = await shell.ask("redis on", "Redis publishing ON")
         assert seconds < 2.5, f"'redis on' took {seconds:.1f} s"
         assert text.strip().endswith(f"Redis publishing ON, but {url} is unreachable (connection refused);"
@@ -56,7 +56,7 @@ def test_redis_on_against_a_server_that_never_answers(tmp_path):
         url = f"redis://127.0.0.1:{hung.getsockname()[1]}"
 
         async def scenario():
-            shell = await PipedShell.start(tmp_path, url)
+            shell = await AsyncShell.start(tmp_path, url)
             seconds, text = await shell.ask("redis on", "Redis publishing ON")
             _, status = await shell.ask("redis status", "last error")
             started = time.monotonic()
