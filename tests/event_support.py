@@ -33,18 +33,6 @@ def make_app(tmp: Path, redis_url: str, **env: str) -> App:
     return App(load_settings(env=dict(base, **env)), ui=PlainUI(out=io.StringIO(), err=io.StringIO()))
 
 
-async def until(predicate, timeout: float = 10.0, what: str = "condition"):
-    """Await (without blocking the loop) until predicate() is truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
 def journal(port: int) -> list[Event]:
     client = redis.Redis(host="127.0.0.1", port=port)
     try:

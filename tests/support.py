@@ -5,6 +5,7 @@ loopback port, and the shell runs as a real subprocess (piped) or in a pty (pexp
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import queue
 import re
@@ -28,16 +29,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
-    """Poll `predicate` until it returns a truthy value; fail with `what` after `timeout`."""
+def polls(predicate, timeout: float, what: str):
+    """The polling of wait_for (sync) and until (async): yields what each call of `predicate` returns,
+    the first truthy value last, and fails with `what` once `timeout` has passed. The caller sleeps
+    between the calls in its own way."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
+        yield value
         if value:
-            return value
+            return
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
+    """Poll `predicate` until it returns a truthy value; fail with `what` after `timeout`."""
+    for value in polls(predicate, timeout, what):
+        if value:
+            return value
         time.sleep(interval)
+
+
+async def until(predicate, timeout: float = 10.0, what: str = "condition", interval: float = 0.01):
+    """wait_for inside asyncio: awaits between the calls, so the loop is never blocked."""
+    for value in polls(predicate, timeout, what):
+        if value:
+            return value
+        await asyncio.sleep(interval)
 
 
 def strip_ansi(text: str) -> str:

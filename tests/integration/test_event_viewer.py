@@ -6,8 +6,8 @@ import signal
 import subprocess
 import threading
 
-from event_support import make_app, until
-from support import PYTHON, ROOT, RedisServer, free_port, shell_env
+from event_support import make_app
+from support import PYTHON, ROOT, RedisServer, free_port, shell_env, until
 
 
 class Viewer:

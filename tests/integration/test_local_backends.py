@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from procs import rpc_servers_on
-from support import free_port
+from support import free_port, until
 from synapticllamas import binaries
 from synapticllamas.config import load_settings
 from synapticllamas.local_backends import LocalBackendError, LocalBackends
@@ -47,14 +47,6 @@ def free_pair():
                 return base
             except OSError:
                 continue
-
-
-async def until(predicate, timeout=10.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "timed out"
-        await asyncio.sleep(0.02)
 
 
 def test_spawn_two_kill_one_stop_all(tmp_path):

@@ -8,7 +8,8 @@ import time
 
 import redis
 
-from event_support import CONTRACT_FIELDS, Subscriber, journal, make_app, until
+from event_support import CONTRACT_FIELDS, Subscriber, journal, make_app
+from support import until
 from synapticllamas.events import APPS_HASH, COMPONENTS, LEVELS
 
 

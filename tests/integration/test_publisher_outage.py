@@ -7,7 +7,8 @@ import asyncio
 import time
 
 from commands.publishing import redis_command
-from event_support import AsyncShell, Subscriber, journal, make_app, until
+from event_support import AsyncShell, Subscriber, journal, make_app
+from support import until
 from synapticllamas.render import render_plain
 
 RATE = 1000   # events per second

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from event_support import AsyncShell, journal, until
-from support import PYTHON, ROOT, RedisServer, free_port, shell_env, wait_for
+from event_support import AsyncShell, journal
+from support import PYTHON, ROOT, RedisServer, free_port, shell_env, until, wait_for
 from synapticllamas.events import APPS_HASH
 
 
