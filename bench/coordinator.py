@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
-from support import RedisServer, free_port  # noqa: E402
+from support import RedisServer, free_port, until  # noqa: E402
 
 from commands import load_all  # noqa: E402
 from commands.registry import lookup  # noqa: E402
@@ -84,15 +84,6 @@ class Listener:
         return None
 
 
-async def wait(predicate, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise RuntimeError("timed out")
-        await asyncio.sleep(0.005)
-    return value
-
-
 async def measure(runs: int, kills: int, redis: RedisServer, tmp: Path) -> dict[str, list[float]]:
     (tmp / "config.toml").touch()
     settings = load_settings(flags={"backends_file": str(tmp / "rpc_backends.conf"), "distributed": True},
@@ -112,7 +103,7 @@ async def measure(runs: int, kills: int, redis: RedisServer, tmp: Path) -> dict[
             if i % 2 == 0:
                 t0 = time.time()
                 await coordinator.handler(app, ["start"])
-                start = await wait(lambda: listener.first(t0, "start"))
+                start = await until(lambda: listener.first(t0, "start"), 60, "the start event", 0.005)
                 out["coordinator start"].append(start[1]["timestamp"] - t0)
                 await coordinator.handler(app, ["stop"])
             else:
@@ -126,9 +117,9 @@ async def measure(runs: int, kills: int, redis: RedisServer, tmp: Path) -> dict[
             await asyncio.sleep(0.2)
             killed = time.time()
             os.kill(pid, signal.SIGKILL)
-            at, _ = await wait(lambda: listener.first(killed, "stop", reason="crash"))
+            at, _ = await until(lambda: listener.first(killed, "stop", reason="crash"), 60, "the crash", 0.005)
             out["crash"].append(at - killed)
-            await wait(lambda: listener.first(killed, "start"))
+            await until(lambda: listener.first(killed, "start"), 60, "the restart", 0.005)
     finally:
         await app.close()
     return out
