@@ -46,7 +46,12 @@ class Subscriber(threading.Thread):
     a subscriber to: after each (re)subscription it reads the journal for what it missed, and drops
     repeats by (instance, seq).
 
-    `raw` is every pub/sub payload as received (repeats included); `delivered` is the merged view."""
+    `raw` is every pub/sub payload as received (repeats included); `delivered` is the merged view.
+
+    Not folded into support.RedisCliSubscriber on purpose: that one is the reference command
+    (redis-cli, pub/sub only, every message as it arrived), which the "each event exactly once, in
+    order" checks need, since a subscriber that drops repeats would pass them whatever was sent. This
+    one has to outlive a Redis restart and recover the gap from the journal, which redis-cli cannot."""
 
     def __init__(self, port: int, instance: str | None = None) -> None:
         super().__init__(daemon=True)

@@ -6,6 +6,7 @@ loopback port, and the shell runs as a real subprocess (piped) or in a pty (pexp
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import queue
 import re
@@ -260,3 +261,58 @@ class PipedShell:
         """All the shell wrote to stderr; waits (up to `timeout`) for the stream to end."""
         self._readers[1].join(timeout)
         return "".join(line + "\n" for name, line in self.transcript if name == "stderr")
+
+
+class RedisCliSubscriber:
+    """`redis-cli psubscribe "synapticllamas:llama_cpp:*"`, exactly as a user would run it, read on a
+    thread: `raw` is every line it printed (after the three that confirm the subscription, four per
+    message), events() the messages' JSON, each as often as pub/sub delivered it.
+
+    event_support.Subscriber is the tests' other subscriber, and stays separate: see there why."""
+
+    def __init__(self, port: int) -> None:
+        from synapticllamas.events import CHANNEL_PATTERN
+
+        cli = shutil.which("redis-cli")
+        assert cli, "redis-cli is not installed (apt-get install redis-tools / redis-server)"
+        self.proc = subprocess.Popen([cli, "-p", str(port), "psubscribe", CHANNEL_PATTERN],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8")
+        self.raw: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        # redis-cli confirms with three lines: psubscribe, the pattern, the count
+        wait_for(lambda: len(self.raw) >= 3, 10, what="redis-cli psubscribe to confirm")
+        assert self.raw[:3] == ["psubscribe", CHANNEL_PATTERN, "1"], self.raw
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.raw.append(line.rstrip("\n"))
+
+    def events(self, instance: str | None = None) -> list[dict]:
+        out = []
+        for line in list(self.raw):
+            if line.startswith("{"):
+                event = json.loads(line)
+                if instance is None or event["source"]["instance"] == instance:
+                    out.append(event)
+        return out
+
+    def wait_for_event(self, component: str, event_type: str, timeout: float = 60.0, after: int = 0,
+                       **details) -> tuple[int, dict]:
+        """The first event of that kind (and details) at index `after` or later: (index, event)."""
+        def find():
+            for i, e in enumerate(self.events()[after:], after):
+                if e["component"] == component and e["event_type"] == event_type and \
+                        all(e["details"].get(k) == v for k, v in details.items()):
+                    return i, e
+            return None
+
+        try:
+            return wait_for(find, timeout, what=f"{component}/{event_type} {details or ''} at the subscriber")
+        except AssertionError as exc:
+            seen = ", ".join(f"{e['component']}/{e['event_type']}" for e in self.events()[after:])
+            raise AssertionError(f"{exc}; seen from #{after} on: {seen}") from None
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)

@@ -1,7 +1,5 @@
 """`backends` as a user drives it: the real shell process, real ggml-rpc-servers, a real Redis."""
-import json
 import os
-import queue
 import re
 import signal
 import socket
@@ -12,7 +10,7 @@ import time
 import pytest
 
 from procs import rpc_servers_on
-from support import PipedShell, run_piped, shell_env
+from support import PipedShell, RedisCliSubscriber, run_piped, shell_env
 from synapticllamas import binaries
 
 BAD = ["foo", "host:0", "host:99999", ":50052", "a b:1"]
@@ -129,35 +127,14 @@ def test_no_spawned_rpc_server_survives_the_shell(tmp_path, rpc_server_binary, e
 # ---------------------------------------------------------------- spawn, kill, restart, seen on Redis
 
 def test_spawn_kill_restart_seen_by_a_redis_subscriber(tmp_path, redis_server, rpc_server_binary):
-    events: queue.Queue = queue.Queue()
-    pubsub = redis_server.client().pubsub()
-    pubsub.psubscribe("synapticllamas:llama_cpp:*")
-    while pubsub.get_message(timeout=1) is None:    # the subscription is confirmed
-        pass
-
-    def listen():
-        try:
-            for message in pubsub.listen():
-                if message["type"] == "pmessage":
-                    events.put(json.loads(message["data"]))
-        except Exception:   # the subscription ends with the test (pubsub closed, redis-server killed)
-            return
-
-    threading.Thread(target=listen, daemon=True).start()
-    seen = []
+    sub = RedisCliSubscriber(redis_server.port)
+    read = 0        # events before this index have been looked at: each wait looks only at newer ones
 
     def wait_event(component, event_type, timeout=15, **details):
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                event = events.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"no {component}/{event_type} {details} within {timeout}s; seen: "
-                                     + ", ".join(f"{e['component']}/{e['event_type']}" for e in seen)) from None
-            seen.append(event)
-            if (event["component"], event["event_type"]) == (component, event_type) and all(
-                    event["details"].get(k) == v for k, v in details.items()):
-                return event
+        nonlocal read
+        i, event = sub.wait_for_event(component, event_type, timeout, after=read, **details)
+        read = i + 1
+        return event
 
     def counts(beat):
         return beat["details"]["total_configured"], beat["details"]["total_active"]
@@ -205,4 +182,4 @@ def test_spawn_kill_restart_seen_by_a_redis_subscriber(tmp_path, redis_server, r
         if restarted is not None:
             restarted.kill()
             restarted.wait(5)
-        pubsub.close()
+        sub.close()

@@ -6,8 +6,8 @@ import signal
 
 import pytest
 
-from llama_support import TAG_VAR, Subscriber, llama_binaries, new_tag, pid_alive, tagged_processes, wait_gone
-from support import PipedShell, free_port, run_piped, shell_env, wait_for
+from llama_support import TAG_VAR, llama_binaries, new_tag, pid_alive, tagged_processes, wait_gone
+from support import PipedShell, RedisCliSubscriber, free_port, run_piped, shell_env, wait_for
 
 pytestmark = pytest.mark.llama
 
@@ -33,7 +33,7 @@ def kinds(events):
 
 
 def test_piped_end_to_end_seen_in_order_by_a_redis_subscriber(tmp_path, redis_server, tag):
-    sub = Subscriber(redis_server.port)
+    sub = RedisCliSubscriber(redis_server.port)
     try:
         # the issue's order: the backends come up before `redis on`, whose backlog still carries
         # register and the connects to the subscriber
@@ -86,7 +86,7 @@ def test_piped_end_to_end_seen_in_order_by_a_redis_subscriber(tmp_path, redis_se
 def test_crash_and_a_dead_backend_in_one_session(tmp_path, redis_server, tag):
     """SIGKILL llama-server -> crash, backoff, start again; then kill a backend and ask: the RPC error
     names it and the restart leaves it out."""
-    sub = Subscriber(redis_server.port)
+    sub = RedisCliSubscriber(redis_server.port)
     shell = PipedShell(tmp_path, "--distributed",
                        **llama_env(tag, redis_server.url, SYNAPTICLLAMAS_COORDINATOR_BACKOFF="0.2"))
     try:

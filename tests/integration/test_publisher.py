@@ -1,30 +1,17 @@
 """The Redis publisher against a real redis-server: delivery, journal, registration, no duplicates."""
 import asyncio
 import json
-import queue
-import subprocess
-import threading
 import time
 
 import redis
 
 from event_support import CONTRACT_FIELDS, Subscriber, journal, make_app
-from support import until
+from support import RedisCliSubscriber, until
 from synapticllamas.events import APPS_HASH, COMPONENTS, LEVELS
 
 
-def redis_cli_psubscribe(port: int) -> tuple[subprocess.Popen, "queue.Queue[str]"]:
-    """The reference document's own command, as a subprocess; its output lines arrive on a queue."""
-    proc = subprocess.Popen(["redis-cli", "-p", str(port), "psubscribe", "synapticllamas:llama_cpp:*"],
-                            stdout=subprocess.PIPE, text=True, encoding="utf-8")
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line.rstrip("\n")) for line in proc.stdout], daemon=True).start()
-    assert [lines.get(timeout=10) for _ in range(3)] == ["psubscribe", "synapticllamas:llama_cpp:*", "1"]
-    return proc, lines
-
-
 def test_redis_cli_psubscribe_receives_each_event_exactly_once_with_every_field(tmp_path, redis_server):
-    proc, lines = redis_cli_psubscribe(redis_server.port)
+    sub = RedisCliSubscriber(redis_server.port)       # the reference document's own command
     app = make_app(tmp_path, redis_server.url)
     created = []
 
@@ -44,17 +31,12 @@ def test_redis_cli_psubscribe_receives_each_event_exactly_once_with_every_field(
     assert [e.event_type for e in published[:2]] == ["register", "redis_on"]
     assert len(published) >= len(COMPONENTS) * len(LEVELS) + 3    # + register, redis_on, unregister
 
-    received = []
     deadline = time.monotonic() + 10
-    while len(received) < 4 * len(published) and time.monotonic() < deadline:
-        try:
-            received.append(lines.get(timeout=0.5))
-        except queue.Empty:
-            pass
+    while len(sub.raw) < 3 + 4 * len(published) and time.monotonic() < deadline:
+        time.sleep(0.05)
     time.sleep(0.3)                       # a duplicate would arrive now
-    while not lines.empty():
-        received.append(lines.get())
-    proc.kill()
+    received = sub.raw[3:]                # after the three lines that confirmed the subscription
+    sub.close()
 
     messages = [received[i:i + 4] for i in range(0, len(received), 4)]
     assert all(m[0] == "pmessage" and m[1] == "synapticllamas:llama_cpp:*" for m in messages)
