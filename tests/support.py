@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import queue
 import re
 import shutil
 import signal
@@ -151,8 +150,9 @@ class PipedShell:
     """`python3 main.py ARGS` with stdin a pipe kept open: commands go in one at a time (send), and
     stdout and stderr are read line by line on two threads, for expect() / read_until() to wait on.
 
-    Every line is also kept in `transcript` as (stream, line), so output() and the failure messages
-    show all the shell said, and stderr() what it wrote there."""
+    Every line is kept in `transcript` as (stream, line), in the order the lines arrived. Reading
+    does not take lines away: the merged output, stdout and stderr each have their own read
+    position, so reading one stream never skips the other's lines."""
 
     timeout = 60.0      # the default, in seconds, for expect() and for waiting for the exit
 
@@ -161,19 +161,20 @@ class PipedShell:
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8",
                                      env=shell_env(tmp, **env), cwd=ROOT)
         self.transcript: list[tuple[str, str]] = []
-        self._lines: queue.Queue = queue.Queue()        # (stream, line), (stream, None) at its end
+        self._arrived = threading.Condition()
         self._ended: set[str] = set()
-        self._readers = [threading.Thread(target=self._read, args=(name, stream), daemon=True)
-                         for name, stream in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr))]
-        for reader in self._readers:
-            reader.start()
+        self._next: dict[str | None, int] = {None: 0, "stdout": 0, "stderr": 0}   # transcript index
+        for name, stream in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr)):
+            threading.Thread(target=self._read, args=(name, stream), daemon=True).start()
 
     def _read(self, name: str, stream) -> None:
         for line in stream:
-            line = line.rstrip("\n")
-            self.transcript.append((name, line))
-            self._lines.put((name, line))
-        self._lines.put((name, None))
+            with self._arrived:
+                self.transcript.append((name, line.rstrip("\n")))
+                self._arrived.notify_all()
+        with self._arrived:
+            self._ended.add(name)
+            self._arrived.notify_all()
 
     @property
     def pid(self) -> int:
@@ -185,29 +186,40 @@ class PipedShell:
 
     def read_until(self, pattern: str, timeout: float | None = None,
                    stream: str | None = None) -> tuple[re.Match, list[str]]:
-        """Read lines not read yet until one matches `pattern` (re.search): the match, and the lines
-        read on the way, the matching one last. With `stream` ("stdout" or "stderr") only that
-        stream's lines count (the other's are passed over). Fails if that output ends first, or if
-        no line matched within `timeout` seconds."""
+        """Read on until a line matches `pattern` (re.search): the match, and the lines read on the
+        way, the matching one last. `stream` ("stdout" or "stderr") reads only that stream; None
+        reads both as they arrived. Fails if that output ends first, or after `timeout` seconds."""
         timeout = self.timeout if timeout is None else timeout
         watched = {stream} if stream else {"stdout", "stderr"}
         deadline = time.monotonic() + timeout
         read: list[str] = []
-        while True:
-            if watched <= self._ended:
-                raise AssertionError(f"the shell's output ended without a line matching {pattern!r}; "
-                                     f"output:\n{self.output()}")
-            try:
-                name, line = self._lines.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"no line matching {pattern!r} within {timeout}s; output:\n"
-                                     + self.output()) from None
-            if line is None:
-                self._ended.add(name)
-            elif stream in (None, name):
-                read.append(line)
-                if (match := re.search(pattern, line)):
-                    return match, read
+        with self._arrived:
+            while True:
+                while self._next[stream] < len(self.transcript):
+                    name, line = self.transcript[self._next[stream]]
+                    self._next[stream] += 1
+                    if stream in (None, name):
+                        read.append(line)
+                        if (match := re.search(pattern, line)):
+                            return match, read
+                if watched <= self._ended:
+                    raise AssertionError(f"the shell's output ended without a line matching {pattern!r}; "
+                                         f"output:\n{self.output()}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no line matching {pattern!r} within {timeout}s; output:\n"
+                                         + self.output())
+                self._arrived.wait(left)
+
+    def unread(self, stream: str | None = None, timeout: float = 0.0) -> list[str]:
+        """The lines (of `stream`, or of both) not read yet, now counted as read; first waits up to
+        `timeout` seconds for that output to end."""
+        watched = {stream} if stream else {"stdout", "stderr"}
+        with self._arrived:
+            self._arrived.wait_for(lambda: watched <= self._ended, timeout)
+            lines = [line for name, line in self.transcript[self._next[stream]:] if stream in (None, name)]
+            self._next[stream] = len(self.transcript)
+        return lines
 
     def expect(self, pattern: str, timeout: float | None = None) -> re.Match:
         """The match of the next line (of either stream) that matches `pattern`."""
@@ -259,8 +271,9 @@ class PipedShell:
 
     def stderr(self, timeout: float = 10.0) -> str:
         """All the shell wrote to stderr; waits (up to `timeout`) for the stream to end."""
-        self._readers[1].join(timeout)
-        return "".join(line + "\n" for name, line in self.transcript if name == "stderr")
+        with self._arrived:
+            self._arrived.wait_for(lambda: "stderr" in self._ended, timeout)
+            return "".join(line + "\n" for name, line in self.transcript if name == "stderr")
 
 
 class RedisCliSubscriber:
