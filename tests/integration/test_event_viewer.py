@@ -1,35 +1,27 @@
 """`python3 main.py events [--follow]`: the terminal viewer, against a real redis-server."""
 import asyncio
 import json
-import queue
+import re
 import signal
 import subprocess
-import threading
 
 from event_support import make_app
-from support import PYTHON, ROOT, RedisServer, free_port, shell_env, until
+from support import PYTHON, ROOT, PipedShell, RedisServer, free_port, shell_env, until
 
 
-class Viewer:
+class Viewer(PipedShell):
+    """`python3 main.py events --redis-url URL ARGS`, its stdout (the events) and stderr (what it
+    says about Redis) read apart."""
+
     def __init__(self, tmp, url, *args):
-        self.proc = subprocess.Popen([PYTHON, str(ROOT / "main.py"), "events", "--redis-url", url, *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                                     env=shell_env(tmp))
-        self.out: queue.Queue[str] = queue.Queue()
-        self.err: queue.Queue[str] = queue.Queue()
-        for stream, q in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
-            threading.Thread(target=lambda s=stream, q=q: [q.put(line.rstrip("\n")) for line in s],
-                             daemon=True).start()
+        super().__init__(tmp, "events", "--redis-url", url, *args)
 
     def lines(self, n, timeout=10):
-        return [self.out.get(timeout=timeout) for _ in range(n)]
+        return [self.read_until("", timeout, stream="stdout")[0].string for _ in range(n)]
 
     def said(self, text, timeout=10):
         """Wait for a stderr line containing `text`; return it."""
-        while True:
-            line = self.err.get(timeout=timeout)
-            if text in line:
-                return line
+        return self.read_until(re.escape(text), timeout, stream="stderr")[0].string
 
     def stop(self):
         self.proc.send_signal(signal.SIGINT)
@@ -76,9 +68,7 @@ def test_replays_the_journal_then_follows_across_a_redis_restart(tmp_path, redis
     after_events = [json.loads(line) for line in after]
     assert [e["details"]["i"] for e in after_events] == list(range(35, 40))   # none lost, none twice
     assert code == 0
-    extra = []
-    while not viewer.out.empty():
-        extra.append(json.loads(viewer.out.get()))
+    extra = [json.loads(line) for line in viewer.unread("stdout", timeout=10)]
     assert all(e["event_type"] != "connect" for e in extra)                # and nothing repeated later
 
 
@@ -101,10 +91,7 @@ def test_waits_for_redis_that_is_not_there_yet(tmp_path):
             await app.close()
 
         asyncio.run(scenario())
-        lines = []
-        while not any("coordinator/start" in line for line in lines):
-            lines.append(viewer.out.get(timeout=10))
-        shown = next(line for line in lines if "coordinator/start" in line)
+        shown = viewer.read_until("coordinator/start", 10, stream="stdout")[0].string
         assert shown.split(" ", 3)[2:] == [app.instance, "INFO     coordinator/start llama.cpp coordinator started"]
     finally:
         assert viewer.stop() == 0
