@@ -4,7 +4,6 @@ and a contract-format publisher for events no shell command can produce on deman
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 import urllib.error
@@ -12,7 +11,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from support import PYTHON, ROOT, PipedShell, free_port, shell_env, wait_for
+from support import PYTHON, ROOT, PipedShell, cpu_seconds, free_port, shell_env, wait_for
 
 CHANNEL = "synapticllamas:llama_cpp:"
 JOURNAL = "synapticllamas:events"
@@ -69,9 +68,7 @@ class Dashboard:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
     def cpu_seconds(self) -> float:
-        with open(f"/proc/{self.proc.pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.proc.pid)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -94,6 +91,15 @@ class Shell(PipedShell):
         home = tmp / name
         home.mkdir(parents=True, exist_ok=True)
         super().__init__(home, "--redis", "--redis-url", redis_url, **env)
+
+
+def healthz_answers(port: int) -> bool:
+    """Whether a dashboard without a token answers /healthz with 200 on this loopback port."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 def instance_of(client: Any, pid: int, timeout: float = 20) -> str:

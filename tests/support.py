@@ -29,6 +29,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds the process `pid` has used so far (from /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def polls(predicate, timeout: float, what: str):
     """The polling of wait_for (sync) and until (async): yields what each call of `predicate` returns,
     the first truthy value last, and fails with `what` once `timeout` has passed. The caller sleeps

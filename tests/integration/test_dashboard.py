@@ -14,7 +14,8 @@ from collections import defaultdict
 
 import pytest
 
-from dashboard_support import APPS, JOURNAL, ContractPublisher, Dashboard, Shell, command_counts, instance_of
+from dashboard_support import (APPS, JOURNAL, ContractPublisher, Dashboard, Shell, command_counts, healthz_answers,
+                               instance_of)
 from sse_client import SSEClient
 from support import PYTHON, ROOT, free_port, shell_env, wait_for
 
@@ -334,18 +335,8 @@ def test_a_busy_port_is_one_line_and_the_console_script_serves(tmp_path, redis_s
     try:
         first = proc.stdout.readline()
         assert first.startswith(f"SynapticLlamas dashboard ") and f"http://127.0.0.1:{port}/" in first
-        wait_for(lambda: _answers(port), 10, what="the console script's server")
+        wait_for(lambda: healthz_answers(port), 10, what="the console script's server")
     finally:
         proc.send_signal(signal.SIGINT)
     assert proc.wait(10) == 0          # Ctrl-C: a clean stop
     assert "Traceback" not in proc.stdout.read()
-
-
-def _answers(port: int) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
