@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import subprocess
 import sys
@@ -27,7 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from support import PYTHON, RedisServer, free_port, shell_env, wait_for  # noqa: E402
+from dashboard_support import healthz_answers  # noqa: E402
+from support import PYTHON, RedisServer, cpu_seconds, free_port, shell_env, wait_for  # noqa: E402
 
 BIN_MS = 0.1                      # latency histogram resolution
 BINS = 20000                      # up to 2 s; slower goes in the last bin
@@ -156,12 +156,6 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def redis_calls(client) -> int:
     return sum(s["calls"] for name, s in client.info("commandstats").items() if name != "cmdstat_info")
 
@@ -224,7 +218,7 @@ def main() -> None:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             client = redis_server.client()
-            wait_for(lambda: _answers(dash_port), 20, what="the dashboard")
+            wait_for(lambda: healthz_answers(dash_port), 20, what="the dashboard")
             time.sleep(1.0)
             idle_before = idle(client, dash.pid, args.idle)
             result = asyncio.run(load(args, dash_port, redis_server.port, redis_server.url, dash.pid, tmp))
@@ -236,16 +230,6 @@ def main() -> None:
             dash.wait(10)
             redis_server.kill()
     print_report(args, result, idle_before, idle_after)
-
-
-def _answers(port: int) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def print_report(args, r, idle_before, idle_after) -> None:

@@ -22,7 +22,6 @@ import asyncio
 import io
 import json
 import os
-import shutil
 import socket
 import statistics
 import subprocess
@@ -32,7 +31,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
+from support import RedisServer, cpu_seconds  # noqa: E402
 
 from synapticllamas.app import App  # noqa: E402
 from synapticllamas.config import load_settings  # noqa: E402
@@ -99,32 +100,15 @@ print(json.dumps(lat), flush=True)
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Server(RedisServer):
+    """support.RedisServer, started, with `db`: one client that returns bytes, as the figures read them."""
 
-
-class Server:
     def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(workdir)], stdout=subprocess.DEVNULL)
         import redis
 
-        self.client = redis.Redis(host="127.0.0.1", port=self.port)
-        for _ in range(200):
-            try:
-                self.client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.02)
-        self.url = f"redis://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
+        super().__init__(workdir)
+        self.start()
+        self.db = redis.Redis(host="127.0.0.1", port=self.port)
 
 
 class Counter:
@@ -190,7 +174,7 @@ async def emit_cost(tmp: Path, server: Server, n: int) -> dict:
             costs.append(clock() - t0)
         await asyncio.sleep(0.0005)     # let the sender run, as real traffic would
     await app.close()
-    publish = server.client.publish
+    publish = server.db.publish
     payload = sample_payload()
     sync = []
     for _ in range(min(n, 5000)):
@@ -251,7 +235,7 @@ def throughput(tmp: Path, server: Server, n: int, runs: int) -> dict:
     losses = []
     for _ in range(runs):
         for name in ("sync", "publisher", "asyncio"):
-            server.client.delete(JOURNAL_STREAM)
+            server.db.delete(JOURNAL_STREAM)
             extra = 2 if name == "publisher" else 0   # + its redis_on and redis_connected events
             counter.expect(n + extra)
             t0 = time.time()
@@ -262,7 +246,7 @@ def throughput(tmp: Path, server: Server, n: int, runs: int) -> dict:
             else:
                 asyncio.run(through_publisher(tmp, server, n))
             reached = counter.reached()
-            journal = server.client.xlen(JOURNAL_STREAM)
+            journal = server.db.xlen(JOURNAL_STREAM)
             results[name].append(n / (reached - t0))
             losses.append((name, n + extra - journal))
     time.sleep(0.3)
@@ -300,25 +284,20 @@ async def latency(tmp: Path, server: Server, seconds: float, rate: int) -> dict:
 
 # ---------------------------------------------------------------- 4. idle
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def idle(tmp: Path, server: Server, seconds: float) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SOLLOL_", "SYNAPTICLLAMAS_"))}
     env.update(XDG_CONFIG_HOME=str(tmp / "cfg"), XDG_STATE_HOME=str(tmp / "state"), SOLLOL_REDIS_URL=server.url)
     shell = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "--redis"], stdin=subprocess.PIPE,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=env)
     time.sleep(3.0)                                   # start-up and its first events are not idle time
-    start_id = server.client.xrevrange(JOURNAL_STREAM, count=1)[0][0]
-    server.client.config_resetstat()
+    start_id = server.db.xrevrange(JOURNAL_STREAM, count=1)[0][0]
+    server.db.config_resetstat()
     cpu0, t0 = cpu_seconds(shell.pid), time.monotonic()
     time.sleep(seconds)
     cpu1, t1 = cpu_seconds(shell.pid), time.monotonic()
-    stats = server.client.info("commandstats")
+    stats = server.db.info("commandstats")
     sent = [json.loads(f[JOURNAL_FIELD.encode()]) for _, f in
-            server.client.xrange(JOURNAL_STREAM, min=b"(" + start_id)]
+            server.db.xrange(JOURNAL_STREAM, min=b"(" + start_id)]
     shell.stdin.close()
     shell.wait(10)
     ours = {k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items()
@@ -356,7 +335,7 @@ def main() -> None:
               f"shell CPU {i['cpu_percent']:.2f} % of a core", flush=True)
         print(f"load average after: {os.getloadavg()}", flush=True)
     finally:
-        server.stop()
+        server.kill()
 
 
 if __name__ == "__main__":
