@@ -9,3 +9,14 @@ def redis_server(tmp_path):
     server = RedisServer(tmp_path / "redis").start()
     yield server
     server.kill()
+
+
+@pytest.fixture(scope="module")
+def rpc_server_binary():
+    """The real ggml-rpc-server; a missing binary fails the tests that need it, it does not skip them."""
+    from synapticllamas import binaries
+
+    try:
+        return binaries.rpc_server()
+    except binaries.NotFound as exc:
+        pytest.fail(f"these tests need the real ggml-rpc-server: {exc}")

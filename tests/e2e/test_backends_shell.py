@@ -11,17 +11,8 @@ import pytest
 
 from procs import rpc_servers_on
 from support import PipedShell, RedisCliSubscriber, run_piped, shell_env
-from synapticllamas import binaries
 
 BAD = ["foo", "host:0", "host:99999", ":50052", "a b:1"]
-
-
-@pytest.fixture(scope="module")
-def rpc_server_binary():
-    try:
-        return binaries.rpc_server()
-    except binaries.NotFound as exc:      # a missing binary fails the tests, it does not skip them
-        pytest.fail(f"these tests need the real ggml-rpc-server: {exc}")
 
 
 class Shell(PipedShell):

@@ -8,19 +8,13 @@ import pytest
 
 from procs import rpc_servers_on
 from support import free_port, until
-from synapticllamas import binaries
 from synapticllamas.config import load_settings
 from synapticllamas.local_backends import LocalBackendError, LocalBackends
 from synapticllamas.observer import Observer
 from synapticllamas.rpc_registry import RpcRegistry
 
 
-@pytest.fixture(scope="module", autouse=True)
-def rpc_server_binary():
-    try:
-        return binaries.rpc_server()
-    except binaries.NotFound as exc:      # a missing binary fails the tests, it does not skip them
-        pytest.fail(f"these tests need the real ggml-rpc-server: {exc}")
+pytestmark = pytest.mark.usefixtures("rpc_server_binary")   # (tests/conftest.py) every test here needs it
 
 
 def make(tmp_path, **values):
