@@ -6,13 +6,13 @@ Every process a test starts carries a tag in its environment (children inherit i
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
-import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from support import free_port, wait_for
 
@@ -32,6 +32,19 @@ def llama_binaries() -> tuple[Path, Path, Path]:
 
 def new_tag() -> str:
     return uuid.uuid4().hex
+
+
+@contextlib.contextmanager
+def tagged() -> Iterator[str]:
+    """A new tag for the processes a test starts (llama.cpp's binaries found first). After the test
+    none of them may be left: whatever is, is killed, and the test fails."""
+    llama_binaries()
+    tag = new_tag()
+    yield tag
+    left = tagged_processes(tag)
+    for pid, _ in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes left running by the test: {left}"
 
 
 def tagged_processes(tag: str) -> list[tuple[int, str]]:
@@ -134,8 +147,4 @@ def pid_alive(pid: int) -> bool:
 
 
 def wait_gone(pid: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while pid_alive(pid):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"process {pid} still running after {timeout}s")
-        time.sleep(0.02)
+    wait_for(lambda: not pid_alive(pid), timeout, what=f"process {pid} to end")

@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from llama_support import TAG_VAR, llama_binaries, new_tag, pid_alive, tagged_processes, wait_gone
+from llama_support import TAG_VAR, pid_alive, tagged, tagged_processes, wait_gone
 from support import PipedShell, RedisCliSubscriber, free_port, run_piped, shell_env, wait_for
 
 pytestmark = pytest.mark.llama
@@ -14,13 +14,8 @@ pytestmark = pytest.mark.llama
 
 @pytest.fixture
 def tag():
-    llama_binaries()
-    value = new_tag()
-    yield value
-    left = tagged_processes(value)
-    for pid, _ in left:
-        os.kill(pid, signal.SIGKILL)
-    assert not left, f"processes left running by the test: {left}"
+    with tagged() as value:
+        yield value
 
 
 def llama_env(tag, redis_url="redis://127.0.0.1:1", **extra):

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from llama_support import (TAG_VAR, Collector, RpcServers, llama_binaries, new_tag, pid_alive, settings_for,
+from llama_support import (TAG_VAR, Collector, RpcServers, llama_binaries, pid_alive, settings_for, tagged,
                            tagged_processes, wait_gone)
 from support import free_port, wait_for
 from synapticllamas.coordinator import CoordinatorError, CoordinatorManager
@@ -27,14 +27,9 @@ pytestmark = pytest.mark.llama
 @pytest.fixture(autouse=True)
 def tag(monkeypatch):
     """Tag every process the test starts; after the test none of them may be left."""
-    llama_binaries()
-    value = new_tag()
-    monkeypatch.setenv(TAG_VAR, value)
-    yield value
-    left = tagged_processes(value)
-    for pid, _ in left:
-        os.kill(pid, signal.SIGKILL)
-    assert not left, f"processes left running by the test: {left}"
+    with tagged() as value:
+        monkeypatch.setenv(TAG_VAR, value)
+        yield value
 
 
 def make(tmp_path, **values):
