@@ -187,15 +187,22 @@ async def emit_cost(tmp: Path, server: Server, n: int) -> dict:
 
 # ---------------------------------------------------------------- 2. throughput
 
-def raw_sync_loop(server: Server, payload: bytes, n: int, maxlen: int) -> None:
-    import redis
-
-    client = redis.Redis(host="127.0.0.1", port=server.port)
+def raw_pipelines(client, payload: bytes, n: int, maxlen: int):
+    """The raw loops' pipelines, each of 100 XADD + PUBLISH pairs, filled for the caller to execute
+    (redis-py sync and redis.asyncio queue commands the same way; only execute() differs)."""
     for _ in range(n // 100):
         pipe = client.pipeline(transaction=False)
         for _ in range(100):
             pipe.xadd(JOURNAL_STREAM, {JOURNAL_FIELD: payload}, maxlen=maxlen, approximate=True)
             pipe.publish("synapticllamas:llama_cpp:raw", payload)
+        yield pipe
+
+
+def raw_sync_loop(server: Server, payload: bytes, n: int, maxlen: int) -> None:
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=server.port)
+    for pipe in raw_pipelines(client, payload, n, maxlen):
         pipe.execute()
     client.close()
 
@@ -204,11 +211,7 @@ async def raw_async_loop(server: Server, payload: bytes, n: int, maxlen: int) ->
     import redis.asyncio as aredis
 
     client = aredis.Redis(host="127.0.0.1", port=server.port)
-    for _ in range(n // 100):
-        pipe = client.pipeline(transaction=False)
-        for _ in range(100):
-            pipe.xadd(JOURNAL_STREAM, {JOURNAL_FIELD: payload}, maxlen=maxlen, approximate=True)
-            pipe.publish("synapticllamas:llama_cpp:raw", payload)
+    for pipe in raw_pipelines(client, payload, n, maxlen):
         await pipe.execute()
     await client.aclose()
 
