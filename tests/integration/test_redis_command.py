@@ -9,7 +9,7 @@ import time
 import pytest
 
 from event_support import AsyncShell, journal
-from support import PYTHON, ROOT, RedisServer, free_port, shell_env, until, wait_for
+from support import PYTHON, ROOT, PipedShell, RedisServer, free_port, shell_env, until, wait_for
 from synapticllamas.events import APPS_HASH
 
 
@@ -89,26 +89,23 @@ def test_the_password_never_shows(tmp_path):
 ])
 def test_every_way_out_flushes_and_unregisters(tmp_path, redis_server, how, reason, code):
     client = redis_server.client()
-    proc = subprocess.Popen([PYTHON, str(ROOT / "main.py"), "--redis"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env=shell_env(tmp_path, SOLLOL_REDIS_URL=redis_server.url))
+    shell = PipedShell(tmp_path, "--redis", SOLLOL_REDIS_URL=redis_server.url)
     try:
         instance = wait_for(lambda: client.hkeys(APPS_HASH), 15, what="the shell in the apps hash")[0]
         registration = json.loads(client.hget(APPS_HASH, instance))
         if how == "eof":
-            proc.stdin.close()
+            shell.proc.stdin.close()
         elif how == "exit":
-            proc.stdin.write("exit\n")
-            proc.stdin.flush()
+            shell.send("exit")
         else:
-            proc.send_signal(getattr(signal, how))
+            shell.proc.send_signal(getattr(signal, how))
         started = time.monotonic()
-        assert proc.wait(10) == code
+        assert shell.wait(10) == code
         assert time.monotonic() - started < 5
     finally:
-        proc.kill()
+        shell.kill()
     mine = [e for e in journal(redis_server.port) if e.source["instance"] == instance]
     assert [e.event_type for e in mine][:2] == ["register", "redis_on"]   # --redis: Redis saw the register
-    assert mine[0].details["pid"] == registration["pid"] == proc.pid
+    assert mine[0].details["pid"] == registration["pid"] == shell.pid
     assert mine[-1].event_type == "unregister" and mine[-1].details["reason"] == reason
     assert client.hkeys(APPS_HASH) == []
