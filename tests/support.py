@@ -1,7 +1,9 @@
-"""Test helpers shared by every suite: free ports, a real redis-server, running the shell.
+"""Test helpers shared by every suite: free ports, polling, a real redis-server, running the shell.
 
 Nothing here fakes a component: RedisServer starts the real `redis-server` binary on a free
-loopback port, and the shell runs as a real subprocess (piped) or in a pty (pexpect).
+loopback port, the shell runs as a real subprocess (run_piped for a whole script, PipedShell for
+a conversation) or in a pty (pexpect), and RedisCliSubscriber is `redis-cli psubscribe` itself.
+The bench scripts import from here too.
 """
 from __future__ import annotations
 
