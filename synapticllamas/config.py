@@ -76,6 +76,7 @@ def _number(kind: type, lo: float | None, hi: float | None, lo_open: bool = Fals
 
 
 positive_float = _number(float, 0, None, lo_open=True)
+interval = _number(float, 0.1, None)   # a smaller period would flood Redis and the dashboard
 rate = _number(float, 0.0, 1.0)
 port = _number(int, 1, 65535)
 
@@ -144,19 +145,19 @@ def parse_address_list(raw: Any) -> tuple[str, ...]:
 
 
 def redact_url(url: str) -> str:
-    """Hide the password in a URL (redis://user:secret@host -> redis://user:***@host)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
+    """Hide the password in a URL (redis://user:secret@host -> redis://user:***@host).
+
+    Text-based on purpose: it must also work on a URL that is being refused as invalid (a bad port
+    makes urlsplit's .port raise), since the error message shows the URL."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
         return url
-    if parts.password is None:
+    netloc, slash, tail = rest.partition("/")
+    userinfo, at, hostport = netloc.rpartition("@")
+    if not at or ":" not in userinfo:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{hostport}{slash}{tail}"
 
 
 # ---------------------------------------------------------------- the settings table
@@ -182,11 +183,11 @@ SPECS: tuple[Spec, ...] = (
          "where `redis on` publishes events", secret=True),
     Spec("redis_enabled", False, parse_bool, ("SYNAPTICLLAMAS_REDIS",), "--redis/--no-redis",
          "start with Redis publishing on"),
-    Spec("rpc_heartbeat_interval", 30.0, positive_float, ("SOLLOL_RPC_HEARTBEAT_INTERVAL",), None,
+    Spec("rpc_heartbeat_interval", 30.0, interval, ("SOLLOL_RPC_HEARTBEAT_INTERVAL",), None,
          "seconds between coordinator heartbeats"),
     Spec("rpc_backend_heartbeat", True, parse_bool, ("SOLLOL_RPC_BACKEND_HEARTBEAT",), None,
          "periodic backend health checks and the aggregated registry heartbeat"),
-    Spec("rpc_backend_heartbeat_interval", 30.0, positive_float, ("SOLLOL_RPC_BACKEND_HEARTBEAT_INTERVAL",),
+    Spec("rpc_backend_heartbeat_interval", 30.0, interval, ("SOLLOL_RPC_BACKEND_HEARTBEAT_INTERVAL",),
          None, "seconds between backend health checks / registry heartbeats"),
     Spec("observer_max_events", 10000, int_at_least(1), ("SOLLOL_OBSERVER_MAX_EVENTS",), None,
          "events kept in memory; also the Redis outage buffer and the journal's MAXLEN"),
@@ -221,7 +222,7 @@ SPECS: tuple[Spec, ...] = (
          "llama-server's context size (-c); 0 = the model's own, which can take much more memory"),
     Spec("coordinator_args", "", parse_arguments, ("SYNAPTICLLAMAS_COORDINATOR_ARGS",), None,
          "extra llama-server arguments, appended as given (e.g. \"-t 2\")"),
-    Spec("attach_check_interval", 60.0, positive_float, ("SYNAPTICLLAMAS_ATTACH_CHECK_INTERVAL",), None,
+    Spec("attach_check_interval", 60.0, interval, ("SYNAPTICLLAMAS_ATTACH_CHECK_INTERVAL",), None,
          "seconds between state checks of an attached external coordinator"),
     Spec("probe_timeout", 1.0, positive_float, ("SYNAPTICLLAMAS_PROBE_TIMEOUT",), None,
          "seconds a backend probe (TCP connect) may take"),

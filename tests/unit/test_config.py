@@ -8,9 +8,10 @@ from support import PYTHON, ROOT, shell_env
 
 # variable, a good value, the value it must produce, bad values
 SOLLOL = [
-    ("SOLLOL_RPC_HEARTBEAT_INTERVAL", "10", ("rpc_heartbeat_interval", 10.0), ["0", "-5", "abc", "nan"]),
+    ("SOLLOL_RPC_HEARTBEAT_INTERVAL", "10", ("rpc_heartbeat_interval", 10.0), ["0", "-5", "abc", "nan", "0.01"]),
     ("SOLLOL_RPC_BACKEND_HEARTBEAT", "false", ("rpc_backend_heartbeat", False), ["maybe", "2"]),
-    ("SOLLOL_RPC_BACKEND_HEARTBEAT_INTERVAL", "2.5", ("rpc_backend_heartbeat_interval", 2.5), ["0", "x"]),
+    ("SOLLOL_RPC_BACKEND_HEARTBEAT_INTERVAL", "2.5", ("rpc_backend_heartbeat_interval", 2.5),
+     ["0", "x", "0.000001"]),
     ("SOLLOL_OBSERVER_MAX_EVENTS", "500", ("observer_max_events", 500), ["0", "1.5", "ten"]),
     ("SOLLOL_REDIS_URL", "redis://:pw@10.0.0.2:6380/1", ("redis_url", "redis://:pw@10.0.0.2:6380/1"),
      ["localhost:6379", "http://x", "redis://host:99999"]),
@@ -92,10 +93,22 @@ def test_flags_are_validated_like_env(tmp_path):
         "Error: --coordinator-port='99999' is not valid: expected an integer from 1 to 65535"
 
 
+def test_bad_url_with_a_password_is_one_line_and_redacted(tmp_path):
+    proc = subprocess.run([PYTHON, str(ROOT / "main.py"), "--redis-url", "redis://bob:hunter2@127.0.0.1:99999",
+                           "-c", "status"], capture_output=True, text=True, env=shell_env(tmp_path), timeout=30)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "Error: --redis-url='redis://bob:***@127.0.0.1:99999' is not valid: expected "
+        "redis://[:password@]host[:port][/db], rediss://... or unix:///path"]
+
+
 @pytest.mark.parametrize("url,shown", [
     ("redis://:pw@host:6379/0", "redis://:***@host:6379/0"),
     ("rediss://user:pw@h", "rediss://user:***@h"),
     ("redis://host:6379", "redis://host:6379"),
+    ("redis://bob:hunter2@127.0.0.1:99999", "redis://bob:***@127.0.0.1:99999"),
+    ("redis://u:p@[::1]:6379/0", "redis://u:***@[::1]:6379/0"),
+    ("unix:///run/redis.sock", "unix:///run/redis.sock"),
 ])
 def test_redact_url(url, shown):
     assert redact_url(url) == shown
