@@ -87,6 +87,7 @@ class Hub:
             self.viewers += 1
             if self._task is None:
                 self._open()
+        view: View | None = None    # still None when cancelled while waiting for Redis (shutdown)
         try:
             # the first attempt to connect (and read the journal) ends either way within the timeout
             with contextlib.suppress(asyncio.TimeoutError):
@@ -96,7 +97,8 @@ class Hub:
             await view.start(last_event_id, self.replay if replay is None else replay)
             yield view
         finally:
-            self.views.discard(view)
+            if view is not None:
+                self.views.discard(view)
             async with self._lock:
                 self.viewers -= 1
                 if self.viewers == 0:

@@ -6,6 +6,7 @@ demand (a chosen seq, a pub/sub-only publisher) are pushed in the contract's for
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -340,3 +341,32 @@ def test_a_busy_port_is_one_line_and_the_console_script_serves(tmp_path, redis_s
         proc.send_signal(signal.SIGINT)
     assert proc.wait(10) == 0          # Ctrl-C: a clean stop
     assert "Traceback" not in proc.stdout.read()
+
+
+def test_a_viewer_cancelled_while_redis_hangs_leaves_the_hub_closed(redis_server):
+    """Server shutdown while Redis hangs: the viewer still waiting for Redis is cancelled. The hub
+    runs in this process so its viewer count can be read; Redis is real, stopped with SIGSTOP (it
+    accepts the connection and never answers)."""
+    from synapticllamas.dashboard.hub import Hub
+
+    async def scenario():
+        hub = Hub(redis_server.url)
+
+        async def watch():
+            async with hub.viewer():
+                await asyncio.sleep(60)
+
+        task = asyncio.create_task(watch())
+        await asyncio.sleep(0.5)             # the hub is waiting for Redis's first answer
+        assert hub.viewers == 1 and hub.status["redis"] == "connecting"
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert hub.viewers == 0 and not hub.subscribed and hub.status["redis"] == "closed"
+        await hub.aclose()
+
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        asyncio.run(scenario())
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
