@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from . import llama_http
+from . import llama_args, llama_http
 from .child_process import spawn
 
 if TYPE_CHECKING:   # llama_log (its patterns) and binaries load with the first start, not at start-up
@@ -125,6 +125,8 @@ class Run:
     error: str | None = None                                     # the manager's own reason to stop it
     tasks: list[asyncio.Task] = field(default_factory=list)      # readers, then the start-up prober
     watcher: asyncio.Task | None = None
+    hidden: list[str] = field(default_factory=list)   # secrets of its argv, kept out of logs and events
+    api_key: str | None = None                        # sent with each request to it
 
     @property
     def pid(self) -> int:
@@ -324,7 +326,9 @@ class CoordinatorManager:
             raise CoordinatorError(f"cannot run {plan.binary}: {exc.strerror or exc}") from None
         from .llama_log import LoadReport
 
-        run = Run(plan, proc, auto, LoadReport())
+        keys = llama_args.api_keys(argv)
+        run = Run(plan, proc, auto, LoadReport(), hidden=llama_args.secrets(argv),
+                  api_key=keys[0] if keys else None)
         self.run = run
         self.last_plan = plan
         n = len(plan.backends)
@@ -333,7 +337,7 @@ class CoordinatorManager:
         self._change_state(
             "starting", f"starting llama.cpp coordinator on {plan.host}:{plan.port} ({where}){left}",
             reason="restart" if auto else "user", port=plan.port, host=plan.host, rpc_backends=plan.backends,
-            left_out=plan.left_out, model_path=str(plan.model), argv=argv)
+            left_out=plan.left_out, model_path=str(plan.model), argv=llama_args.redact_args(argv))
         run.tasks = [self._spawn_task(self._read(run, proc.stdout, "stdout")),
                      self._spawn_task(self._read(run, proc.stderr, "stderr"))]
         run.tasks.append(self._spawn_task(self._wait_healthy(run)))
@@ -363,6 +367,7 @@ class CoordinatorManager:
     def _on_line(self, run: Run, stream: str, text: str) -> None:
         from .llama_log import parse
 
+        text = llama_args.scrub(text, run.hidden)   # it echoes a bad `--api-key=K` whole
         rec = parse(text)
         self.logs.append((time.time(), run.pid, stream, text))
         run.lines.append(text)
@@ -651,19 +656,21 @@ class CoordinatorManager:
         """Stream one /completion; returns counts and timings. Raises CoordinatorError (one line)."""
         if self.state != "running":
             raise CoordinatorError(f"no running coordinator (state: {self.state}); `coordinator start` first")
+        run = self.run
         if self.attached:
             _, host, port = self.attached
         else:
-            host, port = self.run.plan.host, self.run.plan.port
-        run = self.run
+            host, port = run.plan.host, run.plan.port
         url = f"http://{host}:{port}"
         self.hooks.call("on_request", Notice("request", f"completion request to {url} ({n_predict} tokens)",
                                              {"url": url, "prompt_chars": len(prompt), "n_predict": n_predict}))
         started = time.monotonic()
         tokens, final = 0, None
         try:
+            # an attached coordinator has no run: our key goes to our own llama-server only
             async for event in llama_http.sse(host, port, "/completion",
-                                              {"prompt": prompt, "n_predict": n_predict, "stream": True}):
+                                              {"prompt": prompt, "n_predict": n_predict, "stream": True},
+                                              bearer=run.api_key if run else None):
                 if event.get("content"):
                     tokens += 1
                     on_token(event["content"])

@@ -38,7 +38,7 @@ def parse_base_url(url: str) -> tuple[str, int]:
     return parts.hostname, port or 80
 
 
-async def _send(host: str, port: int, method: str, path: str, body: Any = None
+async def _send(host: str, port: int, method: str, path: str, body: Any = None, bearer: str | None = None
                 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int, dict[str, str]]:
     reader, writer = await asyncio.open_connection(connect_host(host), port)
     data = b"" if body is None else json.dumps(body).encode()
@@ -46,6 +46,8 @@ async def _send(host: str, port: int, method: str, path: str, body: Any = None
     head = [f"{method} {path} HTTP/1.1", f"Host: {shown_host}:{port}", "Connection: close", "Accept: */*"]
     if body is not None:
         head += ["Content-Type: application/json", f"Content-Length: {len(data)}"]
+    if bearer:
+        head.append(f"Authorization: Bearer {bearer}")
     try:
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
         await writer.drain()
@@ -116,13 +118,12 @@ async def health(host: str, port: int, timeout: float) -> tuple[bool, str]:
     return False, f"/health answered {status}" + (f" ({message})" if message else "")
 
 
-async def sse(host: str, port: int, path: str, payload: dict[str, Any],
-              connect_timeout: float = 5.0) -> AsyncIterator[dict[str, Any]]:
-    """POST payload, yield each `data: {...}` event of the server-sent-event answer.
-
-    A non-200 answer raises HttpError with the server's error message."""
-    reader, writer, status, headers = await asyncio.wait_for(_send(host, port, "POST", path, payload),
-                                                             connect_timeout)
+async def sse(host: str, port: int, path: str, payload: dict[str, Any], connect_timeout: float = 5.0,
+              bearer: str | None = None) -> AsyncIterator[dict[str, Any]]:
+    """POST payload (with `Authorization: Bearer` when given a key), yield each `data: {...}` event
+    of the server-sent-event answer. A non-200 answer raises HttpError with the server's message."""
+    reader, writer, status, headers = await asyncio.wait_for(
+        _send(host, port, "POST", path, payload, bearer), connect_timeout)
     try:
         if status != 200:
             body = b"".join([chunk async for chunk in _body(reader, headers)])

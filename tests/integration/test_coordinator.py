@@ -351,3 +351,27 @@ def test_start_timeout_stops_the_child(tmp_path):
     stop = events.of("coordinator", "stop")[0]
     assert stop.details["reason"] == "startup_failed" and mgr.state == "exited"
     wait_for(lambda: not pid_alive(stop.details["pid"]), 5, what="the timed-out llama-server to be gone")
+
+
+def test_an_api_key_is_sent_by_ask_and_shown_in_no_event_nor_log(tmp_path):
+    key = "sk-test-QZWXQZWX"          # its tail QZWX: llama-server itself prints `api_keys: ****QZWX`
+    mgr, _, events = make(tmp_path, coordinator_args=f"-t 1 --api-key {key}")
+
+    async def main():
+        await mgr.start()
+        try:
+            tokens: list[str] = []
+            await mgr.ask("Once upon a time", 4, tokens.append)
+            return tokens
+        finally:
+            await mgr.stop()
+
+    tokens = asyncio.run(main())
+    assert "".join(tokens).strip(), "no text generated"
+    starting = events.of("coordinator", "starting")[0]
+    assert starting.details["argv"][-3:] == ["1", "--api-key", "REDACTED"]
+    published = "\n".join(e.to_json() for e in events.events)
+    logs = "\n".join(text for _, _, _, text in mgr.logs)
+    assert "api_keys: ****" in logs       # llama-server's own line about the key is still there
+    for text in (published, logs):
+        assert key not in text and "QZWX" not in text
