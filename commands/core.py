@@ -98,6 +98,8 @@ async def config_command(app: Any, args: list[str]) -> Result:
 
 @command("dashboard", "Deprecated: how to use the unified dashboard instead", "dashboard")
 async def dashboard_command(app: Any, args: list[str]) -> Result:
+    if args:
+        raise UsageError("dashboard takes no arguments (it only explains the unified dashboard)")
     url = app.settings.dashboard_url
     return Result.warning(
         "The built-in dashboard is deprecated: it polled this app's own APIs, which is what the\n"

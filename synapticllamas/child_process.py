@@ -10,8 +10,11 @@ when the thread that forked dies; asyncio forks from the loop thread, which live
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import signal
 import sys
+import weakref
 from functools import lru_cache
 from typing import Any
 
@@ -27,6 +30,26 @@ def tied_to_parent(argv: list[str]) -> list[str]:
     return [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv else list(argv)
 
 
+_children: "weakref.WeakSet[asyncio.subprocess.Process]" = weakref.WeakSet()
+
+
 async def spawn(argv: list[str], **kwargs: Any) -> asyncio.subprocess.Process:
     """asyncio.create_subprocess_exec in its own session, tied to this process's life."""
-    return await asyncio.create_subprocess_exec(*tied_to_parent(argv), start_new_session=True, **kwargs)
+    proc = await asyncio.create_subprocess_exec(*tied_to_parent(argv), start_new_session=True, **kwargs)
+    _children.add(proc)
+    return proc
+
+
+def kill_children() -> list[int]:
+    """Last resort when clean-up ran out of time: SIGKILL the process group of every child that
+    spawn() started and that has not exited. Returns their pids."""
+    killed = []
+    for proc in list(_children):
+        if proc.returncode is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)     # each child leads its own session
+                killed.append(proc.pid)
+            except OSError:                             # already gone
+                pass
+        _children.discard(proc)
+    return killed

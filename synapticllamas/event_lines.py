@@ -19,6 +19,12 @@ def safe(text: str) -> str:
                    for ch in text)
 
 
+def shown(text: str, limit: int = 60) -> str:
+    """User input quoted back in an error message: escaped like safe(), and cut when long."""
+    text = safe(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def clock(timestamp: float, with_date: bool = False) -> str:
     local = time.localtime(timestamp)
     millis = int((timestamp % 1) * 1000)

@@ -12,18 +12,19 @@ import shlex
 import signal
 import sys
 import threading
-import unicodedata
 from pathlib import Path
 from typing import Any, Iterable
 
 from commands import load_all
 from commands.registry import CommandError, ExitShell, Result, UsageError, lookup, suggest
 
+from .child_process import kill_children
+from .event_lines import safe, shown
 from .events import Event
 from .render import Renderer, TerminalUI
 
 PROMPT = "SynapticLlamas> "
-CLOSE_TIMEOUT = 30.0   # app.close() stops children (SIGTERM, then SIGKILL) and flushes events
+PIPED_AHEAD = 1000     # lines of piped input read ahead of the command that runs (bounded memory)
 
 # Background events worth interrupting the person at the prompt for.
 NOTABLE = {
@@ -35,11 +36,10 @@ NOTABLE = {
 log = logging.getLogger("synapticllamas")
 
 
-def shown(text: str, limit: int = 60) -> str:
-    """Quote user input for an error message: control characters escaped, long input cut."""
-    safe = "".join(ch if unicodedata.category(ch)[0] != "C" else ch.encode("unicode_escape").decode()
-                   for ch in text)
-    return safe if len(safe) <= limit else safe[: limit - 3] + "..."
+def one_line(message: str) -> str:
+    """An error message as the user sees it: it may quote their input, so control characters are
+    escaped and a huge argument is cut; line breaks the command meant are kept."""
+    return "\n".join(shown(line, 500) for line in message.split("\n"))
 
 
 class Shell:
@@ -53,6 +53,7 @@ class Shell:
         self.failures = 0
         self._prompt_app: Any = None                  # prompt_toolkit Application while prompting
         self._lines: asyncio.Queue | None = None      # piped mode's input lines (None = end)
+        self._slots: threading.Semaphore | None = None  # bounds how far the stdin reader reads ahead
         self._log_ready = False
         load_all()
         app.observer.add_sink(self._on_event)
@@ -80,10 +81,10 @@ class Shell:
         except ExitShell:
             raise
         except UsageError as exc:
-            self.renderer.error(f"{exc}\nUsage: {cmd.usage}")
+            self.renderer.error(f"{one_line(str(exc))}\nUsage: {cmd.usage}")
             return False
         except CommandError as exc:
-            self.renderer.error(str(exc))
+            self.renderer.error(one_line(str(exc)))
             return False
         except asyncio.CancelledError:
             raise
@@ -92,6 +93,8 @@ class Shell:
             self.renderer.error(f"internal error in '{cmd.name}': {type(exc).__name__}: {shown(str(exc), 200)}"
                                 f" (traceback in {where})")
             return False
+        if result is not None and not result.ok and result.message:
+            result.message = one_line(result.message)
         self.renderer.show(result)
         return result is None or result.ok
 
@@ -103,7 +106,7 @@ class Shell:
         except asyncio.CancelledError:
             if self.current.cancelled():
                 self.app.ui.end_progress()
-                if self.terminating is None:
+                if self.terminating in (None, signal.SIGINT):
                     self.renderer.show(Result.warning("Cancelled."))
                 return False
             raise
@@ -115,7 +118,7 @@ class Shell:
     async def run_lines(self, lines: Iterable[str] | None = None) -> int:
         """Piped mode (stdin not a TTY) or `-c` commands: run each line, exit at the end.
 
-        Exit status 0 if every command succeeded, 1 if one failed."""
+        Exit status 0 if every command succeeded, 1 if one failed, 128+N after signal N."""
         self._install_signals(interactive=False)
         queue: asyncio.Queue[str | None] = asyncio.Queue()
         self._lines = queue
@@ -130,6 +133,8 @@ class Shell:
                 line = await queue.get()
                 if line is None:
                     break
+                if self._slots is not None:
+                    self._slots.release()
                 line = line.strip()
                 if not line or line.startswith("#"):
                     continue
@@ -198,13 +203,18 @@ class Shell:
                 f" | backends: {backends.get('up', 0)}/{backends.get('configured', 0)} up")
 
     def _on_event(self, event: Event) -> None:
-        """Observer sink: tell the person at the prompt about background happenings."""
+        """Observer sink: tell the person at the prompt about background happenings.
+
+        Sinks run inside emit(), which does no I/O: the notice is printed on the loop's next turn."""
         if self.current is not None:
             return  # the running command reports for itself; `events` shows the rest
         notable = (event.component, event.event_type) in NOTABLE or event.level in ("error", "critical")
-        if not notable:
-            return
-        self.app.ui.notice(f"[{event.component}] {event.message}", event.level)
+        if notable:
+            asyncio.get_running_loop().call_soon(self._notice, event)
+
+    def _notice(self, event: Event) -> None:
+        # the message may carry raw llama.cpp output: escaped, so it cannot drive the terminal
+        self.app.ui.notice(f"[{event.component}] {safe(event.message)}", event.level)
         if self._prompt_app is not None:
             self._prompt_app.invalidate()
 
@@ -222,12 +232,17 @@ class Shell:
             return InMemoryHistory()
 
     def _start_stdin_reader(self, queue: asyncio.Queue) -> None:
-        """Read stdin on a daemon thread: a blocking read must never hold up the loop or exit."""
+        """Read stdin on a daemon thread: a blocking read must never hold up the loop or exit.
+
+        At most PIPED_AHEAD lines wait in the queue (`yes help | main.py` must not fill memory):
+        the thread takes a slot before queueing a line, the loop gives it back as it takes one."""
         loop = asyncio.get_running_loop()
+        self._slots = slots = threading.Semaphore(PIPED_AHEAD)
 
         def read() -> None:
             try:
                 for line in sys.stdin:
+                    slots.acquire()
                     loop.call_soon_threadsafe(queue.put_nowait, line)
             except (OSError, ValueError, UnicodeDecodeError) as exc:
                 loop.call_soon_threadsafe(self.renderer.error, f"cannot read standard input: {exc}")
@@ -250,9 +265,12 @@ class Shell:
         asyncio.get_running_loop().add_signal_handler(signal.SIGINT, self._on_sigint)
 
     def _on_sigint(self) -> None:
-        if self.current is not None:
-            self.current.cancel()
-        elif not self._interactive:
+        """Interactive: Ctrl-C cancels the running command, the shell goes on. Piped or -c: like
+        a shell script, Ctrl-C cancels the running command and ends the run (exit status 130)."""
+        if self._interactive:
+            if self.current is not None:
+                self.current.cancel()
+        else:
             self._terminate(signal.SIGINT)
 
     def _terminate(self, signum: int) -> None:
@@ -264,13 +282,27 @@ class Shell:
         if self._lines is not None:
             self._lines.put_nowait(None)     # piped mode may be waiting for a line that never comes
 
+    def close_budget(self) -> float:
+        """Seconds App.close() may take: the coordinator's SIGTERM->SIGKILL wait, the local
+        backends' (5 s), each SIGKILL's wait, and the 2 s flush, with room to spare."""
+        return self.app.settings.coordinator_stop_timeout + 5 + 2 * 5 + 2 + 5
+
     async def _close(self) -> None:
         reason = "exit" if self.terminating is None else signal.Signals(self.terminating).name
+        budget = self.close_budget()
         try:
-            await asyncio.wait_for(self.app.close(reason), CLOSE_TIMEOUT)
+            await asyncio.wait_for(self.app.close(reason), budget)
+            return
+        except asyncio.TimeoutError:
+            problem = f"clean-up did not finish within {budget:g} s"
         except Exception as exc:
             where = self._log_internal_error("close", exc)
-            self.renderer.error(f"clean-up did not finish: {type(exc).__name__}: {exc} (details in {where})")
+            problem = f"clean-up failed: {type(exc).__name__}: {shown(str(exc), 200)} (details in {where})"
+        # whatever went wrong, no child of ours may outlive the shell
+        killed = kill_children()
+        self.failures += 1
+        self.renderer.error(problem + (f"; killed the child processes left: {', '.join(map(str, killed))}"
+                                       if killed else ""))
 
     def _exit_status(self) -> int:
         if self.terminating is not None:

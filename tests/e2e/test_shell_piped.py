@@ -93,3 +93,50 @@ def test_internal_error_is_one_line_with_log_path(tmp_path):
     log = tmp_path / "state" / "synapticllamas" / "synapticllamas.log"
     assert str(log) in lines[0]
     assert "Traceback" in log.read_text()
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_endless_input_is_read_ahead_only_a_little_and_ctrl_c_ends_the_run(tmp_path):
+    """`yes status | main.py`: memory stays bounded (input is read just ahead of the commands),
+    and Ctrl-C (SIGINT) ends the script like a shell script's, exit status 130."""
+    import time
+
+    # 1 KB lines (`status` and trailing blanks): each line the reader queues shows in memory
+    producer = subprocess.Popen(["yes", "status" + " " * 1000], stdout=subprocess.PIPE)
+    shell = subprocess.Popen([PYTHON, str(ROOT / "main.py")], stdin=producer.stdout, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, env=shell_env(tmp_path))
+    producer.stdout.close()
+    try:
+        time.sleep(1)
+        first = _rss_mb(shell.pid)
+        time.sleep(5)                      # an unbounded reader queues lines faster than they run
+        growth = _rss_mb(shell.pid) - first
+        shell.send_signal(signal.SIGINT)
+        _, err = shell.communicate(timeout=30)
+    finally:
+        producer.kill()
+        producer.wait()
+        if shell.poll() is None:
+            shell.kill()
+    assert growth < 5, f"the shell grew by {growth:.0f} MB in 5 s"
+    assert shell.returncode == 128 + signal.SIGINT
+    assert "Traceback" not in err
+
+
+def test_errors_quote_input_without_its_control_characters(tmp_path):
+    long_word = "a" * 100_000
+    proc = run_piped(f"help \x1b[31mX\nevents --component \x1b[2Jbad\nredis \x07on\nhelp {long_word}\n"
+                     "dashboard now\n", tmp_path)
+    assert proc.returncode == 1
+    assert ESC not in proc.stderr and "\x07" not in proc.stderr
+    assert "no command '\\x1b[31mX'" in proc.stderr
+    assert "got '\\x07on'" in proc.stderr
+    assert max(len(line) for line in proc.stderr.splitlines()) < 600      # the long word was cut
+    assert "Error: dashboard takes no arguments" in proc.stderr
