@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from . import llama_args, llama_http
 from .child_process import spawn
+from .ticker import Ticker
 
 if TYPE_CHECKING:   # llama_log (its patterns) and binaries load with the first start, not at start-up
     from .llama_log import LoadReport, LogLine
@@ -41,6 +42,7 @@ DRAIN_TIMEOUT = 0.3        # after the exit, wait this long for the last lines (
 FALLBACK_PROBE = 0.5       # start-up /health probe interval before the log says "listening"
 LISTENING_PROBE = 0.1      # ... and after it (a server that listens before loading answers 503)
 HEALTH_FAILURES = 2        # failed heartbeat /health requests in a row before a restart
+HEALTH_TIMEOUT = 5.0       # a heartbeat's or attach check's /health; the ticks it outlasts are skipped
 
 
 class CoordinatorError(Exception):
@@ -579,15 +581,18 @@ class CoordinatorManager:
     # ------------------------------------------------------------ heartbeat
 
     async def _heartbeat(self, run: Run) -> None:
-        """While running: one /health request and one heartbeat event per interval. Nothing else polls."""
+        """While running: one /health request and one heartbeat event per interval (fixed rate, one
+        at a time: a slow answer skips ticks). Nothing else polls. The timeout does not shrink with
+        the interval: a busy server that answers in 0.2 s is not dead for a 0.1 s interval."""
         interval = self.settings.rpc_heartbeat_interval
+        ticker = Ticker(interval)
         plan = run.plan
         failures = 0
         while True:
-            await asyncio.sleep(interval)
+            await ticker.next()
             if self.run is not run or self.state != "running":
                 return
-            ok, detail = await llama_http.health(plan.host, plan.port, timeout=min(5.0, interval))
+            ok, detail = await llama_http.health(plan.host, plan.port, timeout=HEALTH_TIMEOUT)
             if self.run is not run or self.state != "running":
                 return
             failures = 0 if ok else failures + 1
@@ -621,14 +626,15 @@ class CoordinatorManager:
         return ok, detail
 
     async def _attach_loop(self) -> None:
+        ticker = Ticker(self.settings.attach_check_interval)
         while True:
-            await asyncio.sleep(self.settings.attach_check_interval)
+            await ticker.next()
             await self._check_attached()
 
     async def _check_attached(self) -> tuple[bool, str]:
         """The state check: one /health request; an up/down change is a start/stop event."""
         url, host, port = self.attached
-        ok, detail = await llama_http.health(host, port, timeout=5.0)
+        ok, detail = await llama_http.health(host, port, timeout=HEALTH_TIMEOUT)
         common = {"url": url, "host": host, "port": port, "attached": True}
         if ok and self.state != "running":
             self._change_state("running", "llama.cpp coordinator started", reason="attached", **common)

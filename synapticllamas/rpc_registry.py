@@ -30,6 +30,7 @@ from typing import Any, Awaitable, Callable
 from . import backends_file
 from .rpc_addresses import parse_address
 from .rpc_probe import ProbeFailure, ProbeResult, is_ip, probe, resolve
+from .ticker import Ticker
 
 RESOLVE_TIMEOUT = 5.0      # seconds `backends add` waits for a name to resolve
 MAX_FILE_ERROR_EVENTS = 10
@@ -321,10 +322,8 @@ class RpcRegistry:
 
     async def _heartbeat_loop(self) -> None:
         """Every interval: one probe round, then one aggregated heartbeat. Fixed rate: a slow round
-        does not push the next ones later."""
-        loop = asyncio.get_running_loop()
-        interval = self.settings.rpc_backend_heartbeat_interval
-        next_at = loop.time()
+        does not push the next ones later, and the ticks it overran are skipped."""
+        ticker = Ticker(self.settings.rpc_backend_heartbeat_interval)
         while True:
             try:
                 await self.check()
@@ -332,7 +331,4 @@ class RpcRegistry:
                 self.observer.emit("system", "error", f"backend health round failed: {exc!r}",
                                    {"error": repr(exc)}, level="error")
             self.observer.emit("rpc_registry", "heartbeat", HEARTBEAT_MESSAGE, self.heartbeat_details())
-            now = loop.time()
-            while next_at <= now:
-                next_at += interval
-            await asyncio.sleep(next_at - now)
+            await ticker.next()

@@ -375,3 +375,23 @@ def test_an_api_key_is_sent_by_ask_and_shown_in_no_event_nor_log(tmp_path):
     assert "api_keys: ****" in logs       # llama-server's own line about the key is still there
     for text in (published, logs):
         assert key not in text and "QZWX" not in text
+
+
+def test_a_heartbeat_interval_below_a_health_answer_keeps_the_coordinator(tmp_path):
+    """rpc_heartbeat_interval 10 ns (far below config's 0.1 s minimum, which settings_for does not
+    apply): one /health at a time, each with the full timeout, the ticks it outlasts skipped. The
+    timeout must not shrink with the interval, or every /health fails and a healthy server is
+    restarted for `health`."""
+    mgr, _, events = make(tmp_path, rpc_heartbeat_interval=1e-8)
+
+    async def main():
+        await mgr.start()
+        await asyncio.sleep(1.0)
+        state = mgr.state
+        await mgr.stop()
+        return state
+
+    assert asyncio.run(main()) == "running"
+    assert events.lifecycle() == ["starting", "start", "stopping", "stop"]
+    beats = events.of("coordinator", "heartbeat")
+    assert beats and {b.details["health"] for b in beats} == {"ok"}

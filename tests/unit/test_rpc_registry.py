@@ -377,3 +377,32 @@ def test_backends_held_by_the_coordinator_are_not_probed_by_rounds(tmp_path):
             await x.stop()
 
     asyncio.run(run())
+
+
+def test_a_round_longer_than_the_interval_skips_the_missed_ticks_at_once(tmp_path):
+    """A 0.3 s round with a 10 ns interval (far below config's 0.1 s minimum, which
+    Settings.replace does not apply): the ticks missed during a round are skipped in one step, so
+    the event loop is never blocked counting them, and the rounds run one at a time, not in a burst."""
+    async def slow_probe(host, port, timeout):
+        await asyncio.sleep(0.3)
+        raise ProbeFailure("connection refused", definitive=True)
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        observer = Observer()
+        registry = RpcRegistry(make_settings(tmp_path, ["10.0.0.1:50052"], rpc_backend_heartbeat=True,
+                                             rpc_backend_heartbeat_interval=1e-8), observer, probe_fn=slow_probe)
+        await registry.start()
+        worst_lag, last = 0.0, loop.time()
+        for _ in range(100):                    # about 1 s, in 10 ms steps
+            await asyncio.sleep(0.01)
+            now = loop.time()
+            worst_lag, last = max(worst_lag, now - last - 0.01), now
+        await registry.close()
+        return worst_lag, events(observer, "rpc_registry", "heartbeat")
+
+    worst_lag, beats = asyncio.run(run())
+    assert worst_lag < 0.5, f"the event loop was blocked for {worst_lag:.2f}s"
+    assert 2 <= len(beats) <= 5, len(beats)
+    gaps = [b.timestamp - a.timestamp for a, b in zip(beats, beats[1:])]
+    assert min(gaps) > 0.25, f"rounds ran back to back without the 0.3 s probe between them: {gaps}"
