@@ -9,6 +9,9 @@
 - Last viewer leaves: unsubscribe, close both connections, drop the ring: no Redis traffic, no work.
 - Redis down: viewers get a status event; the hub reconnects with capped backoff while anyone
   watches, and the pump resumes from its last id, so events journaled meanwhile are not lost.
+  A Redis that hangs with its connections open (stopped, swapping, packets dropped) says nothing
+  by itself: a PING on the subscription every HEALTH_INTERVAL seconds must be answered within
+  COMMAND_TIMEOUT, else it counts as down.
 
 Everything runs on the server's event loop; state is touched only from it, so no locks except
 the one that orders opening and closing.
@@ -38,6 +41,7 @@ BACKOFF_FIRST, BACKOFF_CAP = 0.2, 5.0
 KEEPALIVE = 15.0         # seconds between comment lines on a quiet feed (proxies, dead clients)
 CONNECT_TIMEOUT = 2.0
 COMMAND_TIMEOUT = 5.0
+HEALTH_INTERVAL = 5.0    # seconds between PINGs on the subscription: a hang shows within 5-10 s
 
 log = logging.getLogger("synapticllamas.dashboard")
 
@@ -67,6 +71,7 @@ class Hub:
         self._beat: asyncio.TimerHandle | None = None
         self._ready = asyncio.Event()
         self._doorbell = asyncio.Event()
+        self._pong = asyncio.Event()
         self._lock = asyncio.Lock()
         self._client: Any = None    # command connection pool for the API routes, made on first use
 
@@ -163,23 +168,28 @@ class Hub:
     async def _session(self) -> None:
         client = aioredis.from_url(self.redis_url, socket_connect_timeout=CONNECT_TIMEOUT,
                                    socket_keepalive=True)
-        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        pubsub = client.pubsub()
         tasks: list[asyncio.Task] = []
         try:
             await pubsub.psubscribe(CHANNEL_PATTERN)
+            # "up" only once Redis has answered: a hung server accepts connections all the same
+            confirmed = await pubsub.get_message(timeout=COMMAND_TIMEOUT)
+            if confirmed is None or confirmed["type"] != "psubscribe":
+                raise ConnectionError(f"no answer to PSUBSCRIBE within {COMMAND_TIMEOUT:g} s")
             if not self.loaded:
-                entries = await asyncio.wait_for(
-                    client.xrevrange(JOURNAL_STREAM, count=self.replay), COMMAND_TIMEOUT) if self.replay else []
+                entries = await answered(client.xrevrange(JOURNAL_STREAM, count=self.replay),
+                                         "XREVRANGE") if self.replay else []
                 entries.reverse()
                 if not entries:   # start from now, not from the beginning of time
-                    info = await client.xrevrange(JOURNAL_STREAM, count=1)
+                    info = await answered(client.xrevrange(JOURNAL_STREAM, count=1), "XREVRANGE")
                     self.last_id = info[0][0].decode() if info else "0-0"
                 self._ingest(entries)
                 self.loaded = True
             self._set_status("up")
             self._ready.set()
             self._doorbell.set()   # catch up with what was journaled while we were away
-            tasks = [asyncio.create_task(self._listen(pubsub)), asyncio.create_task(self._pump(client))]
+            tasks = [asyncio.create_task(self._listen(pubsub)), asyncio.create_task(self._pump(client)),
+                     asyncio.create_task(self._watch(pubsub))]
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
                 task.result()      # raises the failure
@@ -195,6 +205,8 @@ class Hub:
 
     async def _listen(self, pubsub: Any) -> None:
         async for message in pubsub.listen():
+            if message["type"] == "pong":
+                self._pong.set()
             if message["type"] != "pmessage":
                 continue
             payload = message["data"]
@@ -206,6 +218,14 @@ class Hub:
             if key not in self.delivered and key not in self.pending:
                 self.pending[key] = (time.monotonic(), event, payload)
             self._doorbell.set()
+
+    async def _watch(self, pubsub: Any) -> None:
+        """Raises when a PING on the subscription goes unanswered: Redis hangs."""
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL)
+            self._pong.clear()
+            await pubsub.ping()
+            await answered(self._pong.wait(), "PING")
 
     async def _pump(self, client: Any) -> None:
         while True:
@@ -346,6 +366,14 @@ class Hub:
         except Exception as exc:
             return self.scrub(exc)
         return None
+
+
+async def answered(awaitable: Any, command: str) -> Any:
+    """The reply to a command, or ConnectionError when Redis says nothing within COMMAND_TIMEOUT."""
+    try:
+        return await asyncio.wait_for(awaitable, COMMAND_TIMEOUT)
+    except asyncio.TimeoutError:
+        raise ConnectionError(f"no answer to {command} within {COMMAND_TIMEOUT:g} s") from None
 
 
 def redact_strings(value: Any) -> Any:

@@ -6,6 +6,7 @@ these tests (it does not skip them). Screenshots go to test-artifacts/ (gitignor
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 
@@ -198,6 +199,28 @@ def test_redis_restart_shows_the_banner_then_events_flow_without_a_reload(env):
     assert page.evaluate("window.__sameDocument") == 42, "the page was reloaded"
     assert shell.exit() == 0
     assert watched.errors == [], f"console errors: {watched.errors}"   # the feed itself never broke
+
+
+def test_a_hung_redis_shows_the_banner_and_events_flow_again_after_it_wakes(env):
+    """SIGSTOP: Redis keeps every connection open and answers nothing (a hang, not a crash)."""
+    watched = env.open()
+    page = watched.page
+    pub = ContractPublisher(env.client, "hang:1")
+    pub.emit("system", "note", "before the hang")
+    expect()(page.locator("#events tbody")).to_contain_text("before the hang", timeout=5000)
+    banner = page.locator("#banner")
+    env.redis.proc.send_signal(signal.SIGSTOP)
+    try:
+        # a PING every 5 s, answered within 5 s: the banner shows within 10 s
+        expect()(banner).to_be_visible(timeout=20000)
+        expect()(banner).to_contain_text(f"Redis at {env.redis.url} is unreachable")
+        expect()(page.locator("#conn")).to_have_text("Redis down")
+    finally:
+        env.redis.proc.send_signal(signal.SIGCONT)
+    expect()(banner).to_be_hidden(timeout=20000)
+    pub.emit("system", "note", "after the hang")
+    expect()(page.locator("#events tbody")).to_contain_text("after the hang", timeout=5000)
+    assert watched.errors == [], f"console errors: {watched.errors}"
 
 
 def test_filters_pause_row_cap_and_staleness(env):

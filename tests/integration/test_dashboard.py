@@ -370,3 +370,31 @@ def test_a_viewer_cancelled_while_redis_hangs_leaves_the_hub_closed(redis_server
         asyncio.run(scenario())
     finally:
         redis_server.proc.send_signal(signal.SIGCONT)
+
+
+def test_a_hung_redis_is_reported_down_and_the_feed_resumes_when_it_wakes(dashboard, redis_server):
+    """Redis stopped with SIGSTOP keeps its connections open and answers nothing: only a PING that
+    goes unanswered can tell. The dashboard checks every HEALTH_INTERVAL (5 s) with a 5 s timeout."""
+    client = redis_server.client()
+    pub = ContractPublisher(client, "hang:1")
+    viewer = SSEClient(dashboard.port)
+    try:
+        viewer.wait_for(live, what="the viewer")
+        pub.emit("system", "note", "before the hang")
+        viewer.wait_for(lambda c: len(c.events()) == 1, 5, what="the first event")
+        redis_server.proc.send_signal(signal.SIGSTOP)
+        try:
+            down = viewer.wait_for(lambda c: [m.json() for m in c.named("status") if m.json()["redis"] == "down"],
+                                   25, what="a 'redis down' status while Redis hangs")
+            assert "no answer" in down[0]["error"], down
+            time.sleep(6)   # while it hangs, a reconnect attempt must not report it up again
+            assert viewer.named("status")[-1].json()["redis"] == "down", [m.data for m in viewer.named("status")]
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+        viewer.wait_for(lambda c: c.named("status")[-1].json()["redis"] == "up", 20,
+                        what="the dashboard to resubscribe after Redis woke up")
+        pub.emit("system", "note", "after the hang")
+        viewer.wait_for(lambda c: len(c.events()) == 2, 5, what="an event pushed after the hang")
+        assert [e.json()["message"] for e in viewer.events()] == ["before the hang", "after the hang"]
+    finally:
+        viewer.close()
