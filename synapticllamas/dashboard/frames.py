@@ -17,6 +17,7 @@ JOURNAL_FIELD = _FIELD.encode()   # the journal entry's field holding the event 
 
 ID_PATTERN = re.compile(r"^(\d{1,20})(?:-(\d{1,20}))?(?:~(\d{1,20}))?$")
 ID_ACCEPTED = "a journal id such as 1704067200123-0 (as sent in the SSE id: field)"
+ID_MAX = 2**64 - 1   # each part of a Redis stream id is an unsigned 64-bit number
 
 Key = tuple[int, int, int]
 
@@ -26,8 +27,10 @@ def parse_id(text: str) -> Key:
     match = ID_PATTERN.match(text.strip())
     if not match:
         raise ValueError(f"expected {ID_ACCEPTED}")
-    ms, seq, k = match.groups()
-    return int(ms), int(seq or 0), int(k or 0)
+    ms, seq, k = (int(part or 0) for part in match.groups())
+    if ms > ID_MAX or seq > ID_MAX:
+        raise ValueError(f"expected {ID_ACCEPTED}, each number at most {ID_MAX}")
+    return ms, seq, k
 
 
 def stream_part(text: str) -> str:

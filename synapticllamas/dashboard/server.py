@@ -83,6 +83,10 @@ def create_app(redis_url: str, token: str | None = None, replay: int = 1000,
         try:
             entries = await hub.read_journal(since, limit)
         except Exception as exc:
+            # a well-formed id Redis still refuses (the highest id: nothing comes after it)
+            if since is not None and is_refused(exc) and "id" in str(exc).lower():
+                return bad_request(f"since={since[:60]!r} is not valid: Redis refused it ({exc}); "
+                                   f"expected {frames.ID_ACCEPTED}")
             return unavailable(hub, exc)
         return JSONResponse({"events": [{"id": sid, "event": event} for sid, event, _ in entries],
                              "last_id": entries[-1][0] if entries else since}, headers=NO_STORE)
@@ -125,7 +129,18 @@ def create_app(redis_url: str, token: str | None = None, replay: int = 1000,
     return Guard(app, token, loopback_only)
 
 
+def is_refused(exc: Exception) -> bool:
+    """Redis answered with an error (as opposed to not answering at all)."""
+    from redis.exceptions import ResponseError
+
+    return isinstance(exc, ResponseError)
+
+
 def unavailable(hub: Hub, exc: Exception) -> JSONResponse:
+    if is_refused(exc):   # it answered: a key of the wrong type, a command it forbids...
+        reply = hub.scrub(exc).removeprefix(f"{type(exc).__name__}: ")   # Redis's own text: "WRONGTYPE ..."
+        return JSONResponse({"error": f"Redis at {hub.public_url} refused the request: {reply}"},
+                            status_code=502, headers=NO_STORE)
     return JSONResponse({"error": f"Redis at {hub.public_url} did not answer: {hub.scrub(exc)}"},
                         status_code=503, headers=NO_STORE)
 

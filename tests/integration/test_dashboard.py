@@ -286,11 +286,23 @@ def test_api_events_since_and_bad_input(dashboard, redis_server):
     status, body2 = dashboard.get(f"/api/events?since={body['events'][0]['id']}")
     assert [e["event"]["seq"] for e in body2["events"]] == [4]
     assert body2["last_id"] == body["events"][1]["id"]
-    for query, name in (("since=yesterday", "since="), ("limit=0", "limit="), ("limit=x", "limit=")):
+    # ids Redis refuses: a number above 2^64-1, and the highest id (nothing can come after it)
+    for query, name in (("since=yesterday", "since="), ("limit=0", "limit="), ("limit=x", "limit="),
+                        ("since=0-99999999999999999999", "since='0-99999999999999999999'"),
+                        ("since=18446744073709551615-18446744073709551615", "since='18446744073709551615-")):
         status, err = dashboard.get(f"/api/events?{query}")
         assert status == 400 and err["error"].startswith(name) and "expected" in err["error"], err
+        assert "\n" not in err["error"] and "did not answer" not in err["error"], err
     status, err = dashboard.get("/events", headers={"Last-Event-ID": "<script>"})
     assert status == 400 and "Last-Event-ID" in err["error"]
+    status, err = dashboard.get("/events", headers={"Last-Event-ID": "99999999999999999999-0"})
+    assert status == 400 and "Last-Event-ID" in err["error"]
+    # Redis answered, with an error that is not about the request: not "did not answer", not 400
+    client = redis_server.client()
+    client.delete(JOURNAL)
+    client.set(JOURNAL, "not a stream")
+    status, err = dashboard.get("/api/events")
+    assert status == 502 and err["error"].startswith(f"Redis at {redis_server.url} refused the request: WRONGTYPE"), err
 
 
 def test_api_says_when_redis_is_down_and_page_still_loads(dashboard, redis_server):

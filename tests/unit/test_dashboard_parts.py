@@ -13,9 +13,11 @@ def test_ids_sort_in_journal_order_with_pubsub_only_events_between():
     assert sorted(ids, key=frames.parse_id) == ids
     assert frames.parse_id("1700000000000") == (1700000000000, 0, 0)
     assert frames.stream_part("5-1~2") == "5-1"
+    assert frames.parse_id("18446744073709551615-18446744073709551615") == (2**64 - 1, 2**64 - 1, 0)
 
 
-@pytest.mark.parametrize("bad", ["", "abc", "1-", "-1", "1-2-3", "1~", "<script>", "1 -2", "9" * 21])
+@pytest.mark.parametrize("bad", ["", "abc", "1-", "-1", "1-2-3", "1~", "<script>", "1 -2", "9" * 21,
+                                 "0-" + "9" * 20, "18446744073709551616-0"])
 def test_bad_ids_say_what_is_accepted(bad):
     with pytest.raises(ValueError, match="expected a journal id such as 1704067200123-0"):
         frames.parse_id(bad)
