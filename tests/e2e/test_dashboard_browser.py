@@ -5,6 +5,7 @@ these tests (it does not skip them). Screenshots go to test-artifacts/ (gitignor
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -220,6 +221,52 @@ def test_a_hung_redis_shows_the_banner_and_events_flow_again_after_it_wakes(env)
     expect()(banner).to_be_hidden(timeout=20000)
     pub.emit("system", "note", "after the hang")
     expect()(page.locator("#events tbody")).to_contain_text("after the hang", timeout=5000)
+    assert watched.errors == [], f"console errors: {watched.errors}"
+
+
+def test_malformed_events_from_another_publisher_break_no_panel(env):
+    """Anyone who can publish on the shared Redis can send any JSON: fields of the wrong type,
+    missing or not objects. The page must show what it can and keep every panel updating."""
+    watched = env.open()
+    page = watched.page
+    good = ContractPublisher(env.client, "good:1")
+    good.emit("system", "note", "first good event")
+    expect()(page.locator("#events tbody")).to_contain_text("first good event", timeout=5000)
+
+    base = {"timestamp": time.time(), "component": "system", "event_type": "note", "level": "info"}
+    odd = [
+        base | {"source": {"app": "other", "instance": 12345}, "message": "numeric instance", "details": {},
+                "seq": 1},
+        base | {"source": {"instance": "odd:2"}, "message": {"not": "a string"}, "details": "not an object"},
+        base | {"source": "not an object", "message": None},                        # no details, no seq
+        base | {"source": {"instance": "odd:3"}, "component": "coordinator", "event_type": "start",
+                "message": 7, "details": [1, 2], "seq": "3"},
+        base | {"source": {"instance": "odd:4"}, "component": "rpc_registry", "event_type": "heartbeat",
+                "message": "odd heartbeat", "details": {"backends": "x", "interval_s": "3"}},
+        base | {"source": {"instance": ["odd", 5]}, "component": ["x"], "event_type": None, "level": 5,
+                "message": "odd types everywhere", "details": {"address": {"a": 1}}},
+        base | {"source": {"instance": "odd:6"}, "component": "rpc_backend", "event_type": "connect",
+                "message": "backend as an object", "details": {"address": {"host": "h"}, "state": 1}},
+    ]
+    pipe = env.client.pipeline(transaction=True)
+    for ev in odd:
+        text = json.dumps(ev)
+        pipe.xadd("synapticllamas:events", {"event": text})
+        pipe.publish("synapticllamas:llama_cpp:system", text)
+    pipe.execute()
+    good.emit("system", "note", "second good event")
+
+    events = page.locator("#events tbody")
+    expect()(events).to_contain_text("second good event", timeout=5000)
+    expect()(events).to_contain_text('{"not":"a string"}')          # a non-string message, as JSON
+    expect()(events).to_contain_text("odd types everywhere")         # an unknown level is not hidden
+    expect()(page.locator("#apps tbody tr", has_text="12345")).to_be_visible()
+    expect()(page.locator("#apps tbody tr", has_text="odd:6")).to_be_visible()
+    # the panels keep re-rendering: a new app after the malformed ones still appears
+    ContractPublisher(env.client, "later:9").emit("system", "note", "from a later app")
+    expect()(page.locator("#apps tbody tr", has_text="later:9")).to_be_visible(timeout=5000)
+    expect()(page.locator("#summary")).to_contain_text("apps")
+    time.sleep(1.5)   # at least one per-second re-render of the panels with all of them listed
     assert watched.errors == [], f"console errors: {watched.errors}"
 
 

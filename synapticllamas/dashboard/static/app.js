@@ -32,6 +32,36 @@
     return node;
   }
 
+  // any value as display text: strings as they are, objects and arrays as JSON, nothing as fallback
+  function text(value, fallback = "") {
+    if (value === undefined || value === null) return fallback;
+    if (typeof value === "string") return value;
+    return typeof value === "object" ? JSON.stringify(value) : String(value);
+  }
+
+  const isObject = (value) => value !== null && typeof value === "object" && !Array.isArray(value);
+  const seconds = (value) => (typeof value === "number" && value > 0 && isFinite(value) ? value : null);
+
+  // Any publisher on the shared Redis can send any JSON. Every field is checked here, once, so the
+  // rest of the page only ever sees these types (strings, a details object, a number or null seq).
+  function normalise(raw) {
+    const source = isObject(raw.source) ? raw.source : {};
+    return {
+      timestamp: raw.timestamp,
+      component: text(raw.component),
+      event_type: text(raw.event_type),
+      message: text(raw.message),
+      details: isObject(raw.details) ? raw.details : {},
+      level: text(raw.level, "info").toLowerCase(),
+      seq: Number.isSafeInteger(raw.seq) ? raw.seq : null,
+      source: { app: text(source.app), host: text(source.host), instance: text(source.instance) || "(unknown)" },
+    };
+  }
+
+  // an unknown level is filtered as info, not hidden
+  const levelRank = (level) => (LEVELS.includes(level) ? LEVELS.indexOf(level) : LEVELS.indexOf("info"));
+  const levelClass = (level) => (LEVELS.includes(level) ? `level-${level}` : "");
+
   function row(cells) {
     const tr = document.createElement("tr");
     for (const cell of cells) tr.appendChild(cell instanceof Node ? cell : el("td", cell));
@@ -66,6 +96,7 @@
   // ------------------------------------------------------------ state from events
 
   function appFor(instance) {
+    instance = text(instance, "(unknown)");
     let a = apps.get(instance);
     if (!a) {
       a = { instance, reg: null, source: {}, lastHeard: null, lastSeq: null, gaps: 0, count: 0,
@@ -79,7 +110,7 @@
   // seq counts every event an app created: a jump means events it sampled out or that were lost.
   // The gap is shown on the event after it (the table's seq column) and summed in the apps panel.
   function noteSeq(a, ev) {
-    if (typeof ev.seq !== "number") return null;
+    if (ev.seq === null) return null;
     if (ev.component === "system" && ev.event_type === "register") a.lastSeq = null;  // a new run
     let gap = null;
     if (a.lastSeq !== null && ev.seq > a.lastSeq + 1) {
@@ -91,42 +122,44 @@
   }
 
   function coordinatorFrom(a, ev) {
-    const d = ev.details || {};
+    const d = ev.details;
     const c = a.coordinator || (a.coordinator = { state: "stopped", model: null, port: null, backends: [],
                                                   startedAt: null, restarts: 0, reason: null });
     c.state = typeof d.state === "string" ? d.state : (COORDINATOR_STATES[ev.event_type] || c.state);
-    if (["stop", "fatal"].includes(ev.event_type) && d.reason) c.reason = d.reason;
+    if (["stop", "fatal"].includes(ev.event_type) && d.reason) c.reason = text(d.reason);
     if (ev.event_type === "start") { c.startedAt = ev.timestamp; c.reason = null; }
     const uptime = d.uptime_s ?? d.uptime;
     if (typeof uptime === "number" && c.state === "running") c.startedAt = ev.timestamp - uptime;
     if (c.state !== "running") c.startedAt = null;
     const model = d.model_path ?? d.model;
-    if (model) c.model = String(model).split("/").pop();
-    if (d.port != null) c.port = d.port;
+    if (model) c.model = text(model).split("/").pop();
+    if (d.port != null) c.port = text(d.port);
     else if (typeof d.url === "string") { const m = d.url.match(/:(\d+)\/?$/); if (m) c.port = m[1]; }
     const backends = d.rpc_backends ?? d.backends;
-    if (Array.isArray(backends)) c.backends = backends.map((b) => typeof b === "object" && b ? b.address : b);
+    if (Array.isArray(backends)) c.backends = backends.map((b) => text(isObject(b) ? b.address : b));
     if (typeof d.restarts === "number") c.restarts = d.restarts;
     else if (ev.event_type === "backoff") c.restarts += 1;
   }
 
   function backendFrom(a, address, state, ts) {
     if (!address) return;
+    address = text(address);
+    state = text(state, "unknown");
     const b = a.backends.get(address);
     if (!b) a.backends.set(address, { state, changed: ts });
     else if (b.state !== state) { b.state = state; b.changed = ts; }
   }
 
   function handle(ev) {
-    const instance = (ev.source && ev.source.instance) || "(unknown)";
+    const instance = ev.source.instance;
     const a = appFor(instance);
-    a.source = ev.source || a.source;
+    a.source = ev.source;
     a.count += 1;
     // while replaying, an event is as old as its timestamp says; once live, we heard it now
     const heard = live ? Date.now() : Math.min(Date.now(), ev.timestamp * 1000);
     if (a.lastHeard === null || heard > a.lastHeard) a.lastHeard = heard;
     const gap = noteSeq(a, ev);
-    const d = ev.details || {};
+    const d = ev.details;
     if (ev.component === "system" && ev.event_type === "register") { a.reg = d; a.unregistered = false; }
     else if (ev.component === "system" && ev.event_type === "unregister") a.unregistered = true;
     else if (ev.component === "coordinator") coordinatorFrom(a, ev);
@@ -134,8 +167,8 @@
       const state = { connect: "up", disconnect: "down", added: "unknown", removed: "removed" }[ev.event_type];
       if (state) backendFrom(a, d.address, d.state && ev.event_type !== "removed" ? d.state : state, ev.timestamp);
     } else if (ev.component === "rpc_registry" && ev.event_type === "heartbeat" && Array.isArray(d.backends)) {
-      for (const b of d.backends) if (b && typeof b === "object") backendFrom(a, b.address, b.state, ev.timestamp);
-      if (typeof d.interval_s === "number") a.heartbeatEvery = d.interval_s;
+      for (const b of d.backends) if (isObject(b)) backendFrom(a, b.address, b.state, ev.timestamp);
+      if (seconds(d.interval_s)) a.heartbeatEvery = d.interval_s;
     } else if (ev.component === "raw") addRaw(instance, ev);
     setOptions($("filter-component"), [ev.component]);
     remember({ ev, gap });
@@ -154,21 +187,24 @@
   function matches(item) {
     if (item.note) return true;
     const ev = item.ev, app = $("filter-app").value, component = $("filter-component").value;
-    if (app && !(ev.source && ev.source.instance === app)) return false;
+    if (app && ev.source.instance !== app) return false;
     if (component && ev.component !== component) return false;
-    return LEVELS.indexOf(ev.level || "info") >= LEVELS.indexOf($("filter-level").value);
+    return levelRank(ev.level) >= LEVELS.indexOf($("filter-level").value);
   }
 
   function messageText(ev) {
-    const d = ev.details || {};
+    const d = ev.details;
     // the reference strings: "rpc_backend_connect on 127.0.0.1:18080" / "... on rpc_registry" + addresses
     if (ev.event_type === "heartbeat" && Array.isArray(d.backends) && d.backends.length) {
-      const addresses = d.backends.map((b) => (b && typeof b === "object") ? `${b.address} (${b.state})` : String(b));
-      const totals = d.total_configured != null ? ` [${d.total_active ?? "?"}/${d.total_configured} active]` : "";
+      const addresses = d.backends.map((b) => (isObject(b) ? `${text(b.address)} (${text(b.state)})` : text(b)));
+      const totals = d.total_configured != null
+        ? ` [${text(d.total_active, "?")}/${text(d.total_configured)} active]` : "";
       return `${ev.message}: ${addresses.join(", ")}${totals}`;
     }
     const used = d.rpc_backends;
-    if (ev.event_type === "heartbeat" && Array.isArray(used) && used.length) return `${ev.message}: ${used.join(", ")}`;
+    if (ev.event_type === "heartbeat" && Array.isArray(used) && used.length) {
+      return `${ev.message}: ${used.map((u) => text(u)).join(", ")}`;
+    }
     return ev.message;
   }
 
@@ -189,9 +225,9 @@
       return tr;
     }
     const ev = item.ev;
-    const tr = row([clock(ev.timestamp), (ev.source && ev.source.instance) || "", seqCell(ev, item.gap), ev.component,
-                     ev.event_type, el("td", ev.level, `level-${ev.level}`), messageText(ev)]);
-    tr.className = `level-${ev.level}`;
+    const tr = row([clock(ev.timestamp), ev.source.instance, seqCell(ev, item.gap), ev.component,
+                     ev.event_type, el("td", ev.level, levelClass(ev.level)), messageText(ev)]);
+    tr.className = levelClass(ev.level);
     return tr;
   }
 
@@ -240,8 +276,8 @@
     const r = a.reg || {};
     const every = [];
     if (a.heartbeatEvery) every.push(a.heartbeatEvery);
-    else if (r.backend_heartbeat !== false && r.backend_heartbeat_interval) every.push(r.backend_heartbeat_interval);
-    if (a.coordinator && a.coordinator.state === "running" && r.heartbeat_interval) every.push(r.heartbeat_interval);
+    else if (r.backend_heartbeat !== false && seconds(r.backend_heartbeat_interval)) every.push(r.backend_heartbeat_interval);
+    if (a.coordinator && a.coordinator.state === "running" && seconds(r.heartbeat_interval)) every.push(r.heartbeat_interval);
     return every.length ? Math.min(...every) : null;
   }
 
@@ -261,7 +297,7 @@
     const appRows = list.map((a) => {
       const r = a.reg || {};
       const [state, why] = appState(a, now);
-      return row([a.instance, r.app || a.source.app || "", r.mode || "", r.version || "", stateCell(state, why),
+      return row([a.instance, text(r.app) || a.source.app, text(r.mode), text(r.version), stateCell(state, why),
                   a.lastHeard ? `${age(now - a.lastHeard)} ago` : "-", a.count, a.gaps]);
     });
     $("apps").tBodies[0].replaceChildren(...appRows);
@@ -323,6 +359,7 @@
       if (!response.ok) return;
       const body = await response.json();
       for (const reg of body.apps || []) {
+        if (!isObject(reg)) continue;
         const a = appFor(reg.instance);
         if (!a.reg) a.reg = reg;
         if (a.lastHeard === null && typeof reg.started_at === "number") a.lastHeard = reg.started_at * 1000;
@@ -336,7 +373,7 @@
     source.onmessage = (message) => {
       let ev;
       try { ev = JSON.parse(message.data); } catch (err) { return; }
-      if (ev && typeof ev === "object" && typeof ev.timestamp === "number") handle(ev);
+      if (isObject(ev) && typeof ev.timestamp === "number" && isFinite(ev.timestamp)) handle(normalise(ev));
     };
     source.addEventListener("status", (message) => {
       const s = JSON.parse(message.data);
