@@ -5,6 +5,8 @@ import argparse
 import time
 from typing import Any
 
+from synapticllamas.event_lines import shown
+
 from .formatting import duration
 from .registry import CommandError, Result, UsageError, command, parse_args, parser, positive_int
 
@@ -115,14 +117,14 @@ async def _check(app: Any, args: list[str]) -> Result:
     return backends_table(app, f"Probed {n} backend{'s' if n != 1 else ''} in {took:.0f} ms.")
 
 
-def _port(text: str) -> int:
+def port_arg(text: str) -> int:
+    """argparse type for a port (`backends spawn --port-base`, `coordinator start --port`)."""
+    from synapticllamas.rpc_addresses import parse_port
+
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)")
-    return value
+        return parse_port(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 async def _spawn(app: Any, args: list[str]) -> Result:
@@ -130,13 +132,16 @@ async def _spawn(app: Any, args: list[str]) -> Result:
 
     p = parser("backends spawn")
     p.add_argument("n", type=positive_int, metavar="N")
-    p.add_argument("--port-base", type=_port, metavar="P")
+    p.add_argument("--port-base", type=port_arg, metavar="P")
     ns = parse_args(p, args)
     if ns.n > MAX_LOCAL:
         raise UsageError(f"N={ns.n} is too many; spawn starts 1 to {MAX_LOCAL} local backends")
-    app.ui.progress(f"Starting {ns.n} ggml-rpc-server on 127.0.0.1 ...")
+
+    def starting(ports: list[int]) -> None:     # after the checks: no "Starting" for a refused spawn
+        app.ui.progress(f"Starting {len(ports)} ggml-rpc-server on 127.0.0.1 ...")
+
     try:
-        keys = await app.local_backends.spawn(ns.n, ns.port_base)
+        keys = await app.local_backends.spawn(ns.n, ns.port_base, starting)
     except LocalBackendError as exc:
         raise CommandError(str(exc)) from None
     finally:
@@ -170,5 +175,5 @@ async def backends_command(app: Any, args: list[str]) -> Result:
     sub, rest = (args[0], args[1:]) if args else ("list", [])
     handler = HANDLERS.get(sub)
     if handler is None:
-        raise UsageError(f"unknown subcommand {sub!r}; accepted: {', '.join(HANDLERS)}")
+        raise UsageError(f"unknown subcommand '{shown(sub)}'; accepted: {', '.join(HANDLERS)}")
     return await handler(app, rest)

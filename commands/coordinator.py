@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from synapticllamas.coordinator import CoordinatorError, Notice, StateChange
+from synapticllamas.event_lines import shown
 
+from .backends import port_arg
 from .formatting import duration
 from .registry import CommandError, Result, UsageError, command, parse_args, parser, positive_int
 
@@ -26,14 +28,6 @@ DEFAULT_LOG_LINES = 20
 DEFAULT_TOKENS = 32
 
 
-def _port(text: str) -> int:
-    import argparse
-
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"port {text!r} is not valid; expected a number from 1 to 65535")
-    return int(text)
-
-
 def _running_line(status: dict[str, Any], note: str = "") -> str:
     backends = ", ".join(status["backends"]) or "none (standard mode)"
     return (f"Coordinator running at {status['url']} (pid {status['pid']}); model {status['model']}; "
@@ -47,7 +41,7 @@ async def _start(app: Any, args: list[str], restart: bool = False) -> Result:
     if not restart:
         p = parser("coordinator start")
         p.add_argument("--model", metavar="PATH")
-        p.add_argument("--port", type=_port)
+        p.add_argument("--port", type=port_arg)
         ns = parse_args(p, args)
         model, port = ns.model, ns.port
         if model is None and not app.settings.model:
@@ -128,9 +122,10 @@ async def _attach(app: Any, args: list[str]) -> Result:
     except CoordinatorError as exc:
         raise CommandError(str(exc)) from None
     every = f"{app.settings.attach_check_interval:g}s"
+    url = app.coordinator.attached[0]
     if ok:
-        return Result.success(f"Watching {args[0]}: it is up (/health ok); its state is checked every {every}.")
-    return Result.warning(f"Watching {args[0]}: it is not up yet ({detail}); its state is checked every {every}.")
+        return Result.success(f"Watching {url}: it is up (/health ok); its state is checked every {every}.")
+    return Result.warning(f"Watching {url}: it is not up yet ({detail}); its state is checked every {every}.")
 
 
 async def _detach(app: Any, args: list[str]) -> Result:
@@ -149,6 +144,10 @@ async def _ask(app: Any, args: list[str]) -> Result:
     p.add_argument("--n", metavar="N", type=positive_int, default=DEFAULT_TOKENS)
     ns = parse_args(p, args)
     prompt = " ".join(ns.prompt)
+    try:
+        app.coordinator.require_running()      # before the prompt is echoed
+    except CoordinatorError as exc:
+        raise CommandError(str(exc)) from None
     app.ui.write(prompt, end="")
     try:
         result = await app.coordinator.ask(prompt, ns.n, lambda text: app.ui.write(text, end=""))
@@ -176,5 +175,5 @@ async def coordinator_command(app: Any, args: list[str]) -> Result:
         return await _start(app, rest, restart=True)
     handler = HANDLERS.get(sub)
     if handler is None:
-        raise UsageError(f"unknown subcommand {sub!r}; expected one of: {', '.join(SUBCOMMANDS)}")
+        raise UsageError(f"unknown subcommand '{shown(sub)}'; expected one of: {', '.join(SUBCOMMANDS)}")
     return await handler(app, rest)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from . import llama_args, llama_http
 from .child_process import spawn
+from .event_lines import shown
 from .ticker import Ticker
 
 if TYPE_CHECKING:   # llama_log (its patterns) and binaries load with the first start, not at start-up
@@ -147,17 +148,18 @@ def exit_details(returncode: int) -> dict[str, Any]:
 
 def check_model(path: Path) -> None:
     """Raise CoordinatorError unless `path` is a readable file that starts with the GGUF magic."""
-    if not path.exists():
-        raise CoordinatorError(f"model {path} does not exist; give a GGUF file with --model PATH")
-    if not path.is_file():
-        raise CoordinatorError(f"model {path} is not a file; give a GGUF file with --model PATH")
+    name = shown(str(path), 200)
     try:
+        if not path.exists():
+            raise CoordinatorError(f"model {name} does not exist; give a GGUF file with --model PATH")
+        if not path.is_file():
+            raise CoordinatorError(f"model {name} is not a file; give a GGUF file with --model PATH")
         with path.open("rb") as fh:
             magic = fh.read(4)
-    except OSError as exc:
-        raise CoordinatorError(f"model {path} cannot be read ({exc.strerror})") from None
+    except OSError as exc:       # a name too long, a directory we may not search, ...
+        raise CoordinatorError(f"model {name} cannot be read ({exc.strerror})") from None
     if magic != GGUF_MAGIC:
-        raise CoordinatorError(f"model {path} is not a GGUF file (it starts with {magic!r}, a GGUF file with "
+        raise CoordinatorError(f"model {name} is not a GGUF file (it starts with {magic!r}, a GGUF file with "
                                f"b'GGUF'); llama-server needs a .gguf model")
 
 
@@ -658,10 +660,14 @@ class CoordinatorManager:
 
     # ------------------------------------------------------------ one completion
 
-    async def ask(self, prompt: str, n_predict: int, on_token: Callable[[str], None]) -> dict[str, Any]:
-        """Stream one /completion; returns counts and timings. Raises CoordinatorError (one line)."""
+    def require_running(self) -> None:
+        """Raise CoordinatorError unless there is a coordinator to ask."""
         if self.state != "running":
             raise CoordinatorError(f"no running coordinator (state: {self.state}); `coordinator start` first")
+
+    async def ask(self, prompt: str, n_predict: int, on_token: Callable[[str], None]) -> dict[str, Any]:
+        """Stream one /completion; returns counts and timings. Raises CoordinatorError (one line)."""
+        self.require_running()
         run = self.run
         if self.attached:
             _, host, port = self.attached

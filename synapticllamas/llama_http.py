@@ -11,6 +11,9 @@ import json
 from typing import Any, AsyncIterator
 from urllib.parse import urlsplit
 
+from .event_lines import shown
+from .rpc_addresses import normal_host
+
 MAX_HEADER_LINES = 100
 
 
@@ -26,15 +29,18 @@ def connect_host(host: str) -> str:
 def parse_base_url(url: str) -> tuple[str, int]:
     """http://HOST[:PORT] -> (host, port); raises ValueError with a one-line reason."""
     accepted = "expected http://HOST:PORT, e.g. http://10.0.0.9:8080"
+    quoted = f"URL '{shown(url)}'"
     try:
         parts = urlsplit(url.strip())
         port = parts.port
     except ValueError:
-        raise ValueError(f"URL {url!r} is not valid; {accepted}") from None
+        raise ValueError(f"{quoted} is not valid; {accepted}") from None
     if parts.scheme != "http" or not parts.hostname:
-        raise ValueError(f"URL {url!r} is not supported; {accepted}")
+        raise ValueError(f"{quoted} is not supported; {accepted}")
+    if normal_host(parts.hostname) is None:
+        raise ValueError(f"{quoted} has no valid host; {accepted}")
     if parts.path not in ("", "/") or parts.query:
-        raise ValueError(f"URL {url!r} has a path; {accepted} (the server's root, /health is added)")
+        raise ValueError(f"{quoted} has a path; {accepted} (the server's root, /health is added)")
     return parts.hostname, port or 80
 
 
@@ -53,7 +59,7 @@ async def _send(host: str, port: int, method: str, path: str, body: Any = None, 
         await writer.drain()
         status_line = await reader.readline()
         parts = status_line.decode("latin-1").split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not (parts[1].isascii() and parts[1].isdecimal()):
             raise HttpError(f"not an HTTP answer: {status_line[:60]!r}")
         headers: dict[str, str] = {}
         for _ in range(MAX_HEADER_LINES):

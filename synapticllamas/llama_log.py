@@ -91,7 +91,8 @@ def parse(text: str) -> LogLine:
         return line("abort", "error", error=hit.group("what"))
     for step, (stage, pattern) in enumerate(LOAD_STEPS, 1):
         if (hit := pattern.search(message)):
-            extra = {k: (int(v) if v.isdigit() else v) for k, v in hit.groupdict().items()}
+            # the counts (\d+ groups) as numbers; the path stays text, even when it is "123"
+            extra = {k: (v if k == "path" else int(v)) for k, v in hit.groupdict().items()}
             return line("load_step", stage=stage, step=step, steps=LOAD_STEP_COUNT, **extra)
     if _LOADED.search(message):
         return line("model_loaded", stage="model loaded", step=LOAD_STEP_COUNT, steps=LOAD_STEP_COUNT)

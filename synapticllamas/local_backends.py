@@ -13,7 +13,7 @@ import signal
 import socket
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .child_process import spawn
 from .rpc_probe import ProbeFailure, probe
@@ -107,9 +107,11 @@ class LocalBackends:
 
     # ------------------------------------------------------------ spawn
 
-    async def spawn(self, n: int, port_base: int | None = None) -> list[str]:
+    async def spawn(self, n: int, port_base: int | None = None,
+                    starting: Callable[[list[int]], None] | None = None) -> list[str]:
         """Start n servers, wait until each accepts TCP connections, add them to the registry (not
-        persisted). All or nothing: if one fails, the others of this call are stopped again."""
+        persisted). All or nothing: if one fails, the others of this call are stopped again.
+        `starting(ports)` is called once every check has passed, just before the first start."""
         if n < 1:
             raise LocalBackendError(f"the number of backends must be 1 or more, not {n}")
         from . import binaries    # on first use: start-up does not need it
@@ -119,6 +121,8 @@ class LocalBackends:
         except binaries.NotFound as exc:
             raise LocalBackendError(str(exc)) from None
         ports = self._choose_ports(n, port_base)
+        if starting is not None:
+            starting(ports)
         mine: list[LocalBackend] = []      # every process this call started, ready or not
         try:
             started = await asyncio.gather(

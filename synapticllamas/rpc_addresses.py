@@ -9,7 +9,10 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from .event_lines import shown
+
 DEFAULT_RPC_PORT = 50052
+PORTS = "a number from 1 to 65535"
 ACCEPTED = "HOST, HOST:PORT or [IPv6]:PORT with a port from 1 to 65535"
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
@@ -27,7 +30,16 @@ class Address:
         return self.key
 
 
-def _normal_host(host: str) -> str | None:
+def parse_port(text: str) -> int:
+    """A TCP port from ASCII digits only (int() also takes ' 80', '+80', '1_0' and other scripts'
+    digits, and str.isdigit() says yes to '\u00b2', which int() refuses); ValueError says why."""
+    if text.isascii() and text.isdecimal() and len(text) <= 5 and 1 <= int(text) <= 65535:
+        return int(text)
+    raise ValueError(f"port '{shown(text)}' is not valid; expected {PORTS}")
+
+
+def normal_host(host: str) -> str | None:
+    """An IP address or DNS name in its normal spelling (localhost -> 127.0.0.1), or None."""
     if host.lower() == "localhost":
         return "127.0.0.1"
     try:
@@ -48,7 +60,7 @@ def parse_address(text: str, default_port: int = DEFAULT_RPC_PORT) -> Address:
     if raw.startswith("["):
         m = re.fullmatch(r"\[([^\]]+)\](?::(.*))?", raw)
         if not m:
-            raise ValueError(f"backend address {text!r} is not valid; expected {ACCEPTED}")
+            raise ValueError(f"backend address '{shown(text)}' is not valid; expected {ACCEPTED}")
         host, port_text = m.group(1), m.group(2)
     elif raw.count(":") > 1:  # bare IPv6 without a port
         host, port_text = raw, None
@@ -56,13 +68,13 @@ def parse_address(text: str, default_port: int = DEFAULT_RPC_PORT) -> Address:
         host, _, port_text = raw.partition(":")
         if ":" not in raw:
             port_text = None
-    normal = _normal_host(host)
+    normal = normal_host(host)
     if normal is None:
-        raise ValueError(f"backend address {text!r} has no valid host; expected {ACCEPTED}")
+        raise ValueError(f"backend address '{shown(text)}' has no valid host; expected {ACCEPTED}")
     if port_text is None:
-        port = default_port
-    else:
-        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-            raise ValueError(f"backend address {text!r} has port {port_text!r}; expected {ACCEPTED}")
-        port = int(port_text)
-    return Address(normal, port)
+        return Address(normal, default_port)
+    try:
+        return Address(normal, parse_port(port_text))
+    except ValueError:
+        raise ValueError(f"backend address '{shown(text)}' has port '{shown(port_text)}'; "
+                         f"expected {ACCEPTED}") from None

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from . import backends_file
+from .event_lines import shown
 from .rpc_addresses import parse_address
 from .rpc_probe import ProbeFailure, ProbeResult, is_ip, probe, resolve
 from .ticker import Ticker
@@ -188,25 +189,26 @@ class RpcRegistry:
         duplicate address, or a backends file that cannot be written."""
         parsed = parse_address(address)
         key = parsed.key
+        quoted = f"'{shown(address.strip())}'"     # it parsed, but may be long
         if key in self._backends:
             spelled = "" if address.strip() == key else f" as {key}"
-            raise ValueError(f"backend {address.strip()!r} is already configured{spelled}")
+            raise ValueError(f"backend {quoted} is already configured{spelled}")
         resolved = key
         if not is_ip(parsed.host):
             try:
                 _, ip = await asyncio.wait_for(resolve(parsed.host, parsed.port), RESOLVE_TIMEOUT)
             except ProbeFailure as exc:
-                raise ValueError(f"backend address {address!r}: {exc.reason}; "
+                raise ValueError(f"backend address {quoted}: {exc.reason}; "
                                  "use a name this machine resolves, or an IP address") from None
             except TimeoutError:
-                raise ValueError(f"backend address {address!r}: name {parsed.host!r} did not resolve "
+                raise ValueError(f"backend address {quoted}: name '{shown(parsed.host)}' did not resolve "
                                  f"within {RESOLVE_TIMEOUT:g}s") from None
             resolved = f"[{ip}]:{parsed.port}" if ":" in ip else f"{ip}:{parsed.port}"
             if key in self._backends:      # added by someone else while we were resolving
                 raise ValueError(f"backend {key} is already configured")
         for other in self._backends.values():
             if (other.resolved or other.key) == resolved:
-                raise ValueError(f"backend {address!r} is {resolved}, already configured as {other.key}")
+                raise ValueError(f"backend {quoted} is {resolved}, already configured as {other.key}")
         if persist:
             backends_file.append(self.settings.backends_file, key)
         backend = self._insert(key, source or ("added" if persist else "runtime"), persisted=persist)

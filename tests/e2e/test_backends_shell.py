@@ -51,6 +51,26 @@ def test_bad_addresses_and_bad_file_lines_are_one_line_errors(tmp_path):
     assert conf.read_text() == "10.0.0.1:50052\n10.0.0.2:0\n10.0.0.3\n10.0.0.4:50052\n"
 
 
+def test_odd_ports_are_named_and_checked_before_anything_starts(tmp_path):
+    """Unicode digits int() would take or choke on, a --port-base whose ports run past 65535, and
+    input with an escape sequence: one line each, naming the value, nothing started."""
+    script = ("backends add 127.0.0.1:\u00b2\nbackends add 127.0.0.1:\u0665\n"
+              "backends spawn 2 --port-base 65535\nbackends spawn 1 --port-base \u00b2\n"
+              "backends spawn 1 --port-base ' 80'\nbackends 'x\x1b[31m'\nbackends list\n")
+    proc = run_piped(script, tmp_path, env=shell_env(tmp_path, SOLLOL_RPC_BACKEND_HEARTBEAT="false"), timeout=60)
+    accepted = "expected HOST, HOST:PORT or [IPv6]:PORT with a port from 1 to 65535"
+    assert [line for line in proc.stderr.splitlines() if not line.startswith("Usage: ")] == [
+        f"Error: backend address '127.0.0.1:\u00b2' has port '\u00b2'; {accepted}",
+        f"Error: backend address '127.0.0.1:\u0665' has port '\u0665'; {accepted}",
+        "Error: --port-base 65535 with 2 backends needs ports up to 65536; ports go from 1 to 65535",
+        "Error: argument --port-base: port '\u00b2' is not valid; expected a number from 1 to 65535",
+        "Error: argument --port-base: port ' 80' is not valid; expected a number from 1 to 65535",
+        "Error: unknown subcommand 'x\\x1b[31m'; accepted: list, add, remove, check, spawn, stop-local",
+    ], proc.stderr
+    assert "Starting" not in proc.stdout and "\x1b" not in proc.stdout + proc.stderr
+    assert "No RPC backends configured." in proc.stdout
+
+
 # ---------------------------------------------------------------- no probes while the heartbeat is off
 
 class CountingListener:

@@ -165,6 +165,10 @@ def test_coordinator_mistakes_are_one_line_and_the_shell_goes_on(tmp_path, tag):
         "coordinator attach ftp://x",
         "coordinator frobnicate",
         "coordinator start",          # distributed mode, no backends
+        "coordinator start --port \u00b2",
+        "coordinator start --model " + "m" * 5000,
+        "coordinator attach 'http://bad\x1bhost:80'",
+        "coordinator '\x1b[31m'",
         "status",
     ]) + "\n"
     proc = run_piped(script, tmp_path, "--distributed", env=shell_env(tmp_path, **llama_env(tag)))
@@ -182,8 +186,14 @@ def test_coordinator_mistakes_are_one_line_and_the_shell_goes_on(tmp_path, tag):
         "detach, ask",
         "Error: no RPC backend is configured in distributed mode; start two local ones with `backends spawn 2`, "
         "or add one with `backends add HOST:PORT`",
+        "Error: argument --port: port '\u00b2' is not valid; expected a number from 1 to 65535",
+        f"Error: model {'m' * 197}... cannot be read (File name too long)",
+        "Error: URL 'http://bad\\x1bhost:80' has no valid host; expected http://HOST:PORT, e.g. http://10.0.0.9:8080",
+        "Error: unknown subcommand '\\x1b[31m'; expected one of: start, stop, restart, status, logs, attach, "
+        "detach, ask",
     ], proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr and "\x1b" not in proc.stdout + proc.stderr
+    assert "hello" not in proc.stdout      # `ask` says there is no coordinator before echoing the prompt
     assert "mode         distributed" in proc.stdout     # the shell went on to the last line
     assert proc.returncode == 1
 

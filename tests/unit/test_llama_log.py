@@ -54,6 +54,12 @@ def test_start_log_reports_each_rpc_device_and_its_buffers():
     assert summary["file_mib"] == 92.1
 
 
+def test_a_model_path_stays_text_whatever_its_characters():
+    for name in ("\u00b2", "123"):    # '\u00b2'.isdigit() is True, yet int() refuses it
+        rec = parse(f"0.00.004.721 I srv    load_model: loading model '{name}'")
+        assert rec.kind == "load_step" and rec.details["path"] == name
+
+
 def test_prefix_is_removed_and_its_level_kept():
     rec = parse("0.00.006.032 W srv  llama_server: security: no API key is set\n")
     assert rec.level == "warning" and rec.message == "srv  llama_server: security: no API key is set"

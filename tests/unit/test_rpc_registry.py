@@ -61,7 +61,8 @@ class Listener:
 
 # ---------------------------------------------------------------- addresses and the file
 
-BAD = ["foo", "host:0", "host:99999", ":50052", "a b:1", "[::1", "10.0.0.1:http"]
+BAD = ["foo", "host:0", "host:99999", ":50052", "a b:1", "[::1", "10.0.0.1:http",
+       "127.0.0.1:\u00b2", "127.0.0.1:\u0665", "127.0.0.1: 80", "127.0.0.1:+80"]   # no digits but ASCII ones
 
 
 def test_bad_addresses_are_refused_with_one_line_and_nothing_is_lost(tmp_path):
@@ -81,6 +82,18 @@ def test_bad_addresses_are_refused_with_one_line_and_nothing_is_lost(tmp_path):
 
     registry = asyncio.run(run())
     assert registry.status() == {"configured": 2, "up": 0, "down": 0, "unknown": 2}
+
+
+def test_a_long_or_escaped_address_is_quoted_escaped_and_cut(tmp_path):
+    from synapticllamas.rpc_addresses import parse_address, parse_port
+
+    for text in ("\x1b[31m" + "h" * 5000, "h:\x1b[0m" + "9" * 5000):
+        with pytest.raises(ValueError) as err:
+            parse_address(text)
+        message = str(err.value)
+        assert "\x1b" not in message and "\\x1b" in message and len(message) < 250, message
+    with pytest.raises(ValueError, match=r"port '9{57}\.\.\.' is not valid; expected a number from 1 to 65535"):
+        parse_port("9" * 5000)           # int() would refuse over 4300 digits with its own message
 
 
 def test_unresolvable_name_says_so(tmp_path):
