@@ -21,10 +21,12 @@ APPS = "synapticllamas:apps"
 class Dashboard:
     """`python3 main.py dashboard-server` on a free loopback port, as a user starts it."""
 
-    def __init__(self, tmp: Path, redis_url: str, *args: str, token: str | None = None) -> None:
+    def __init__(self, tmp: Path, redis_url: str, *args: str, token: str | None = None,
+                 host: str = "127.0.0.1") -> None:
         self.port = free_port()
         self.token = token
-        cmd = [PYTHON, str(ROOT / "main.py"), "dashboard-server", "--port", str(self.port),
+        self.host = host
+        cmd = [PYTHON, str(ROOT / "main.py"), "dashboard-server", "--host", host, "--port", str(self.port),
                "--redis-url", redis_url, *args]
         if token:
             cmd += ["--token", token]
@@ -36,7 +38,7 @@ class Dashboard:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def page_url(self) -> str:
         return self.url + "/" + (f"?token={self.token}" if self.token else "")

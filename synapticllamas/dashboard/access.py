@@ -1,18 +1,19 @@
 """Who may use the dashboard: the token (when set) on every route, and loopback Host names.
 
 The token comes as `Authorization: Bearer T` or `?token=T` (EventSource cannot send headers).
-When bound to loopback, requests must name a loopback host, so a web page on another site cannot
-reach the dashboard by DNS rebinding. Every response gets a strict Content-Security-Policy: the page
+When bound to a loopback address (any of 127.0.0.0/8, ::1), requests must name a loopback host
+(localhost or a loopback address), so a web page on another site cannot reach the dashboard by DNS
+rebinding. Every response gets a strict Content-Security-Policy: the page
 loads only its own script and style, and a log line that somehow became markup could not run.
 """
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 from typing import Any
 from urllib.parse import parse_qs
 
-LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 SECURITY_HEADERS = [
     (b"content-security-policy",
@@ -44,6 +45,16 @@ def host_name(scope: dict[str, Any]) -> str:
     return ""
 
 
+def is_loopback_name(name: str) -> bool:
+    """localhost, or a loopback address literal (127.0.0.0/8, ::1; IPv6 with or without brackets)."""
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name.removeprefix("[").removesuffix("]")).is_loopback
+    except ValueError:
+        return False
+
+
 class Guard:
     """ASGI middleware in front of every route."""
 
@@ -56,8 +67,9 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.loopback_only and host_name(scope) not in LOOPBACK:
-            await self.refuse(send, 421, f"host {host_name(scope)!r} is not served here; use http://127.0.0.1")
+        if self.loopback_only and not is_loopback_name(host_name(scope)):
+            await self.refuse(send, 421, f"host {host_name(scope)!r} is not served here; open the address the "
+                                         "dashboard printed (a loopback address, or localhost)")
             return
         if self.token is not None:
             given = request_token(scope)

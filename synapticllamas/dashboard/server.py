@@ -22,7 +22,7 @@ from starlette.staticfiles import StaticFiles
 
 from .. import __version__
 from . import frames
-from .access import LOOPBACK, Guard
+from .access import Guard, is_loopback_name
 from .hub import Hub
 from .sse import EventStream
 
@@ -174,8 +174,14 @@ def serve(host: str, port: int, redis_url: str, token: str | None, replay: int) 
         reason = exc.strerror or str(exc)
         print(f"Error: cannot listen on {host}:{port}: {reason.lower()}; choose another --port", file=sys.stderr)
         return 1
-    app = create_app(redis_url, token=token, replay=replay, loopback_only=host in LOOPBACK)
+    bound = sock.getsockname()[0]   # what --host resolved to: "localhost" is 127.0.0.1
+    loopback = is_loopback_name(bound)
     shown_host = f"[{host}]" if ":" in host else host
+    if not loopback and not token:
+        print(f"Warning: the dashboard listens on {shown_host}:{sock.getsockname()[1]}, beyond loopback, without "
+              "--token: anyone who can reach it sees every event; add --token T (or SYNAPTICLLAMAS_DASHBOARD_TOKEN)",
+              file=sys.stderr, flush=True)
+    app = create_app(redis_url, token=token, replay=replay, loopback_only=loopback)
     url = f"http://{shown_host}:{sock.getsockname()[1]}/" + (f"?token={quote(token, safe='')}" if token else "")
     print(f"SynapticLlamas dashboard {__version__}: {url}", flush=True)
     print(f"Events from {redact_url(redis_url)} (Redis is used only while a page is open). Ctrl-C stops.",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -410,3 +411,46 @@ def test_a_hung_redis_is_reported_down_and_the_feed_resumes_when_it_wakes(dashbo
         assert [e.json()["message"] for e in viewer.events()] == ["before the hang", "after the hang"]
     finally:
         viewer.close()
+
+
+@pytest.mark.parametrize("bind", ["127.0.0.1", "127.0.0.2"])
+def test_bound_to_any_loopback_address_only_loopback_host_names_are_served(tmp_path, redis_server, bind):
+    """DNS rebinding: a page on evil.example whose name now resolves to 127.0.0.x must be refused."""
+    dash = Dashboard(tmp_path, redis_server.url, host=bind)
+    try:
+        for host in (f"{bind}:{dash.port}", f"localhost:{dash.port}", f"127.0.0.1:{dash.port}", "[::1]"):
+            assert dash.get("/healthz", headers={"Host": host})[0] == 200, host
+        for host in (f"evil.example:{dash.port}", f"{bind}.evil.example", "10.0.0.1"):
+            status, body = dash.get("/healthz", headers={"Host": host})
+            assert status == 421 and body["error"].startswith(f"host {host.split(':')[0]!r} is not served here"), \
+                (host, status, body)
+        assert "Warning" not in dash.log_path.read_text()
+    finally:
+        dash.stop()
+
+
+@pytest.mark.parametrize("token", [None, "s3cret"])
+def test_listening_beyond_loopback_without_a_token_warns_on_stderr(tmp_path, token):
+    """--host 0.0.0.0 in a network namespace of its own (unshare -n: only a downed lo), so the test
+    exposes nothing while the dashboard really binds every address."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.fail("this test needs unshare (util-linux) to bind 0.0.0.0 in a private network namespace")
+    port = free_port()
+    cmd = [unshare, "-n", PYTHON, str(ROOT / "main.py"), "dashboard-server", "--host", "0.0.0.0",
+           "--port", str(port), "--redis-url", "redis://127.0.0.1:1"] + (["--token", token] if token else [])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=shell_env(tmp_path))
+    try:
+        first = proc.stdout.readline()   # the warning, if any, was written before this line
+    finally:
+        proc.kill()   # not reachable from here to wait for it to serve; a clean stop is tested above
+        proc.wait(10)
+    stderr = proc.stderr.read()
+    assert first.startswith("SynapticLlamas dashboard ") and f"http://0.0.0.0:{port}/" in first, (first, stderr)
+    if token:
+        assert stderr == "", stderr
+    else:
+        assert stderr.splitlines() == [
+            f"Warning: the dashboard listens on 0.0.0.0:{port}, beyond loopback, without --token: anyone who "
+            "can reach it sees every event; add --token T (or SYNAPTICLLAMAS_DASHBOARD_TOKEN)"], stderr

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from synapticllamas.dashboard import frames
-from synapticllamas.dashboard.access import host_name, request_token
+from synapticllamas.dashboard.access import host_name, is_loopback_name, request_token
 from synapticllamas.dashboard.hub import redact_strings
 
 
@@ -60,3 +60,12 @@ def test_registration_urls_lose_their_password():
     out = redact_strings(reg)
     assert "pw" not in json.dumps(out)
     assert out["redis_url"] == "redis://:***@h:6379/0" and out["s"] == "a@b" and out["n"] == 1
+
+
+@pytest.mark.parametrize("name, loopback", [
+    ("127.0.0.1", True), ("127.0.0.2", True), ("127.255.255.254", True), ("localhost", True), ("[::1]", True),
+    ("::1", True), ("evil.example", False), ("127.0.0.1.evil.example", False), ("0.0.0.0", False),
+    ("10.0.0.1", False), ("[::]", False), ("", False), ("localhost.evil.example", False),
+])
+def test_loopback_names(name, loopback):
+    assert is_loopback_name(name) is loopback
