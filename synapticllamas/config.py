@@ -160,6 +160,16 @@ def redact_url(url: str) -> str:
     return f"{scheme}://{user}:***@{hostport}{slash}{tail}"
 
 
+def redact_arguments(text: str) -> str:
+    """llama-server arguments with the values of --api-key and the like hidden."""
+    from .llama_args import redact_args
+
+    try:
+        return redact_args(text)
+    except ValueError:   # not even splittable (an unclosed quote): show nothing of it
+        return "(not shown: cannot be parsed)"
+
+
 # ---------------------------------------------------------------- the settings table
 
 @dataclass(frozen=True)
@@ -170,7 +180,7 @@ class Spec:
     env: tuple[str, ...] = ()      # environment variables, first one found wins
     flag: str | None = None        # the click option that sets it (for `config` output)
     help: str = ""
-    secret: bool = False           # contains a URL whose password must be redacted
+    redact: Callable[[str], str] | None = None   # hides the secrets in it wherever it is printed
 
     def default_value(self) -> Any:
         return self.default() if callable(self.default) else self.default
@@ -180,7 +190,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("distributed", False, parse_bool, ("SYNAPTICLLAMAS_DISTRIBUTED",), "--distributed",
          "distributed mode: the coordinator uses the RPC backends"),
     Spec("redis_url", "redis://localhost:6379", parse_redis_url, ("SOLLOL_REDIS_URL",), "--redis-url",
-         "where `redis on` publishes events", secret=True),
+         "where `redis on` publishes events", redact=redact_url),
     Spec("redis_enabled", False, parse_bool, ("SYNAPTICLLAMAS_REDIS",), "--redis/--no-redis",
          "start with Redis publishing on"),
     Spec("rpc_heartbeat_interval", 30.0, interval, ("SOLLOL_RPC_HEARTBEAT_INTERVAL",), None,
@@ -221,7 +231,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("coordinator_ctx_size", 2048, int_at_least(0), ("SYNAPTICLLAMAS_COORDINATOR_CTX_SIZE",), None,
          "llama-server's context size (-c); 0 = the model's own, which can take much more memory"),
     Spec("coordinator_args", "", parse_arguments, ("SYNAPTICLLAMAS_COORDINATOR_ARGS",), None,
-         "extra llama-server arguments, appended as given (e.g. \"-t 2\")"),
+         "extra llama-server arguments, appended as given (e.g. \"-t 2\")", redact=redact_arguments),
     Spec("attach_check_interval", 60.0, interval, ("SYNAPTICLLAMAS_ATTACH_CHECK_INTERVAL",), None,
          "seconds between state checks of an attached external coordinator"),
     Spec("probe_timeout", 1.0, positive_float, ("SYNAPTICLLAMAS_PROBE_TIMEOUT",), None,
@@ -265,7 +275,8 @@ class Settings:
         if isinstance(value, float) and value.is_integer():
             return f"{value:g}"
         text = str(value)
-        return redact_url(text) if SPEC_BY_NAME[name].secret else text
+        redact = SPEC_BY_NAME[name].redact
+        return redact(text) if redact else text
 
     def replace(self, **changes: Any) -> "Settings":
         """A copy with some values changed (tests and commands); sources say 'runtime'."""
@@ -322,7 +333,7 @@ def load_settings(flags: dict[str, Any] | None = None, env: dict[str, str] | Non
             try:
                 raw = spec.parse(raw)
             except ValueError as exc:
-                shown = raw if not spec.secret else redact_url(str(raw))
+                shown = spec.redact(str(raw)) if spec.redact else raw
                 if isinstance(shown, (list, tuple)):
                     shown = ",".join(map(str, shown))
                 raise ConfigError(f"{label}={str(shown)!r} is not valid: {exc}") from None

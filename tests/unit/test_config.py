@@ -112,3 +112,12 @@ def test_bad_url_with_a_password_is_one_line_and_redacted(tmp_path):
 ])
 def test_redact_url(url, shown):
     assert redact_url(url) == shown
+
+
+def test_config_hides_an_api_key_in_the_llama_server_arguments(tmp_path):
+    env = shell_env(tmp_path, SYNAPTICLLAMAS_COORDINATOR_ARGS="-t 2 --api-key sekrit123")
+    proc = subprocess.run([PYTHON, str(ROOT / "main.py"), "-c", "config"], capture_output=True, text=True,
+                          env=env, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert "sekrit123" not in proc.stdout
+    assert "-t 2 --api-key REDACTED" in proc.stdout
