@@ -31,11 +31,15 @@ repeat by (source.instance, seq), which is what seq is for.)
 While Redis is unreachable the events wait, oldest first, up to SOLLOL_OBSERVER_MAX_EVENTS; beyond
 that the oldest are dropped and counted, and a system/events_dropped event says how many once
 Redis is back. Reconnection uses capped exponential backoff with jitter.
+
+On each connection the app registers in the apps hash and removes the entries of apps on its own
+host (and pid namespace) whose process is gone: a shell killed with SIGKILL never unregisters.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import threading
 import time
@@ -52,6 +56,27 @@ BACKOFF_FIRST = 0.05        # seconds before the first retry; doubles, with jitt
 BACKOFF_CAP = 2.0
 LAST_SEQ_PREFIX = "synapticllamas:last_seq:"   # per instance: seq of the last batch Redis ran
 LAST_SEQ_TTL = 86400        # a crashed app's key expires by itself
+
+
+def pid_namespace() -> str | None:
+    """Which pid numbering this process sees ("pid:[4026531836]"); None without /proc. Containers
+    that share the host name (host networking) each have their own, and a pid means nothing outside it."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def process_gone(pid: Any) -> bool:
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:   # PermissionError: it exists, it is someone else's
+        return False
+    return False
 
 
 class _Refused(Exception):
@@ -92,7 +117,9 @@ class RedisPublisher:
         self.shown_url = redact_url(self.url)
         self.max_events = settings.observer_max_events
         self.instance = observer.source["instance"]
-        self._registration = json.dumps(registration or {"instance": self.instance}, default=str)
+        registration = dict(registration or {"instance": self.instance}, pid_ns=pid_namespace())
+        self._host, self._pid_ns = registration.get("host"), registration["pid_ns"]
+        self._registration = json.dumps(registration, default=str)
         self._last_seq_key = LAST_SEQ_PREFIX + self.instance
 
         # shared: the queue and how the sink wakes the thread
@@ -318,10 +345,12 @@ class RedisPublisher:
         conn = pool.make_connection()
         try:
             conn.connect()
-            commands: list[tuple[Any, ...]] = [("HSET", APPS_HASH, self.instance, self._registration)]
+            commands: list[tuple[Any, ...]] = [("HSET", APPS_HASH, self.instance, self._registration),
+                                               ("HGETALL", APPS_HASH)]
             if self._inflight_unknown:
                 commands.append(("GET", self._last_seq_key))
             replies = self._roundtrip(conn, commands)
+            self._remove_dead_apps(conn, replies[1])
         except BaseException:
             conn.disconnect()
             raise
@@ -335,6 +364,27 @@ class RedisPublisher:
                 self._inflight = []
                 self._inflight_trimmed = 0
         return conn
+
+    def _remove_dead_apps(self, conn: Any, apps: Any) -> None:
+        """HDEL the registrations of this host's (and pid namespace's) apps whose process is gone."""
+        if not self._host:
+            return
+        pairs = apps.items() if isinstance(apps, dict) else zip(apps[::2], apps[1::2])   # RESP3 / RESP2
+        dead = []
+        for instance, text in pairs:
+            try:
+                reg = json.loads(text)
+            except ValueError:   # not ours to judge
+                continue
+            if (isinstance(reg, dict) and reg.get("host") == self._host and reg.get("pid_ns") == self._pid_ns
+                    and process_gone(reg.get("pid"))):
+                dead.append(instance)
+        if dead:
+            try:
+                keys = [LAST_SEQ_PREFIX.encode() + (i if isinstance(i, bytes) else i.encode()) for i in dead]
+                self._roundtrip(conn, [("HDEL", APPS_HASH, *dead), ("DEL", *keys)])
+            except _Refused:     # housekeeping: never a reason not to publish
+                pass
 
     def _roundtrip(self, conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
         from redis.exceptions import ResponseError

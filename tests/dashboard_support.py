@@ -108,7 +108,11 @@ def instance_of(client: Any, pid: int, timeout: float = 20) -> str:
     """The instance id ("host:pid") under which the shell with this pid registered."""
     def find():
         for instance, text in client.hgetall(APPS).items():
-            if json.loads(text).get("pid") == pid:
+            try:
+                reg = json.loads(text)
+            except ValueError:   # anyone can write to the hash: skip what is not a registration
+                continue
+            if isinstance(reg, dict) and reg.get("pid") == pid:
                 return instance
         return None
 

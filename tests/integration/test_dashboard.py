@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -454,3 +455,30 @@ def test_listening_beyond_loopback_without_a_token_warns_on_stderr(tmp_path, tok
         assert stderr.splitlines() == [
             f"Warning: the dashboard listens on 0.0.0.0:{port}, beyond loopback, without --token: anyone who "
             "can reach it sees every event; add --token T (or SYNAPTICLLAMAS_DASHBOARD_TOKEN)"], stderr
+
+
+def test_a_killed_shells_registration_goes_when_another_shell_on_this_host_connects(dashboard, shells,
+                                                                                    redis_server):
+    client = redis_server.client()
+    victim = shells("victim")
+    dead = instance_of(client, victim.pid)
+    victim.kill()                             # SIGKILL: it never says goodbye
+    assert dead in client.hgetall(APPS)
+    reg = json.loads(client.hget(APPS, dead))
+    # kept: the same pid on another host or in another pid namespace (a container sharing the host
+    # name), a live pid of this host, an entry that is not JSON
+    elsewhere = dict(reg, host="elsewhere", instance=f"elsewhere:{victim.pid}")
+    container = dict(reg, pid_ns="pid:[1]", instance=f"{reg['host']}:{victim.pid}:container")
+    alive = dict(reg, pid=os.getpid(), instance=f"{reg['host']}:{os.getpid()}")
+    for entry in (elsewhere, container, alive):
+        client.hset(APPS, entry["instance"], json.dumps(entry))
+    client.hset(APPS, "junk:1", "not json")
+    assert dead in {app["instance"] for app in dashboard.get("/api/apps")[1]["apps"]}
+
+    survivor = shells("survivor")
+    fresh = instance_of(client, survivor.pid)
+    wait_for(lambda: dead not in client.hgetall(APPS), 10, what=f"the dead shell's entry {dead} to go")
+    assert set(client.hgetall(APPS)) == {fresh, elsewhere["instance"], container["instance"], alive["instance"],
+                                         "junk:1"}
+    assert dead not in {app["instance"] for app in dashboard.get("/api/apps")[1]["apps"]}
+    assert survivor.exit() == 0, survivor.output()
