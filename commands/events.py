@@ -14,10 +14,9 @@ FOLLOW_QUEUE = 10000   # events waiting to be printed by --follow before the old
 
 
 def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"N must be a whole number of events, got {text!r}") from None
+    if not (text.isascii() and text.lstrip("-").isdecimal()):
+        raise argparse.ArgumentTypeError(f"N must be a whole number of events, got {text!r}")
+    value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"N must be 1 or more, got {text!r}")
     return value

@@ -134,11 +134,10 @@ def parse_args(p: argparse.ArgumentParser, args: list[str]) -> argparse.Namespac
 
 
 def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (the error names the value)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    """argparse type: an integer >= 1 in ASCII digits (int() would take ' 3' and '٣')."""
+    if not (text.isascii() and text.isdecimal()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
     return value
