@@ -10,7 +10,7 @@ from synapticllamas.app import App
 from synapticllamas.config import load_settings
 from synapticllamas.render import Renderer
 from synapticllamas.shell import Shell
-from support import run_piped, shell_env
+from support import run_piped
 
 # Commands that are safe with any arguments: they read state, they never start processes or exit.
 SAFE_PREFIXES = ["help", "status", "config", "dashboard", "events", "redis status", "backends list",

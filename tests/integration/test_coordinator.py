@@ -15,7 +15,7 @@ import time
 import pytest
 
 from llama_support import (TAG_VAR, Collector, RpcServers, llama_binaries, pid_alive, settings_for, tagged,
-                           tagged_processes, wait_gone)
+                           tagged_processes)
 from support import free_port, wait_for
 from synapticllamas.coordinator import CoordinatorError, CoordinatorManager
 from synapticllamas.observer import Observer

@@ -349,7 +349,7 @@ def test_a_busy_port_is_one_line_and_the_console_script_serves(tmp_path, redis_s
                             env=shell_env(tmp_path))
     try:
         first = proc.stdout.readline()
-        assert first.startswith(f"SynapticLlamas dashboard ") and f"http://127.0.0.1:{port}/" in first
+        assert first.startswith("SynapticLlamas dashboard ") and f"http://127.0.0.1:{port}/" in first
         wait_for(lambda: healthz_answers(port), 10, what="the console script's server")
     finally:
         proc.send_signal(signal.SIGINT)

@@ -3,7 +3,6 @@ import asyncio
 import json
 import time
 
-import redis
 
 from event_support import CONTRACT_FIELDS, Subscriber, journal, make_app
 from support import RedisCliSubscriber, until
