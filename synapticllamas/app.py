@@ -6,6 +6,7 @@ every child process this app started and flushes queued events, within bounded t
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -49,7 +50,7 @@ class App:
             "app": self.observer.source["app"],
             "instance": self.instance,
             "host": self.observer.source["host"],
-            "pid": __import__("os").getpid(),
+            "pid": os.getpid(),
             "version": __version__,
             "mode": self.mode,
             "started_at": self.started_at,

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
+from .llama_args import redact_args
+
 
 class ConfigError(ValueError):
     """A setting has a value we cannot use. The message is one line, ready to print."""
@@ -160,16 +162,6 @@ def redact_url(url: str) -> str:
     return f"{scheme}://{user}:***@{hostport}{slash}{tail}"
 
 
-def redact_arguments(text: str) -> str:
-    """llama-server arguments with the values of --api-key and the like hidden."""
-    from .llama_args import redact_args
-
-    try:
-        return redact_args(text)
-    except ValueError:   # not even splittable (an unclosed quote): show nothing of it
-        return "(not shown: cannot be parsed)"
-
-
 # ---------------------------------------------------------------- the settings table
 
 @dataclass(frozen=True)
@@ -231,7 +223,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("coordinator_ctx_size", 2048, int_at_least(0), ("SYNAPTICLLAMAS_COORDINATOR_CTX_SIZE",), None,
          "llama-server's context size (-c); 0 = the model's own, which can take much more memory"),
     Spec("coordinator_args", "", parse_arguments, ("SYNAPTICLLAMAS_COORDINATOR_ARGS",), None,
-         "extra llama-server arguments, appended as given (e.g. \"-t 2\")", redact=redact_arguments),
+         "extra llama-server arguments, appended as given (e.g. \"-t 2\")", redact=redact_args),
     Spec("attach_check_interval", 60.0, interval, ("SYNAPTICLLAMAS_ATTACH_CHECK_INTERVAL",), None,
          "seconds between state checks of an attached external coordinator"),
     Spec("probe_timeout", 1.0, positive_float, ("SYNAPTICLLAMAS_PROBE_TIMEOUT",), None,
