@@ -25,9 +25,9 @@ sys.path.insert(0, str(ROOT))
 from netns import Blackhole  # noqa: E402
 
 from synapticllamas.config import load_settings  # noqa: E402
-from synapticllamas.observer import Observer  # noqa: E402
-from synapticllamas.rpc_probe import ProbeFailure, probe  # noqa: E402
-from synapticllamas.rpc_registry import RpcRegistry  # noqa: E402
+from synapticllamas.events.observer import Observer  # noqa: E402
+from synapticllamas.rpc.probe import ProbeFailure, probe  # noqa: E402
+from synapticllamas.rpc.registry import RpcRegistry  # noqa: E402
 
 
 def settings(tmp: Path, backends: list[str], timeout: float):

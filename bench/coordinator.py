@@ -34,11 +34,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 from support import RedisServer, free_port, until  # noqa: E402
 
-from commands import load_all  # noqa: E402
-from commands.registry import lookup  # noqa: E402
 from synapticllamas.app import App  # noqa: E402
+from synapticllamas.commands import load_all  # noqa: E402
+from synapticllamas.commands.registry import lookup  # noqa: E402
 from synapticllamas.config import load_settings  # noqa: E402
-from synapticllamas.events import CHANNEL_PATTERN  # noqa: E402
+from synapticllamas.events.contract import CHANNEL_PATTERN  # noqa: E402
 from synapticllamas.ui import PlainUI  # noqa: E402
 
 

@@ -38,8 +38,8 @@ EVENT = re.compile(rb'\{"timestamp":([0-9.e+-]+),"component":"raw","event_type":
 PUSHER = r"""
 import asyncio, json, sys, time
 from synapticllamas.config import load_settings
-from synapticllamas.observer import Observer
-from synapticllamas.publisher import RedisPublisher
+from synapticllamas.events.observer import Observer
+from synapticllamas.events.publisher import RedisPublisher
 
 async def main(url, rate, duration):
     settings = load_settings({"redis_url": url})
@@ -79,7 +79,7 @@ class Histogram:
         self.bins = [0] * (BINS + 1)
         self.count = 0
 
-    def merge(self, other: "Histogram") -> None:
+    def merge(self, other: Histogram) -> None:
         self.bins = [a + b for a, b in zip(self.bins, other.bins)]
         self.count += other.count
 

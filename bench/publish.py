@@ -37,7 +37,7 @@ from support import RedisServer, cpu_seconds  # noqa: E402
 
 from synapticllamas.app import App  # noqa: E402
 from synapticllamas.config import load_settings  # noqa: E402
-from synapticllamas.events import CHANNEL_PATTERN, JOURNAL_FIELD, JOURNAL_STREAM, Event  # noqa: E402
+from synapticllamas.events.contract import CHANNEL_PATTERN, JOURNAL_FIELD, JOURNAL_STREAM, Event  # noqa: E402
 from synapticllamas.ui import PlainUI  # noqa: E402
 
 MESSAGE = "llama_model_loader: - kv  19: tokenizer.ggml.eos_token_id u32 = 2 " + "x" * 40
@@ -226,7 +226,7 @@ async def through_publisher(tmp: Path, server: Server, n: int) -> None:
         await asyncio.sleep(0)
     while app.publisher.status()["buffered"]:
         await asyncio.sleep(0.001)
-    app.publisher._remove_sink()   # noqa: SLF001 - stop here: close() is not part of the figure
+    app.publisher._remove_sink()
     app.publisher.enabled = False
     await app.publisher.close(2.0)
 

@@ -1,5 +1,14 @@
 """Shell commands, one module per command group, all registered in commands.registry."""
-from .registry import REGISTRY, Command, CommandError, ExitShell, Result, UsageError, command, lookup
+from synapticllamas.commands.registry import (
+    REGISTRY,
+    Command,
+    CommandError,
+    ExitShell,
+    Result,
+    UsageError,
+    command,
+    lookup,
+)
 
 # Each module registers its commands when imported; the order is the order of `help`.
 COMMAND_MODULES = ("core", "publishing", "events", "backends", "coordinator")

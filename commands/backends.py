@@ -5,10 +5,9 @@ import argparse
 import time
 from typing import Any
 
-from synapticllamas.event_lines import shown
-
-from .formatting import duration
-from .registry import CommandError, Result, UsageError, command, parse_args, parser, positive_int
+from synapticllamas.commands.formatting import duration
+from synapticllamas.commands.registry import CommandError, Result, UsageError, command, parse_args, parser, positive_int
+from synapticllamas.util.text import shown
 
 USAGE = ("backends [list] | add HOST[:PORT] | remove HOST[:PORT] | check | spawn N [--port-base P] | "
          "stop-local")
@@ -119,7 +118,7 @@ async def _check(app: Any, args: list[str]) -> Result:
 
 def port_arg(text: str) -> int:
     """argparse type for a port (`backends spawn --port-base`, `coordinator start --port`)."""
-    from synapticllamas.rpc_addresses import parse_port
+    from synapticllamas.rpc.addresses import parse_port
 
     try:
         return parse_port(text)
@@ -128,7 +127,7 @@ def port_arg(text: str) -> int:
 
 
 async def _spawn(app: Any, args: list[str]) -> Result:
-    from synapticllamas.local_backends import LocalBackendError
+    from synapticllamas.rpc.local import LocalBackendError
 
     p = parser("backends spawn")
     p.add_argument("n", type=positive_int, metavar="N")

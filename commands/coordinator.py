@@ -5,12 +5,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from synapticllamas.coordinator import CoordinatorError, Notice, StateChange
-from synapticllamas.event_lines import shown
-
-from .backends import port_arg
-from .formatting import duration
-from .registry import CommandError, Result, UsageError, command, parse_args, parser, positive_int
+from synapticllamas.commands.backends import port_arg
+from synapticllamas.commands.formatting import duration
+from synapticllamas.commands.registry import CommandError, Result, UsageError, command, parse_args, parser, positive_int
+from synapticllamas.llama.supervisor import CoordinatorError, Notice, StateChange
+from synapticllamas.util.text import shown
 
 USAGE = ('coordinator start [--model PATH] [--port N] | stop | restart | status | logs [N] | attach URL | '
          'detach | ask "PROMPT" [--n N]')
@@ -45,7 +44,7 @@ async def _start(app: Any, args: list[str], restart: bool = False) -> Result:
         ns = parse_args(p, args)
         model, port = ns.model, ns.port
         if model is None and not app.settings.model:
-            from synapticllamas import binaries
+            from synapticllamas.llama import binaries
 
             try:
                 model = str(binaries.demo_model())

@@ -4,10 +4,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from synapticllamas.commands.formatting import duration
+from synapticllamas.commands.registry import REGISTRY, ExitShell, Result, UsageError, command, lookup, suggest
 from synapticllamas.config import SPECS
-
-from .formatting import duration
-from .registry import REGISTRY, ExitShell, Result, UsageError, command, lookup, suggest
 
 
 @command("help", "List the commands, or show one command's usage", "help [COMMAND]")

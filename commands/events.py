@@ -5,9 +5,8 @@ import argparse
 import asyncio
 from typing import Any
 
-from synapticllamas.events import COMPONENTS, LEVEL_RANK, LEVELS
-
-from .registry import Result, UsageError, command, parse_args, parser
+from synapticllamas.commands.registry import Result, UsageError, command, parse_args, parser
+from synapticllamas.events.contract import COMPONENTS, LEVEL_RANK, LEVELS
 
 DEFAULT_COUNT = 20
 FOLLOW_QUEUE = 10000   # events waiting to be printed by --follow before the oldest are skipped
@@ -49,7 +48,8 @@ async def events_command(app: Any, args: list[str]) -> Result | None:
 
 
 def _table(app: Any, recent: list, ns: argparse.Namespace) -> Result:
-    from synapticllamas.event_lines import clock, safe
+    from synapticllamas.events.lines import clock
+    from synapticllamas.util.text import safe
 
     stats = app.observer.stats()
     filters = "".join(f" {name}={value}" for name, value in (("component", ns.component), ("level", ns.level))
@@ -65,7 +65,7 @@ def _table(app: Any, recent: list, ns: argparse.Namespace) -> Result:
 
 
 async def _follow(app: Any, recent: list, component: str | None, level: str | None) -> None:
-    from synapticllamas.event_lines import format_line
+    from synapticllamas.events.lines import format_line
 
     floor = LEVEL_RANK[level] if level else 0
     queue: asyncio.Queue = asyncio.Queue(FOLLOW_QUEUE)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .registry import Result, UsageError, command
+from synapticllamas.commands.registry import Result, UsageError, command
 
 SUBCOMMANDS = {
     "on": "start publishing events (reports whether Redis answered within 2 s)",

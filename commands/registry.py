@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 import difflib
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any
 
 
 class CommandError(Exception):
@@ -41,24 +42,24 @@ class Result:
     style: str = "info"                  # info | success | warning | error
 
     @classmethod
-    def text(cls, message: str, style: str = "info") -> "Result":
+    def text(cls, message: str, style: str = "info") -> Result:
         return cls(message=message, style=style)
 
     @classmethod
-    def success(cls, message: str) -> "Result":
+    def success(cls, message: str) -> Result:
         return cls(message=message, style="success")
 
     @classmethod
-    def warning(cls, message: str) -> "Result":
+    def warning(cls, message: str) -> Result:
         return cls(message=message, style="warning")
 
     @classmethod
-    def error(cls, message: str) -> "Result":
+    def error(cls, message: str) -> Result:
         return cls(ok=False, message=message, style="error")
 
     @classmethod
     def table(cls, title: str | None, headers: Sequence[str], rows: Sequence[Sequence[Any]],
-              message: str | None = None, footer: str | None = None) -> "Result":
+              message: str | None = None, footer: str | None = None) -> Result:
         return cls(message=message, title=title, headers=headers, rows=rows, footer=footer)
 
 

@@ -33,7 +33,7 @@ ensure_project() {
 have_llama() {
     "$PY" - <<'PY' 2>/dev/null
 import sys
-from synapticllamas.binaries import find_llama_server
+from synapticllamas.llama.binaries import find_llama_server
 sys.exit(0 if find_llama_server() else 1)
 PY
 }

@@ -10,13 +10,13 @@ import os
 import time
 from typing import Any
 
-from . import __version__
-from .config import Settings, redact_url
-from .coordinator import CoordinatorManager
-from .local_backends import LocalBackends
-from .observer import Observer
-from .rpc_registry import RpcRegistry
-from .ui import PlainUI
+from synapticllamas import __version__
+from synapticllamas.config import Settings, redact_url
+from synapticllamas.events.observer import Observer
+from synapticllamas.llama.supervisor import CoordinatorManager
+from synapticllamas.rpc.local import LocalBackends
+from synapticllamas.rpc.registry import RpcRegistry
+from synapticllamas.ui import PlainUI
 
 
 class App:
@@ -100,7 +100,7 @@ class App:
 
     def _start_publisher(self) -> int:
         """Start a publisher; events emitted while publishing was off go first. Returns their count."""
-        from .publisher import RedisPublisher
+        from synapticllamas.events.publisher import RedisPublisher
 
         backlog = [e for e in self.observer.buffer if e.seq > self._handed_seq]
         self.publisher = RedisPublisher(self.settings, self.observer, self.registration())
@@ -108,7 +108,7 @@ class App:
         return len(backlog)
 
     def _announce_redis_on(self) -> None:
-        from .events import CHANNEL_PATTERN, JOURNAL_STREAM
+        from synapticllamas.events.contract import CHANNEL_PATTERN, JOURNAL_STREAM
 
         url = self.publisher.shown_url
         self.observer.emit("system", "redis_on", f"Redis publishing on -> {url}",

@@ -12,8 +12,8 @@ from typing import Any
 
 import click
 
-from . import __version__
-from .config import ConfigError, load_settings
+from synapticllamas import __version__
+from synapticllamas.config import ConfigError, load_settings
 
 # click option name -> Settings name. Values are passed as given and validated by config.py, so a
 # flag and its environment variable produce the same error message.
@@ -70,9 +70,9 @@ def cli(ctx: click.Context, config_path: str | None, commands: tuple[str, ...], 
 
 
 def run_shell(settings: Any, commands: tuple[str, ...] = (), exit_on_error: bool = False) -> int:
-    from .app import App
-    from .render import Renderer
-    from .shell import Shell
+    from synapticllamas.app import App
+    from synapticllamas.shell.render import Renderer
+    from synapticllamas.shell.repl import Shell
 
     app = App(settings)
     shell = Shell(app, Renderer(), exit_on_error=exit_on_error)
@@ -91,7 +91,7 @@ def run_shell(settings: Any, commands: tuple[str, ...] = (), exit_on_error: bool
 
 def _add_dashboard_server() -> None:
     # click and the settings only; the web server is imported when the subcommand runs
-    from .dashboard.command import dashboard_server
+    from synapticllamas.dashboard.command import dashboard_server
 
     cli.add_command(dashboard_server)
 
@@ -101,7 +101,7 @@ _add_dashboard_server()
 
 def _add_events_viewer() -> None:
     # click only; redis is imported when the viewer runs
-    from .event_viewer import events_viewer
+    from synapticllamas.events.viewer import events_viewer
 
     cli.add_command(events_viewer)
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
-from .llama_args import redact_args
+from synapticllamas.llama.args import redact_args
 
 
 class ConfigError(ValueError):
@@ -134,7 +135,7 @@ def parse_redis_url(raw: Any) -> str:
 
 def parse_address_list(raw: Any) -> tuple[str, ...]:
     """A list of HOST:PORT strings; full validation is the registry's (rpc_addresses.py)."""
-    from .rpc_addresses import parse_address  # small module, no heavy imports
+    from synapticllamas.rpc.addresses import parse_address  # small module, no heavy imports
 
     items = raw if isinstance(raw, (list, tuple)) else str(raw).replace(",", " ").split()
     out = []
@@ -270,7 +271,7 @@ class Settings:
         redact = SPEC_BY_NAME[name].redact
         return redact(text) if redact else text
 
-    def replace(self, **changes: Any) -> "Settings":
+    def replace(self, **changes: Any) -> Settings:
         """A copy with some values changed (tests and commands); sources say 'runtime'."""
         values = dict(self.values, **changes)
         sources = dict(self.sources, **{k: "runtime" for k in changes})

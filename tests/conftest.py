@@ -1,5 +1,4 @@
 import pytest
-
 from support import RedisServer
 
 
@@ -14,7 +13,7 @@ def redis_server(tmp_path):
 @pytest.fixture(scope="module")
 def rpc_server_binary():
     """The real ggml-rpc-server; a missing binary fails the tests that need it, it does not skip them."""
-    from synapticllamas import binaries
+    from synapticllamas.llama import binaries
 
     try:
         return binaries.rpc_server()

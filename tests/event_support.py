@@ -16,12 +16,12 @@ from pathlib import Path
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from support import PipedShell
 
 from synapticllamas.app import App
 from synapticllamas.config import load_settings
-from synapticllamas.events import CHANNEL_PATTERN, JOURNAL_FIELD, JOURNAL_STREAM, Event
+from synapticllamas.events.contract import CHANNEL_PATTERN, JOURNAL_FIELD, JOURNAL_STREAM, Event
 from synapticllamas.ui import PlainUI
-from support import PipedShell
 
 CONTRACT_FIELDS = {"timestamp", "component", "event_type", "message", "details", "level", "source", "seq"}
 
@@ -66,7 +66,7 @@ class Subscriber(threading.Thread):
 
     def _deliver(self, event: Event) -> None:
         key = (event.source.get("instance", ""), event.seq)
-        if self.instance and key[0] != self.instance or key in self._seen:
+        if (self.instance and key[0] != self.instance) or key in self._seen:
             return
         self._seen.add(key)
         self.delivered.append(event)
@@ -113,7 +113,7 @@ class AsyncShell:
         self.shell = shell
 
     @classmethod
-    async def start(cls, tmp: Path, url: str, *args: str) -> "AsyncShell":
+    async def start(cls, tmp: Path, url: str, *args: str) -> AsyncShell:
         return cls(PipedShell(tmp, *args, SOLLOL_REDIS_URL=url))
 
     async def ask(self, command: str, last_line: str, timeout: float = 10) -> tuple[float, str]:

@@ -11,8 +11,9 @@ import os
 import signal
 import subprocess
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from support import free_port, wait_for
 
@@ -22,7 +23,7 @@ LLAMA_NAMES = ("llama-server", "ggml-rpc-server", "rpc-server")
 
 def llama_binaries() -> tuple[Path, Path, Path]:
     """(llama-server, ggml-rpc-server, demo model), or an AssertionError saying how to install them."""
-    from synapticllamas import binaries
+    from synapticllamas.llama import binaries
 
     try:
         return binaries.llama_server(), binaries.rpc_server(), binaries.demo_model()

@@ -44,7 +44,7 @@ class Blackhole:
         """An address of the black-holed /24 (1 <= i <= 254)."""
         return f"{self.subnet}.{i}"
 
-    def __enter__(self) -> "Blackhole":
+    def __enter__(self) -> Blackhole:
         try:
             _ip("netns", "add", self.ns)
             self._created.append("netns")

@@ -9,8 +9,9 @@ import http.client
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass
@@ -85,7 +86,7 @@ class SSEClient:
     def named(self, name: str) -> list[Message]:
         return [m for m in self.snapshot() if m.event == name]
 
-    def wait_for(self, predicate: Callable[["SSEClient"], Any], timeout: float = 10.0, what: str = "") -> Any:
+    def wait_for(self, predicate: Callable[[SSEClient], Any], timeout: float = 10.0, what: str = "") -> Any:
         deadline = time.monotonic() + timeout
         while True:
             value = predicate(self)

@@ -88,7 +88,7 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}"
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         log = open(self.workdir / "redis.log", "ab")
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
@@ -110,7 +110,7 @@ class RedisServer:
             self.proc.send_signal(sig)
             self.proc.wait(10)
 
-    def restart(self) -> "RedisServer":
+    def restart(self) -> RedisServer:
         self.kill()
         return self.start()
 
@@ -293,7 +293,7 @@ class RedisCliSubscriber:
     event_support.Subscriber is the tests' other subscriber, and stays separate: see there why."""
 
     def __init__(self, port: int) -> None:
-        from synapticllamas.events import CHANNEL_PATTERN
+        from synapticllamas.events.contract import CHANNEL_PATTERN
 
         cli = shutil.which("redis-cli")
         assert cli, "redis-cli is not installed (apt-get install redis-tools / redis-server)"

@@ -14,7 +14,6 @@ import json
 from typing import Any
 from urllib.parse import parse_qs
 
-
 SECURITY_HEADERS = [
     (b"content-security-policy",
      b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "

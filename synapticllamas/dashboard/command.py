@@ -1,7 +1,7 @@
 """`synapticllamas-dashboard` and `python3 main.py dashboard-server`: options, checked, then serve.
 
 Imports only click and the settings module: the shell's start-up imports this file, the web
-server is imported when the command runs.
+server is imported when the command runs. The import goes one way: server.py never imports this.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from ..config import ConfigError, Settings, int_at_least, load_settings, parse_redis_url, port, redact_url
+from synapticllamas.config import ConfigError, Settings, int_at_least, load_settings, parse_redis_url, port, redact_url
 
 
 def checked(parse, flag: str, value: str, secret: bool = False):
@@ -54,6 +54,11 @@ def dashboard_server(ctx: click.Context, host: str, port_: str, redis_url: str |
     if token is not None and not token.strip():
         click.echo("Error: --token='' is not valid: expected a non-empty token", err=True)
         sys.exit(2)
-    from .server import serve
+    from synapticllamas.dashboard.server import serve
 
     sys.exit(serve(host, number, redis_url, token, replay_n))
+
+
+def main() -> None:
+    """The `synapticllamas-dashboard` console script."""
+    dashboard_server.main(prog_name="synapticllamas-dashboard")

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Hashable
+from collections.abc import Hashable
+from typing import Any
 
-from ..events import JOURNAL_FIELD as _FIELD
+from synapticllamas.events.contract import JOURNAL_FIELD as _FIELD
 
 JOURNAL_FIELD = _FIELD.encode()   # the journal entry's field holding the event JSON, as Redis returns it
 

@@ -24,15 +24,16 @@ import logging
 import random
 import time
 from collections import deque
+from collections.abc import AsyncIterator, Hashable
 from itertools import islice
-from typing import Any, AsyncIterator, Hashable
+from typing import Any
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 
-from ..config import redact_url
-from ..events import APPS_HASH, CHANNEL_PATTERN, JOURNAL_STREAM
-from . import frames
+from synapticllamas.config import redact_url
+from synapticllamas.dashboard import frames
+from synapticllamas.events.contract import APPS_HASH, CHANNEL_PATTERN, JOURNAL_STREAM
 
 GRACE = 0.5              # seconds an event seen on pub/sub may wait for its journal entry
 PENDING_BLOCK_MS = 100   # XREAD BLOCK while an announced event is not in the journal yet
@@ -86,7 +87,7 @@ class Hub:
         return self.base + len(self.ring)
 
     @contextlib.asynccontextmanager
-    async def viewer(self, last_event_id: str | None = None, replay: int | None = None) -> AsyncIterator["View"]:
+    async def viewer(self, last_event_id: str | None = None, replay: int | None = None) -> AsyncIterator[View]:
         """One viewer for as long as the block runs: opens the hub for the first, closes it after the last."""
         async with self._lock:
             self.viewers += 1
@@ -372,7 +373,7 @@ async def answered(awaitable: Any, command: str) -> Any:
     """The reply to a command, or ConnectionError when Redis says nothing within COMMAND_TIMEOUT."""
     try:
         return await asyncio.wait_for(awaitable, COMMAND_TIMEOUT)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise ConnectionError(f"no answer to {command} within {COMMAND_TIMEOUT:g} s") from None
 
 

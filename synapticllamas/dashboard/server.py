@@ -20,11 +20,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .. import __version__
-from . import frames
-from .access import Guard, is_loopback_name
-from .hub import Hub
-from .sse import EventStream
+from synapticllamas import __version__
+from synapticllamas.dashboard import frames
+from synapticllamas.dashboard.access import Guard, is_loopback_name
+from synapticllamas.dashboard.hub import Hub
+from synapticllamas.dashboard.sse import EventStream
 
 STATIC = Path(__file__).resolve().parent / "static"
 API_LIMIT_DEFAULT, API_LIMIT_MAX = 100, 10000
@@ -166,7 +166,7 @@ def listen_socket(host: str, port: int) -> socket.socket:
 def serve(host: str, port: int, redis_url: str, token: str | None, replay: int) -> int:
     import uvicorn
 
-    from ..config import redact_url
+    from synapticllamas.config import redact_url
 
     try:
         sock = listen_socket(host, port)
@@ -193,9 +193,3 @@ def serve(host: str, port: int, redis_url: str, token: str | None, replay: int) 
     except KeyboardInterrupt:   # uvicorn re-raises Ctrl-C after its clean shutdown
         pass
     return 0
-
-
-def main() -> None:
-    from .command import dashboard_server
-
-    dashboard_server.main(prog_name="synapticllamas-dashboard")

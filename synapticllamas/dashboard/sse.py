@@ -9,7 +9,7 @@ import asyncio
 import time
 from typing import Any
 
-from .hub import Hub
+from synapticllamas.dashboard.hub import Hub
 
 # At most one write per viewer per 20 ms (about one browser frame). Writes, not events, are what a
 # feed costs: at 50 viewers and 1,000 events/s, ~35 % of a core at 20 ms, ~55 % at 5 ms, for ~10 ms

@@ -8,7 +8,6 @@ import threading
 import time
 
 import pytest
-
 from procs import rpc_servers_on
 from support import PipedShell, RedisCliSubscriber, run_piped, shell_env
 

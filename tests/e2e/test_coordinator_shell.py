@@ -5,7 +5,6 @@ import re
 import signal
 
 import pytest
-
 from llama_support import TAG_VAR, pid_alive, tagged, tagged_processes, wait_gone
 from support import PipedShell, RedisCliSubscriber, free_port, run_piped, shell_env
 

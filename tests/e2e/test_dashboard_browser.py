@@ -12,7 +12,6 @@ import threading
 import time
 
 import pytest
-
 from dashboard_support import ContractPublisher, Dashboard, Shell, instance_of
 from support import ROOT, free_port, wait_for
 
@@ -135,7 +134,7 @@ def test_two_shells_heartbeats_gaps_and_a_hostile_log_line_render_as_text(env):
 
 
 def test_a_coordinator_start_from_a_real_shell_shows_in_the_panel_within_1s(env):
-    from synapticllamas import binaries
+    from synapticllamas.llama import binaries
 
     try:
         binaries.llama_server()

@@ -1,9 +1,9 @@
 """`redis on` and `events --follow` in the interactive shell (a real pty), then Ctrl-D flushes."""
 import pexpect
-
 from event_support import journal
 from support import shell_env, spawn_shell, wait_for
-from synapticllamas.events import APPS_HASH
+
+from synapticllamas.events.contract import APPS_HASH
 
 PROMPT = "SynapticLlamas>"
 

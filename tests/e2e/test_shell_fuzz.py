@@ -4,13 +4,14 @@ import io
 import random
 import string
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from support import run_piped
 
 from synapticllamas.app import App
 from synapticllamas.config import load_settings
-from synapticllamas.render import Renderer
-from synapticllamas.shell import Shell
-from support import run_piped
+from synapticllamas.shell.render import Renderer
+from synapticllamas.shell.repl import Shell
 
 # Commands that are safe with any arguments: they read state, they never start processes or exit.
 SAFE_PREFIXES = ["help", "status", "config", "dashboard", "events", "redis status", "backends list",

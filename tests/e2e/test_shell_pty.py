@@ -1,9 +1,9 @@
 """The interactive shell in a real pty, driven by pexpect as a person would type."""
 import pexpect
 import pytest
-
-from commands import load_all
 from support import shell_env, spawn_shell, strip_ansi
+
+from synapticllamas.commands import load_all
 
 PROMPT = "SynapticLlamas>"
 

@@ -8,12 +8,12 @@ Real llama-server, real ggml-rpc-servers, the real demo model.
 import asyncio
 
 import pytest
-
 from procs import processes
 from support import free_port
-from synapticllamas import binaries
+
 from synapticllamas.app import App
 from synapticllamas.config import load_settings
+from synapticllamas.llama import binaries
 
 
 def test_heartbeat_leaves_the_coordinators_backends_alone(tmp_path):

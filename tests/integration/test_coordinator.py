@@ -13,13 +13,21 @@ import subprocess
 import time
 
 import pytest
-
-from llama_support import (TAG_VAR, Collector, RpcServers, llama_binaries, pid_alive, settings_for, tagged,
-                           tagged_processes)
+from llama_support import (
+    TAG_VAR,
+    Collector,
+    RpcServers,
+    llama_binaries,
+    pid_alive,
+    settings_for,
+    tagged,
+    tagged_processes,
+)
 from support import free_port, wait_for
-from synapticllamas.coordinator import CoordinatorError, CoordinatorManager
-from synapticllamas.observer import Observer
-from synapticllamas.rpc_registry import RpcRegistry
+
+from synapticllamas.events.observer import Observer
+from synapticllamas.llama.supervisor import CoordinatorError, CoordinatorManager
+from synapticllamas.rpc.registry import RpcRegistry
 
 pytestmark = pytest.mark.llama
 

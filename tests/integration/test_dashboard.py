@@ -16,9 +16,16 @@ import time
 from collections import defaultdict
 
 import pytest
-
-from dashboard_support import (APPS, JOURNAL, ContractPublisher, Dashboard, Shell, command_counts, healthz_answers,
-                               instance_of)
+from dashboard_support import (
+    APPS,
+    JOURNAL,
+    ContractPublisher,
+    Dashboard,
+    Shell,
+    command_counts,
+    healthz_answers,
+    instance_of,
+)
 from sse_client import SSEClient
 from support import PYTHON, ROOT, free_port, shell_env, wait_for
 
@@ -343,7 +350,7 @@ def test_a_busy_port_is_one_line_and_the_console_script_serves(tmp_path, redis_s
         dash.stop()
     # the `synapticllamas-dashboard` entry point (pyproject [project.scripts]) runs the same server
     port = free_port()
-    proc = subprocess.Popen([PYTHON, "-c", "from synapticllamas.dashboard.server import main; main()",
+    proc = subprocess.Popen([PYTHON, "-c", "from synapticllamas.dashboard.command import main; main()",
                              "--port", str(port), "--redis-url", redis_server.url],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                             env=shell_env(tmp_path))

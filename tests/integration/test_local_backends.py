@@ -5,14 +5,13 @@ import signal
 import socket
 
 import pytest
-
 from procs import rpc_servers_on
 from support import free_port, until
-from synapticllamas.config import load_settings
-from synapticllamas.local_backends import LocalBackendError, LocalBackends
-from synapticllamas.observer import Observer
-from synapticllamas.rpc_registry import RpcRegistry
 
+from synapticllamas.config import load_settings
+from synapticllamas.events.observer import Observer
+from synapticllamas.rpc.local import LocalBackendError, LocalBackends
+from synapticllamas.rpc.registry import RpcRegistry
 
 pytestmark = pytest.mark.usefixtures("rpc_server_binary")   # (tests/conftest.py) every test here needs it
 

@@ -8,9 +8,10 @@ import time
 
 from netns import Blackhole
 from support import free_port
+
 from synapticllamas.config import load_settings
-from synapticllamas.observer import Observer
-from synapticllamas.rpc_registry import RpcRegistry
+from synapticllamas.events.observer import Observer
+from synapticllamas.rpc.registry import RpcRegistry
 
 TIMEOUT = 1.0
 

@@ -3,10 +3,10 @@ import asyncio
 import json
 import time
 
-
 from event_support import CONTRACT_FIELDS, Subscriber, journal, make_app
 from support import RedisCliSubscriber, until
-from synapticllamas.events import APPS_HASH, COMPONENTS, LEVELS
+
+from synapticllamas.events.contract import APPS_HASH, COMPONENTS, LEVELS
 
 
 def test_redis_cli_psubscribe_receives_each_event_exactly_once_with_every_field(tmp_path, redis_server):

@@ -6,10 +6,11 @@ so the restarted server has an empty journal: it must receive every event the ol
 import asyncio
 import time
 
-from commands.publishing import redis_command
 from event_support import AsyncShell, Subscriber, journal, make_app
 from support import until
-from synapticllamas.render import render_plain
+
+from synapticllamas.commands.publishing import redis_command
+from synapticllamas.shell.render import render_plain
 
 RATE = 1000   # events per second
 

@@ -7,10 +7,10 @@ import subprocess
 import time
 
 import pytest
-
 from event_support import AsyncShell, journal
 from support import PYTHON, ROOT, PipedShell, RedisServer, free_port, shell_env, until, wait_for
-from synapticllamas.events import APPS_HASH
+
+from synapticllamas.events.contract import APPS_HASH
 
 
 def test_redis_on_with_nothing_listening_then_redis_starts(tmp_path):

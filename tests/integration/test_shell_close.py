@@ -3,10 +3,10 @@ import asyncio
 import io
 
 from synapticllamas.app import App
-from synapticllamas.child_process import spawn
 from synapticllamas.config import load_settings
-from synapticllamas.render import Renderer
-from synapticllamas.shell import Shell
+from synapticllamas.shell.render import Renderer
+from synapticllamas.shell.repl import Shell
+from synapticllamas.util.processes import spawn
 
 
 class HangingClose:

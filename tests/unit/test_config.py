@@ -2,9 +2,9 @@
 import subprocess
 
 import pytest
+from support import PYTHON, ROOT, shell_env
 
 from synapticllamas.config import ConfigError, load_settings, redact_url
-from support import PYTHON, ROOT, shell_env
 
 # variable, a good value, the value it must produce, bad values
 SOLLOL = [

@@ -4,11 +4,11 @@ import io
 
 import pytest
 
-from commands.events import events_command
-from commands.registry import UsageError
 from synapticllamas.app import App
+from synapticllamas.commands.events import events_command
+from synapticllamas.commands.registry import UsageError
 from synapticllamas.config import load_settings
-from synapticllamas.render import render_plain
+from synapticllamas.shell.render import render_plain
 from synapticllamas.ui import PlainUI
 
 

@@ -1,5 +1,5 @@
 """llama_args: secret flag values hidden in argv, settings text and llama-server's output lines."""
-from synapticllamas.llama_args import REDACTED, api_keys, redact_args, scrub, secrets
+from synapticllamas.llama.args import REDACTED, api_keys, redact_args, scrub, secrets
 
 
 def test_secret_flag_values_are_hidden_in_an_argv():

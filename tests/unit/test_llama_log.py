@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from synapticllamas.llama_log import LOAD_STEP_COUNT, LoadReport, parse
+from synapticllamas.llama.log import LOAD_STEP_COUNT, LoadReport, parse
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "llama_log"
 

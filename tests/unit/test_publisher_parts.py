@@ -4,8 +4,8 @@ import json
 import pytest
 import redis
 
-from synapticllamas.events import Event
-from synapticllamas.publisher import describe, encode
+from synapticllamas.events.contract import Event
+from synapticllamas.events.publisher import describe, encode
 
 
 def test_an_event_whose_details_cannot_be_encoded_still_goes_out():

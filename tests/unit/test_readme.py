@@ -1,7 +1,7 @@
 """The README tells the truth: every command, every setting, the two commands."""
 from pathlib import Path
 
-from commands import load_all
+from synapticllamas.commands import load_all
 from synapticllamas.config import SPECS
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()

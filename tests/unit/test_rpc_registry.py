@@ -10,12 +10,12 @@ import os
 import time
 
 import pytest
-
 from support import free_port
+
 from synapticllamas.config import load_settings
-from synapticllamas.observer import Observer
-from synapticllamas.rpc_probe import ProbeFailure, ProbeResult
-from synapticllamas.rpc_registry import HEARTBEAT_MESSAGE, RpcRegistry
+from synapticllamas.events.observer import Observer
+from synapticllamas.rpc.probe import ProbeFailure, ProbeResult
+from synapticllamas.rpc.registry import HEARTBEAT_MESSAGE, RpcRegistry
 
 
 def make_settings(tmp_path, backends=(), **values):
@@ -85,7 +85,7 @@ def test_bad_addresses_are_refused_with_one_line_and_nothing_is_lost(tmp_path):
 
 
 def test_a_long_or_escaped_address_is_quoted_escaped_and_cut(tmp_path):
-    from synapticllamas.rpc_addresses import parse_address, parse_port
+    from synapticllamas.rpc.addresses import parse_address, parse_port
 
     for text in ("\x1b[31m" + "h" * 5000, "h:\x1b[0m" + "9" * 5000):
         with pytest.raises(ValueError) as err:
@@ -340,7 +340,7 @@ def test_a_round_is_concurrent(tmp_path):
     """40 real listeners, 5 closed ports and 5 addresses whose probe hangs for the whole timeout
     (a scripted hang around the real probe; tests/integration/test_probe_rounds.py uses a real
     black hole). One probe after another would take 5 timeouts; all at once take about one."""
-    from synapticllamas.rpc_probe import probe
+    from synapticllamas.rpc.probe import probe
 
     hanging = {f"10.9.9.{i}:50052" for i in range(5)}
 

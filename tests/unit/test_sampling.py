@@ -2,10 +2,11 @@
 import subprocess
 
 import pytest
-from hypothesis import given, settings, strategies as st
-
-from synapticllamas.observer import Observer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support import PYTHON, ROOT, shell_env
+
+from synapticllamas.events.observer import Observer
 
 
 def raw_lines(observer, n, level="info"):

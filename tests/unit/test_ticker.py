@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from synapticllamas.ticker import next_tick
+from synapticllamas.util.ticker import next_tick
 
 
 def test_on_time_the_next_tick_is_one_interval_on():

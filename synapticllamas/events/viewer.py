@@ -15,7 +15,15 @@ from typing import Any, TextIO
 
 import click
 
-from .events import CHANNEL_PATTERN, COMPONENTS, JOURNAL_FIELD, JOURNAL_STREAM, LEVEL_RANK, LEVELS, Event
+from synapticllamas.events.contract import (
+    CHANNEL_PATTERN,
+    COMPONENTS,
+    JOURNAL_FIELD,
+    JOURNAL_STREAM,
+    LEVEL_RANK,
+    LEVELS,
+    Event,
+)
 
 CONNECT_TIMEOUT = 2.0
 RETRY_FIRST, RETRY_CAP = 0.5, 5.0
@@ -26,7 +34,7 @@ REMEMBERED = 50000   # (instance, seq) pairs kept to drop repeats
 class Viewer:
     def __init__(self, url: str, replay: int, component: str | None = None, level: str | None = None,
                  as_json: bool = False, out: TextIO | None = None, err: TextIO | None = None) -> None:
-        from .config import redact_url
+        from synapticllamas.config import redact_url
 
         self.url = url
         self.shown_url = redact_url(url)
@@ -67,7 +75,7 @@ class Viewer:
         if self.as_json:
             line = event.to_json()
         else:
-            from .event_lines import format_line
+            from synapticllamas.events.lines import format_line
 
             line = format_line(event, with_source=True)
         self.out.write(line + "\n")
@@ -106,7 +114,7 @@ class Viewer:
                     if message and message["type"] == "pmessage":
                         self.handle(message["data"], message["channel"].decode(errors="replace"))
             except (RedisError, OSError) as exc:
-                from .publisher import describe
+                from synapticllamas.events.publisher import describe
 
                 if not follow:
                     self.say(f"Error: cannot read events from Redis at {self.shown_url}: {describe(exc)}")
@@ -185,7 +193,7 @@ class Viewer:
 def events_viewer(settings: Any, follow: bool, redis_url: str | None, replay: int, component: str | None,
                   level: str | None, as_json: bool) -> None:
     """Print SynapticLlamas events from Redis: the journal's last N, then live with --follow."""
-    from .config import parse_redis_url, redact_url
+    from synapticllamas.config import parse_redis_url, redact_url
 
     url = settings.redis_url
     if redis_url is not None:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import urlsplit
 
-from .event_lines import shown
-from .rpc_addresses import normal_host
+from synapticllamas.rpc.addresses import normal_host
+from synapticllamas.util.text import shown
 
 MAX_HEADER_LINES = 100
 
@@ -113,7 +114,7 @@ async def health(host: str, port: int, timeout: float) -> tuple[bool, str]:
     """(True, "ok") only for 200 with {"status": "ok"}: another service on the port may answer 200."""
     try:
         status, body = await get_json(host, port, "/health", timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return False, f"no answer from /health within {timeout:g}s"
     except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
         return False, f"/health: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"

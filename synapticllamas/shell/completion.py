@@ -1,12 +1,12 @@
 """Tab completion from the command registry: command names, then subcommands, then options."""
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion
 from prompt_toolkit.document import Document
 
-from commands.registry import REGISTRY, lookup
+from synapticllamas.commands.registry import REGISTRY, lookup
 
 
 class RegistryCompleter(Completer):

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
-from .events import LEVEL_RANK, Event, default_source
+from synapticllamas.events.contract import LEVEL_RANK, Event, default_source
 
 Sink = Callable[[Event], None]
 
@@ -22,7 +23,7 @@ class Sampler:
     dashboard see long gaps by chance.
     """
 
-    __slots__ = ("rate", "seen", "kept")
+    __slots__ = ("kept", "rate", "seen")
 
     def __init__(self, rate: float) -> None:
         self.rate = rate
@@ -55,7 +56,7 @@ class Observer:
         self.by_level: Counter[str] = Counter()
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "Observer":
+    def from_settings(cls, settings: Any) -> Observer:
         return cls(settings.observer_max_events, settings.observer_sampling, settings.observer_sample_rate)
 
     # ------------------------------------------------------------ sinks

@@ -19,17 +19,19 @@ import signal
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from . import llama_args, llama_http
-from .child_process import spawn
-from .event_lines import shown
-from .ticker import Ticker
+from synapticllamas.llama import args as llama_args
+from synapticllamas.llama import http as llama_http
+from synapticllamas.util.processes import spawn
+from synapticllamas.util.text import shown
+from synapticllamas.util.ticker import Ticker
 
 if TYPE_CHECKING:   # llama_log (its patterns) and binaries load with the first start, not at start-up
-    from .llama_log import LoadReport, LogLine
+    from synapticllamas.llama.log import LoadReport, LogLine
 
 STATES = ("stopped", "starting", "running", "backoff", "stopping", "exited", "fatal")
 ACTIVE = ("starting", "running", "backoff", "stopping")
@@ -260,7 +262,7 @@ class CoordinatorManager:
 
     async def _plan(self, model: Path | None, port: int | None, auto: bool) -> Plan:
         """Every check that can fail before anything is started; raises CoordinatorError."""
-        from . import binaries
+        from synapticllamas.llama import binaries
 
         s = self.settings
         try:
@@ -328,7 +330,7 @@ class CoordinatorManager:
                 stderr=asyncio.subprocess.PIPE, limit=LINE_LIMIT)
         except OSError as exc:
             raise CoordinatorError(f"cannot run {plan.binary}: {exc.strerror or exc}") from None
-        from .llama_log import LoadReport
+        from synapticllamas.llama.log import LoadReport
 
         keys = llama_args.api_keys(argv)
         run = Run(plan, proc, auto, LoadReport(), hidden=llama_args.secrets(argv),
@@ -369,7 +371,7 @@ class CoordinatorManager:
             self._on_line(run, name, raw.decode("utf-8", "replace").rstrip("\r\n"))
 
     def _on_line(self, run: Run, stream: str, text: str) -> None:
-        from .llama_log import parse
+        from synapticllamas.llama.log import parse
 
         text = llama_args.scrub(text, run.hidden)   # it echoes a bad `--api-key=K` whole
         rec = parse(text)
@@ -411,7 +413,7 @@ class CoordinatorManager:
                     try:
                         await asyncio.wait_for(run.hint.wait(),
                                                LISTENING_PROBE if run.listening else FALLBACK_PROBE)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         pass
                     run.hint.clear()
                     ok, _ = await llama_http.health(host, port, timeout=2.0)
@@ -689,7 +691,7 @@ class CoordinatorManager:
                 if event.get("stop"):
                     final = event
                     break
-        except (OSError, EOFError, ValueError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, EOFError, ValueError) as exc:
             final = None
             error = str(exc) or type(exc).__name__
         else:

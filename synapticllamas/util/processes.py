@@ -30,7 +30,7 @@ def tied_to_parent(argv: list[str]) -> list[str]:
     return [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv else list(argv)
 
 
-_children: "weakref.WeakSet[asyncio.subprocess.Process]" = weakref.WeakSet()
+_children: weakref.WeakSet[asyncio.subprocess.Process] = weakref.WeakSet()
 
 
 async def spawn(argv: list[str], **kwargs: Any) -> asyncio.subprocess.Process:

@@ -1,28 +1,13 @@
 """One event as one line of text: what `events --follow` and the terminal viewer print.
 
-Messages can hold raw llama.cpp output; control characters are escaped so that a log line can
-never move the cursor or recolour the terminal.
+Messages can hold raw llama.cpp output: every field goes through util.text.safe().
 """
 from __future__ import annotations
 
 import time
-import unicodedata
 
-from .events import Event
-
-
-def safe(text: str) -> str:
-    """Control characters (escape sequences, newlines) shown escaped, everything else as is."""
-    if text.isprintable():
-        return text
-    return "".join(ch if unicodedata.category(ch)[0] != "C" else ch.encode("unicode_escape").decode()
-                   for ch in text)
-
-
-def shown(text: str, limit: int = 60) -> str:
-    """User input quoted back in an error message: escaped like safe(), and cut when long."""
-    text = safe(text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+from synapticllamas.events.contract import Event
+from synapticllamas.util.text import safe
 
 
 def clock(timestamp: float, with_date: bool = False) -> str:

@@ -12,11 +12,12 @@ import os
 import signal
 import socket
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from .child_process import spawn
-from .rpc_probe import ProbeFailure, probe
+from synapticllamas.rpc.probe import ProbeFailure, probe
+from synapticllamas.util.processes import spawn
 
 HOST = "127.0.0.1"
 START_TIMEOUT = 20.0     # seconds for a server to accept connections (2 busy cores can be slow)
@@ -114,7 +115,7 @@ class LocalBackends:
         `starting(ports)` is called once every check has passed, just before the first start."""
         if n < 1:
             raise LocalBackendError(f"the number of backends must be 1 or more, not {n}")
-        from . import binaries    # on first use: start-up does not need it
+        from synapticllamas.llama import binaries  # on first use: start-up does not need it
 
         try:
             binary = binaries.rpc_server(self.settings.rpc_server)

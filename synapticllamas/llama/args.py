@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import re
 import shlex
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence, overload
+from typing import overload
 
 REDACTED = "REDACTED"
 SECRET_WORDS = frozenset({"key", "token", "password", "passwd", "secret"})

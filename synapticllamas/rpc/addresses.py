@@ -9,7 +9,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from .event_lines import shown
+from synapticllamas.util.text import shown
 
 DEFAULT_RPC_PORT = 50052
 PORTS = "a number from 1 to 65535"

@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 
-from . import backends_file
-from .event_lines import shown
-from .rpc_addresses import parse_address
-from .rpc_probe import ProbeFailure, ProbeResult, is_ip, probe, resolve
-from .ticker import Ticker
+from synapticllamas.rpc import backends_file
+from synapticllamas.rpc.addresses import parse_address
+from synapticllamas.rpc.probe import ProbeFailure, ProbeResult, is_ip, probe, resolve
+from synapticllamas.util.text import shown
+from synapticllamas.util.ticker import Ticker
 
 RESOLVE_TIMEOUT = 5.0      # seconds `backends add` waits for a name to resolve
 MAX_FILE_ERROR_EVENTS = 10

@@ -12,16 +12,16 @@ import shlex
 import signal
 import sys
 import threading
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-from commands import load_all
-from commands.registry import CommandError, ExitShell, Result, UsageError, lookup, suggest
-
-from .child_process import kill_children
-from .event_lines import safe, shown
-from .events import Event
-from .render import Renderer, TerminalUI
+from synapticllamas.commands import load_all
+from synapticllamas.commands.registry import CommandError, ExitShell, Result, UsageError, lookup, suggest
+from synapticllamas.events.contract import Event
+from synapticllamas.shell.render import Renderer, TerminalUI
+from synapticllamas.util.processes import kill_children
+from synapticllamas.util.text import safe, shown
 
 PROMPT = "SynapticLlamas> "
 PIPED_AHEAD = 1000     # lines of piped input read ahead of the command that runs (bounded memory)
@@ -155,7 +155,7 @@ class Shell:
         from prompt_toolkit.auto_suggest import AutoSuggestFromHistory
         from prompt_toolkit.patch_stdout import patch_stdout
 
-        from .completion import RegistryCompleter
+        from synapticllamas.shell.completion import RegistryCompleter
 
         session: PromptSession = PromptSession(
             history=self._history(), auto_suggest=AutoSuggestFromHistory(), completer=RegistryCompleter(),
@@ -293,7 +293,7 @@ class Shell:
         try:
             await asyncio.wait_for(self.app.close(reason), budget)
             return
-        except asyncio.TimeoutError:
+        except TimeoutError:
             problem = f"clean-up did not finish within {budget:g} s"
         except Exception as exc:
             where = self._log_internal_error("close", exc)

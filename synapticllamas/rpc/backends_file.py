@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .rpc_addresses import parse_address
+from synapticllamas.rpc.addresses import parse_address
 
 HEADER = ("# SynapticLlamas RPC backends: one HOST:PORT per line (default port 50052), '#' comments.\n"
           "# 'backends add' and 'backends remove' edit this file.\n")

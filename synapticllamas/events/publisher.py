@@ -46,8 +46,8 @@ import time
 from collections import deque
 from typing import Any
 
-from .config import redact_url
-from .events import APPS_HASH, CHANNEL_PATTERN, JOURNAL_FIELD, JOURNAL_STREAM, Event
+from synapticllamas.config import redact_url
+from synapticllamas.events.contract import APPS_HASH, CHANNEL_PATTERN, JOURNAL_FIELD, JOURNAL_STREAM, Event
 
 BATCH = 500                 # events per transaction: big enough to amortise the round trip
 CONNECT_TIMEOUT = 1.5       # `redis on` reports within 2 s
@@ -196,7 +196,7 @@ class RedisPublisher:
         assert self._first is not None
         try:
             return await asyncio.wait_for(asyncio.shield(self._first), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
 
     async def close(self, timeout: float = 2.0) -> dict[str, Any]:
@@ -215,7 +215,7 @@ class RedisPublisher:
         try:
             unsent = await asyncio.wait_for(asyncio.shield(self._finished), timeout)
             timed_out = False
-        except asyncio.TimeoutError:  # the thread is a daemon: it ends at its next check or with us
+        except TimeoutError:  # the thread is a daemon: it ends at its next check or with us
             unsent, timed_out = len(self._queue) + len(self._inflight), True
         return {"flushed": self.flushed_on_close, "unsent": unsent, "timed_out": timed_out}
 

@@ -63,7 +63,7 @@ class Event:
         return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False, default=str)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Event":
+    def from_dict(cls, data: dict[str, Any]) -> Event:
         try:
             return cls(
                 timestamp=float(data["timestamp"]),
@@ -79,7 +79,7 @@ class Event:
             raise ValueError(f"not a SynapticLlamas event: {exc}") from None
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "Event":
+    def from_json(cls, text: str | bytes) -> Event:
         try:
             data = json.loads(text)
         except ValueError as exc:

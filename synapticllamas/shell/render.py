@@ -8,9 +8,8 @@ from __future__ import annotations
 import os
 from typing import Any, TextIO
 
-from commands.registry import Result
-
-from .ui import PlainUI, Streams
+from synapticllamas.commands.registry import Result
+from synapticllamas.ui import PlainUI, Streams
 
 _STYLES = {"info": "", "success": "green", "warning": "yellow", "error": "bold red"}
 
