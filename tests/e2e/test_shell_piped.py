@@ -78,7 +78,7 @@ def test_internal_error_is_one_line_with_log_path(tmp_path):
     script = (
         "import sys, asyncio\n"
         "sys.argv = ['main.py', '-c', 'boom']\n"
-        "from commands.registry import command\n"
+        "from synapticllamas.commands.registry import command\n"
         "@command('boom', 'raise', 'boom')\n"
         "async def boom(app, args):\n"
         "    raise KeyError('kaput')\n"
