@@ -1,6 +1,7 @@
 """`coordinator`: start, supervise and use llama-server (synapticllamas/coordinator.py does the work)."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from synapticllamas.commands.registry import CommandError, Result, UsageError, c
 from synapticllamas.llama.supervisor import CoordinatorError, Notice, StateChange
 from synapticllamas.util.text import shown
 
-USAGE = ('coordinator start [--model PATH] [--port N] | stop | restart | status | logs [N] | attach URL | '
+USAGE = ('coordinator start [--model PATH] [--port N] | stop | restart | status | logs [N] | attach URL [--api-key K] | '
          'detach | ask "PROMPT" [--n N]')
 SUBCOMMANDS = {
     "start": "start llama-server over the healthy backends; returns when /health is ok (Ctrl-C aborts)",
@@ -19,7 +20,8 @@ SUBCOMMANDS = {
     "restart": "stop, then start again with the same model and port",
     "status": "state, pid, URL, model, backends, uptime, restarts, last exit",
     "logs": "the last N raw llama-server lines (default 20)",
-    "attach": "watch an external llama-server at URL (a /health check every 60 s)",
+    "attach": "watch an external llama-server at URL (http or https; a /health check every 60 s); "
+              "--api-key KEY (else $LLAMA_API_KEY) is sent with `ask`",
     "detach": "stop watching the external llama-server",
     "ask": "one completion through the running coordinator, streamed (--n tokens, default 32)",
 }
@@ -114,14 +116,20 @@ async def _logs(app: Any, args: list[str]) -> Result:
 
 
 async def _attach(app: Any, args: list[str]) -> Result:
-    if len(args) != 1:
+    p = parser("coordinator attach")
+    p.add_argument("url", metavar="URL", nargs="?")
+    p.add_argument("--api-key", metavar="KEY")
+    ns = parse_args(p, args)
+    if ns.url is None:
         raise UsageError("coordinator attach takes one URL, e.g. http://10.0.0.9:8080")
+    # the key the server was started with: --api-key, else llama-server's own variable
+    api_key = ns.api_key or os.environ.get("LLAMA_API_KEY") or None
     try:
-        ok, detail = await app.coordinator.attach(args[0])
+        ok, detail = await app.coordinator.attach(ns.url, api_key)
     except CoordinatorError as exc:
         raise CommandError(str(exc)) from None
     every = f"{app.settings.attach_check_interval:g}s"
-    url = app.coordinator.attached[0]
+    url = app.coordinator.attached
     if ok:
         return Result.success(f"Watching {url}: it is up (/health ok); its state is checked every {every}.")
     return Result.warning(f"Watching {url}: it is not up yet ({detail}); its state is checked every {every}.")
@@ -165,7 +173,7 @@ HANDLERS = {"start": _start, "stop": _stop, "status": _status, "logs": _logs, "a
 
 
 @command("coordinator", "Start and supervise the llama.cpp coordinator (llama-server)", USAGE,
-         subcommands=SUBCOMMANDS, options=("--model", "--port", "--n"))
+         subcommands=SUBCOMMANDS, options=("--model", "--port", "--n", "--api-key"))
 async def coordinator_command(app: Any, args: list[str]) -> Result:
     if not args:
         return await _status(app, [])

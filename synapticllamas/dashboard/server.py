@@ -21,7 +21,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from synapticllamas import __version__
-from synapticllamas.dashboard import frames
+from synapticllamas.dashboard import contract_script, frames
 from synapticllamas.dashboard.access import Guard, is_loopback_name
 from synapticllamas.dashboard.hub import Hub
 from synapticllamas.dashboard.sse import EventStream
@@ -64,6 +64,9 @@ def create_app(redis_url: str, token: str | None = None, replay: int = 1000,
 
     async def index(request: Request) -> Response:
         return Response(page, media_type="text/html; charset=utf-8", headers=NO_STORE)
+
+    async def contract_js(request: Request) -> Response:
+        return Response(contract_script.script(), media_type="text/javascript; charset=utf-8", headers=NO_STORE)
 
     async def events(request: Request) -> Any:
         try:
@@ -119,6 +122,7 @@ def create_app(redis_url: str, token: str | None = None, replay: int = 1000,
 
     app = Starlette(routes=[
         Route("/", index),
+        Route("/contract.js", contract_js),
         Route("/events", events),
         Route("/api/events", api_events),
         Route("/api/apps", api_apps),

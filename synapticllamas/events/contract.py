@@ -11,7 +11,76 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-COMPONENTS = ("coordinator", "rpc_backend", "rpc_registry", "model", "system", "raw")
+class Component:
+    COORDINATOR = "coordinator"
+    RPC_BACKEND = "rpc_backend"
+    RPC_REGISTRY = "rpc_registry"
+    MODEL = "model"
+    SYSTEM = "system"
+    RAW = "raw"
+
+
+# Event types, per component. Emitters, the shell's notices and the dashboard page (served as
+# /contract.js) all name types through these, so a renamed type cannot leave a reader behind.
+class CoordinatorEvent:
+    STARTING = "starting"
+    START = "start"
+    STOPPING = "stopping"
+    STOP = "stop"
+    BACKOFF = "backoff"
+    FATAL = "fatal"
+    HEARTBEAT = "heartbeat"
+    REQUEST = "request"
+    RESPONSE = "response"
+
+
+class ModelEvent:
+    LOADING = "model_loading"
+    LOAD = "model_load"
+    LOAD_FAILED = "model_load_failed"
+
+
+class BackendEvent:
+    ADDED = "added"
+    REMOVED = "removed"
+    CONNECT = "connect"
+    DISCONNECT = "disconnect"
+
+
+class RegistryEvent:
+    HEARTBEAT = "heartbeat"
+    DUPLICATE = "duplicate"
+    FILE_ERROR = "file_error"
+
+
+class SystemEvent:
+    REGISTER = "register"
+    UNREGISTER = "unregister"
+    REDIS_ON = "redis_on"
+    REDIS_OFF = "redis_off"
+    REDIS_CONNECTED = "redis_connected"
+    REDIS_DISCONNECTED = "redis_disconnected"
+    EVENTS_DROPPED = "events_dropped"
+    ERROR = "error"
+
+
+class RawEvent:
+    LOG = "log"
+
+
+def _values(namespace: type) -> tuple[str, ...]:
+    return tuple(v for k, v in vars(namespace).items() if k.isupper())
+
+
+COMPONENTS = _values(Component)
+EVENT_TYPES: dict[str, tuple[str, ...]] = {
+    Component.COORDINATOR: _values(CoordinatorEvent),
+    Component.MODEL: _values(ModelEvent),
+    Component.RPC_BACKEND: _values(BackendEvent),
+    Component.RPC_REGISTRY: _values(RegistryEvent),
+    Component.SYSTEM: _values(SystemEvent),
+    Component.RAW: _values(RawEvent),
+}
 LEVELS = ("debug", "info", "warning", "error", "critical")
 LEVEL_RANK = {name: rank for rank, name in enumerate(LEVELS)}
 

@@ -1,25 +1,25 @@
-"""A minimal HTTP/1.1 client on asyncio streams, for llama-server's /health and streamed /completion.
+"""llama-server's HTTP API, through httpx: /health, and streamed completions (server-sent events).
 
-The engine needs two requests, so it does not pull in an HTTP library: one GET with a small JSON
-body, and one POST whose answer is a server-sent-event stream (chunked). `Connection: close` keeps
-the protocol simple: the body ends at the last chunk or at EOF.
+httpx is imported on first use, not at start-up. Every failure becomes HttpError with one short
+line ("connection refused", "no answer within 5s", "not an HTTP answer", the server's own error
+message), which the callers quote as it is.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 from synapticllamas.rpc.addresses import normal_host
 from synapticllamas.util.text import shown
 
-MAX_HEADER_LINES = 100
+ACCEPTED = "expected http://HOST:PORT or https://HOST:PORT, e.g. http://10.0.0.9:8080"
 
 
 class HttpError(ConnectionError):
-    """The server did not answer, or answered something that is not HTTP."""
+    """The server did not answer, or answered something that is not what llama-server says."""
 
 
 def connect_host(host: str) -> str:
@@ -27,127 +27,118 @@ def connect_host(host: str) -> str:
     return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
 
 
-def parse_base_url(url: str) -> tuple[str, int]:
-    """http://HOST[:PORT] -> (host, port); raises ValueError with a one-line reason."""
-    accepted = "expected http://HOST:PORT, e.g. http://10.0.0.9:8080"
+@dataclass(frozen=True)
+class Endpoint:
+    """A llama-server: where it is, and the API key its requests carry (never shown)."""
+    scheme: str
+    host: str
+    port: int
+    api_key: str | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+    def _base(self) -> str:
+        host = connect_host(self.host)
+        return f"{self.scheme}://{f'[{host}]' if ':' in host else host}:{self.port}"
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+
+def parse_base_url(url: str, api_key: str | None = None) -> Endpoint:
+    """http(s)://HOST[:PORT] -> Endpoint; raises ValueError with a one-line reason."""
     quoted = f"URL '{shown(url)}'"
     try:
         parts = urlsplit(url.strip())
         port = parts.port
     except ValueError:
-        raise ValueError(f"{quoted} is not valid; {accepted}") from None
-    if parts.scheme != "http" or not parts.hostname:
-        raise ValueError(f"{quoted} is not supported; {accepted}")
+        raise ValueError(f"{quoted} is not valid; {ACCEPTED}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{quoted} is not supported; {ACCEPTED}")
     if normal_host(parts.hostname) is None:
-        raise ValueError(f"{quoted} has no valid host; {accepted}")
+        raise ValueError(f"{quoted} has no valid host; {ACCEPTED}")
     if parts.path not in ("", "/") or parts.query:
-        raise ValueError(f"{quoted} has a path; {accepted} (the server's root, /health is added)")
-    return parts.hostname, port or 80
+        raise ValueError(f"{quoted} has a path; {ACCEPTED} (the server's root, /health is added)")
+    default = 443 if parts.scheme == "https" else 80
+    return Endpoint(parts.scheme, parts.hostname, port or default, api_key)
 
 
-async def _send(host: str, port: int, method: str, path: str, body: Any = None, bearer: str | None = None
-                ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int, dict[str, str]]:
-    reader, writer = await asyncio.open_connection(connect_host(host), port)
-    data = b"" if body is None else json.dumps(body).encode()
-    shown_host = f"[{host}]" if ":" in host else host
-    head = [f"{method} {path} HTTP/1.1", f"Host: {shown_host}:{port}", "Connection: close", "Accept: */*"]
-    if body is not None:
-        head += ["Content-Type: application/json", f"Content-Length: {len(data)}"]
-    if bearer:
-        head.append(f"Authorization: Bearer {bearer}")
+def _reason(exc: BaseException, timeout: float) -> str:
+    """One short line for an httpx failure."""
+    import httpx
+
+    if isinstance(exc, httpx.TimeoutException):
+        return f"no answer within {timeout:g}s"
+    if isinstance(exc, httpx.ConnectError):
+        text = str(exc).lower()
+        if "refused" in text or "connect call failed" in text:
+            return "connection refused"
+        if "name or service not known" in text or "nodename nor servname" in text or "no address" in text:
+            return "name does not resolve"
+        if "certificate" in text or "ssl" in text:
+            return f"TLS failed: {shown(str(exc), 160)}"
+        return shown(str(exc), 160) or "cannot connect"
+    if isinstance(exc, (httpx.RemoteProtocolError, httpx.DecodingError)):
+        return "not an HTTP answer"
+    if isinstance(exc, httpx.HTTPError):
+        return shown(str(exc), 160) or type(exc).__name__
+    return shown(str(exc), 160) or type(exc).__name__
+
+
+def _server_message(body: bytes) -> str:
+    """llama-server's error JSON {"error": {"message": ...}}, or the start of the body."""
     try:
-        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
-        await writer.drain()
-        status_line = await reader.readline()
-        parts = status_line.decode("latin-1").split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not (parts[1].isascii() and parts[1].isdecimal()):
-            raise HttpError(f"not an HTTP answer: {status_line[:60]!r}")
-        headers: dict[str, str] = {}
-        for _ in range(MAX_HEADER_LINES):
-            line = (await reader.readline()).decode("latin-1").strip()
-            if not line:
-                break
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        return reader, writer, int(parts[1]), headers
-    except BaseException:
-        writer.close()
-        raise
+        error = json.loads(body).get("error", {})
+        message = error.get("message") if isinstance(error, dict) else str(error)
+    except (ValueError, AttributeError):
+        message = None
+    return shown(message or body[:200].decode("utf-8", "replace"), 200)
 
 
-async def _body(reader: asyncio.StreamReader, headers: dict[str, str]) -> AsyncIterator[bytes]:
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        while True:
-            size_line = await reader.readline()
-            if not size_line:
-                raise HttpError("connection closed in the middle of the response")
-            size = int(size_line.split(b";")[0].strip() or b"0", 16)
-            if size == 0:
-                return
-            chunk = await reader.readexactly(size)
-            await reader.readline()   # the CRLF after each chunk
-            yield chunk
-    elif "content-length" in headers:
-        yield await reader.readexactly(int(headers["content-length"]))
-    else:
-        while chunk := await reader.read(65536):
-            yield chunk
-
-
-async def get_json(host: str, port: int, path: str, timeout: float) -> tuple[int, Any]:
-    """GET path -> (status, parsed JSON body or None when it is not JSON)."""
-    async def run() -> tuple[int, Any]:
-        reader, writer, status, headers = await _send(host, port, "GET", path)
-        try:
-            body = b"".join([chunk async for chunk in _body(reader, headers)])
-        finally:
-            writer.close()
-        try:
-            return status, json.loads(body)
-        except ValueError:
-            return status, None
-
-    return await asyncio.wait_for(run(), timeout)
-
-
-async def health(host: str, port: int, timeout: float) -> tuple[bool, str]:
+async def health(endpoint: Endpoint, timeout: float) -> tuple[bool, str]:
     """(True, "ok") only for 200 with {"status": "ok"}: another service on the port may answer 200."""
+    import httpx
+
     try:
-        status, body = await get_json(host, port, "/health", timeout)
-    except TimeoutError:
-        return False, f"no answer from /health within {timeout:g}s"
-    except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
-        return False, f"/health: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
-    if status == 200 and isinstance(body, dict) and body.get("status") == "ok":
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            response = await client.get(endpoint._base() + "/health", headers=endpoint.headers())
+    except (httpx.HTTPError, OSError) as exc:
+        return False, f"/health: {_reason(exc, timeout)}"
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if response.status_code == 200 and isinstance(body, dict) and body.get("status") == "ok":
         return True, "ok"
-    message = body.get("error", {}).get("message") if isinstance(body, dict) and isinstance(body.get("error"), dict) \
-        else None
-    return False, f"/health answered {status}" + (f" ({message})" if message else "")
+    error = body.get("error") if isinstance(body, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    return False, f"/health answered {response.status_code}" + (f" ({shown(str(message), 120)})" if message else "")
 
 
-async def sse(host: str, port: int, path: str, payload: dict[str, Any], connect_timeout: float = 5.0,
-              bearer: str | None = None) -> AsyncIterator[dict[str, Any]]:
-    """POST payload (with `Authorization: Bearer` when given a key), yield each `data: {...}` event
-    of the server-sent-event answer. A non-200 answer raises HttpError with the server's message."""
-    reader, writer, status, headers = await asyncio.wait_for(
-        _send(host, port, "POST", path, payload, bearer), connect_timeout)
+async def stream(endpoint: Endpoint, path: str, payload: dict[str, Any],
+                 connect_timeout: float = 5.0) -> AsyncIterator[dict[str, Any]]:
+    """POST payload, yield each `data: {...}` event of the server-sent-event answer (`data: [DONE]`
+    ends it). Raises HttpError (one line) for no answer, a non-200 answer, or a broken stream."""
+    import httpx
+
+    timeout = httpx.Timeout(connect_timeout, read=None)   # a long generation is not a timeout
     try:
-        if status != 200:
-            body = b"".join([chunk async for chunk in _body(reader, headers)])
-            try:
-                error = json.loads(body).get("error", {})
-                message = error.get("message") if isinstance(error, dict) else str(error)
-            except (ValueError, AttributeError):
-                message = body[:200].decode("utf-8", "replace")
-            raise HttpError(f"{path} answered {status}: {message}")
-        pending = b""
-        async for chunk in _body(reader, headers):
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                if line.startswith(b"data: "):
-                    yield json.loads(line[6:])
-                elif line.startswith(b"error: "):
-                    raise HttpError(line[7:].decode("utf-8", "replace"))
-    finally:
-        writer.close()
+        async with (httpx.AsyncClient(timeout=timeout) as client,
+                    client.stream("POST", endpoint._base() + path, json=payload, headers=endpoint.headers())
+                    as response):
+            if response.status_code != 200:
+                body = await response.aread()
+                raise HttpError(f"{path} answered {response.status_code}: {_server_message(body)}")
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    data = line[6:].strip()
+                    if data == "[DONE]":
+                        return
+                    yield json.loads(data)
+                elif line.startswith("error: "):
+                    raise HttpError(shown(line[7:], 200))
+    except httpx.HTTPError as exc:
+        raise HttpError(_reason(exc, connect_timeout)) from None

@@ -1,74 +1,87 @@
 """CoordinatorManager: a supervised llama-server (the llama.cpp coordinator) over the RPC backends.
 
-States follow supervisord: stopped, starting, running, backoff, stopping, exited, fatal.
-`_change_state()` is the one place a state changes, and every lifecycle event leaves through it
-(with from_state, pid, tries, reason, exit code or signal). The manager knows nothing of Redis or
-the shell: whoever wants its events subscribes to `hooks`; `observe()` at the bottom of this module
-turns them into observer events.
+States and the transitions allowed between them are the table in lifecycle.py (supervisord's
+states). `_change_state()` is the one place a state changes, and every lifecycle event leaves
+through it (with from_state, pid, tries, reason, exit code or signal). The manager knows nothing of
+Redis or the shell: whoever wants its events subscribes to `hooks`; `observe()` at the bottom of
+this module turns them into observer events.
 
 Nothing here polls a running server. The child's exit is awaited (so a crash is seen at once), its
 stdout/stderr are read line by line, /health is asked during start-up only, when the log says the
 server is up (plus a slow fallback probe), and then once per heartbeat.
+
+The state is the truth: the instant llama-server has exited the state is `exited` (or `stopped`),
+before its last output is drained and a probe names a dead backend; the `stop` event that carries
+that diagnosis follows within the drain and probe bounds.
 """
 from __future__ import annotations
 
 import asyncio
-import os
-import shlex
+import logging
 import signal
-import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from synapticllamas.events.contract import Component, CoordinatorEvent, ModelEvent, RawEvent, SystemEvent
 from synapticllamas.llama import args as llama_args
 from synapticllamas.llama import http as llama_http
-from synapticllamas.util.processes import spawn
-from synapticllamas.util.text import shown
+from synapticllamas.llama.attach import ExternalWatcher
+from synapticllamas.llama.lifecycle import (
+    ACTIVE,
+    EVENT_TYPE,
+    SUPERVISED,
+    Lifecycle,
+    State,
+    StateChange,
+    default_level,
+)
+from synapticllamas.llama.preflight import CoordinatorError, Plan, check_model, port_in_use
+from synapticllamas.util.processes import exit_details, signal_group, spawn, terminate
 from synapticllamas.util.ticker import Ticker
 
-if TYPE_CHECKING:   # llama_log (its patterns) and binaries load with the first start, not at start-up
+if TYPE_CHECKING:   # llama.log (its patterns) and binaries load with the first start, not at start-up
+    from synapticllamas.events.observer import Observer
     from synapticllamas.llama.log import LoadReport, LogLine
+    from synapticllamas.rpc.registry import RpcRegistry
 
-STATES = ("stopped", "starting", "running", "backoff", "stopping", "exited", "fatal")
-ACTIVE = ("starting", "running", "backoff", "stopping")
-EVENT_TYPE = {"starting": "starting", "running": "start", "stopping": "stopping", "stopped": "stop",
-              "exited": "stop", "backoff": "backoff", "fatal": "fatal"}
-GGUF_MAGIC = b"GGUF"
+__all__ = ["ACTIVE", "CoordinatorError", "CoordinatorManager", "Notice", "Plan", "State", "StateChange",
+           "check_model", "port_in_use"]
+
 BACKOFF_CAP = 60.0
 LOG_LINES = 2000           # raw lines kept for `coordinator logs`
 LINE_LIMIT = 1 << 20       # longest output line read whole
 DRAIN_TIMEOUT = 0.3        # after the exit, wait this long for the last lines (the error) to arrive
+SETTLE_TIMEOUT = 3.0       # how long close() waits for a pending exit's event
 FALLBACK_PROBE = 0.5       # start-up /health probe interval before the log says "listening"
 LISTENING_PROBE = 0.1      # ... and after it (a server that listens before loading answers 503)
 HEALTH_FAILURES = 2        # failed heartbeat /health requests in a row before a restart
-HEALTH_TIMEOUT = 5.0       # a heartbeat's or attach check's /health; the ticks it outlasts are skipped
+HEALTH_TIMEOUT = 5.0       # a heartbeat's /health; the ticks it outlasts are skipped
+# how a process we stopped ends: a clean exit after SIGTERM, or the signals we sent
+STOPPED_BY_US = (0, -signal.SIGTERM, -signal.SIGKILL)
 
-
-class CoordinatorError(Exception):
-    """A coordinator action failed; the message is one line for the user."""
-
-
-@dataclass(slots=True)
-class StateChange:
-    state: str
-    from_state: str
-    event_type: str
-    message: str
-    level: str
-    details: dict[str, Any]
+log = logging.getLogger("synapticllamas")
 
 
 @dataclass(slots=True)
 class Notice:
-    """A non-lifecycle happening: model progress, heartbeat, request/response."""
+    """A non-lifecycle happening: model progress, heartbeat, request/response, an internal error."""
     event_type: str
     message: str
     details: dict[str, Any]
     level: str = "info"
+
+
+@dataclass
+class ChildOps:
+    """How the manager starts, signals and asks llama-server: the real things by default; the
+    lifecycle unit tests pass fakes (tests/unit/test_lifecycle.py) and run in milliseconds."""
+    spawn: Callable[..., Awaitable[Any]] = spawn
+    signal: Callable[[int, int], bool] = signal_group
+    health: Callable[[llama_http.Endpoint, float], Awaitable[tuple[bool, str]]] = llama_http.health
 
 
 class Hooks:
@@ -80,6 +93,7 @@ class Hooks:
         self.on_model_progress: list[Callable[[Notice], None]] = []
         self.on_heartbeat: list[Callable[[Notice], None]] = []
         self.on_request: list[Callable[[Notice], None]] = []
+        self.on_error: list[Callable[[Notice], None]] = []
         self.errors = 0
 
     def call(self, name: str, *args: Any) -> None:
@@ -92,25 +106,12 @@ class Hooks:
     def subscribe(self, name: str, fn: Callable[..., None]) -> Callable[[], None]:
         subscribers = getattr(self, name)
         subscribers.append(fn)
-        return lambda: fn in subscribers and subscribers.remove(fn)
 
+        def unsubscribe() -> None:
+            if fn in subscribers:
+                subscribers.remove(fn)
 
-@dataclass
-class Plan:
-    """What one launch will run; built by the pre-flight checks."""
-    binary: Path
-    model: Path
-    host: str
-    port: int
-    backends: list[str]
-    left_out: dict[str, str] = field(default_factory=dict)   # backend -> why it is not used
-
-    def argv(self, ctx_size: int, extra: str) -> list[str]:
-        argv = [str(self.binary), "--model", str(self.model), "--host", self.host, "--port", str(self.port),
-                "-ngl", "99", "-c", str(ctx_size), "-lv", "4", "--no-webui"]
-        if self.backends:
-            argv += ["--rpc", ",".join(self.backends)]
-        return argv + shlex.split(extra)
+        return unsubscribe
 
 
 @dataclass(eq=False)
@@ -122,14 +123,14 @@ class Run:
     report: LoadReport                           # devices and buffers, from its load log
     started: float = field(default_factory=time.monotonic)
     failures: list[LogLine] = field(default_factory=list)
-    lines: deque = field(default_factory=lambda: deque(maxlen=12))
+    lines: deque[str] = field(default_factory=lambda: deque(maxlen=12))
     hint: asyncio.Event = field(default_factory=asyncio.Event)   # the log says: try /health now
     listening: bool = False
-    ready: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    stop_reason: str | None = None
-    error: str | None = None                                     # the manager's own reason to stop it
-    tasks: list[asyncio.Task] = field(default_factory=list)      # readers, then the start-up prober
-    watcher: asyncio.Task | None = None
+    ready: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    stop_reason: str | None = None               # why we stopped it: user, exit, startup_failed, health
+    error: str | None = None                     # the manager's own reason to stop it
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)   # readers, then the start-up prober
+    watcher: asyncio.Task[None] | None = None
     hidden: list[str] = field(default_factory=list)   # secrets of its argv, kept out of logs and events
     api_key: str | None = None                        # sent with each request to it
 
@@ -137,56 +138,19 @@ class Run:
     def pid(self) -> int:
         return self.proc.pid
 
-
-def exit_details(returncode: int) -> dict[str, Any]:
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return {"signal": name, "exit_code": None}
-    return {"exit_code": returncode}
-
-
-def check_model(path: Path) -> None:
-    """Raise CoordinatorError unless `path` is a readable file that starts with the GGUF magic."""
-    name = shown(str(path), 200)
-    try:
-        if not path.exists():
-            raise CoordinatorError(f"model {name} does not exist; give a GGUF file with --model PATH")
-        if not path.is_file():
-            raise CoordinatorError(f"model {name} is not a file; give a GGUF file with --model PATH")
-        with path.open("rb") as fh:
-            magic = fh.read(4)
-    except OSError as exc:       # a name too long, a directory we may not search, ...
-        raise CoordinatorError(f"model {name} cannot be read ({exc.strerror})") from None
-    if magic != GGUF_MAGIC:
-        raise CoordinatorError(f"model {name} is not a GGUF file (it starts with {magic!r}, a GGUF file with "
-                               f"b'GGUF'); llama-server needs a .gguf model")
-
-
-def port_in_use(host: str, port: int) -> bool:
-    """Would llama-server fail to bind? (SO_REUSEADDR like llama-server, so TIME_WAIT is no conflict.)"""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror:
-        return False  # llama-server will report the bad host itself
-    family, kind, proto, _, addr = infos[0]
-    with socket.socket(family, kind, proto) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(addr)
-        except OSError:
-            return True
-    return False
+    @property
+    def endpoint(self) -> llama_http.Endpoint:
+        return llama_http.Endpoint("http", self.plan.host, self.plan.port, self.api_key)
 
 
 class CoordinatorManager:
-    def __init__(self, settings: Any, observer: Any = None, registry: Any = None) -> None:
+    def __init__(self, settings: Any, observer: Observer | None = None, registry: RpcRegistry | None = None,
+                 ops: ChildOps | None = None) -> None:
         self.settings = settings
         self.registry = registry
+        self.ops = ops or ChildOps()
         self.hooks = Hooks()
-        self.state = "stopped"
+        self.lifecycle = Lifecycle(SUPERVISED, "coordinator", self._internal_error)
         self.run: Run | None = None
         self.tries = 0                    # automatic restarts since the last time it was running
         self.restarts = 0                 # automatic restarts in total
@@ -196,57 +160,73 @@ class CoordinatorManager:
         self.target: tuple[Path | None, int | None] = (None, None)   # the user's --model / --port
         self.last_plan: Plan | None = None
         self.suspects: set[str] = set()   # backends an RPC failure pointed at: not in the next --rpc
-        self.attached: tuple[str, str, int] | None = None           # (url, host, port)
-        self._backoff_task: asyncio.Task | None = None
-        self._heartbeat_task: asyncio.Task | None = None
-        self._attach_task: asyncio.Task | None = None
-        self._background: set[asyncio.Task] = set()
+        self.external: ExternalWatcher | None = None                 # `coordinator attach`
+        self._settling: asyncio.Task[None] | None = None            # the last run's exit handling
+        self._backoff_task: asyncio.Task[None] | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
         if observer is not None:
             observe(self, observer)
 
     # ------------------------------------------------------------ the one state-change function
 
-    def _change_state(self, to: str, message: str, reason: str | None = None, level: str | None = None,
-                      **details: Any) -> StateChange:
-        """Change state and emit the lifecycle event. Nothing else changes self.state."""
-        assert to in STATES, to
-        from_state, self.state = self.state, to
+    @property
+    def state(self) -> State:
+        return self.external.state if self.external else self.lifecycle.state
+
+    def _change_state(self, to: State, message: str, reason: str | None = None, level: str | None = None,
+                      announce: bool = True, **details: Any) -> StateChange:
+        """Change state (the table in lifecycle.py must allow it) and emit the lifecycle event;
+        with announce=False the caller completes the change's message and details, then emits it
+        with _announce(). Nothing else changes the state."""
         run = self.run
-        base: dict[str, Any] = {"state": to, "from_state": from_state,
-                                "pid": details.pop("pid", run.pid if run else None), "tries": self.tries}
+        pid = details.pop("pid", run.pid if run else None)
+        from_state = self.lifecycle.enter(to)
+        base: dict[str, Any] = {"state": str(to), "from_state": str(from_state), "pid": pid, "tries": self.tries}
         if reason:
             base["reason"] = reason
-        if level is None:
-            level = {"fatal": "critical", "backoff": "warning"}.get(to, "info")
-            if to == "exited" and reason in ("crash", "startup_failed", "health"):
-                level = "error"
-        change = StateChange(to, from_state, EVENT_TYPE[to], message, level, {**base, **details})
-        if to == "running":
+        change = StateChange(to, from_state, EVENT_TYPE[to], message, level or default_level(to, reason),
+                             {**base, **details})
+        if to == State.RUNNING:
             self.running_since = time.monotonic()
             if run is not None:
                 self._heartbeat_task = self._spawn_task(self._heartbeat(run))
-        elif from_state == "running":
+        elif from_state == State.RUNNING:
             self.running_since = None
             if self._heartbeat_task is not None:
                 self._heartbeat_task.cancel()
                 self._heartbeat_task = None
-        self.hooks.call("on_state_change", change)
+        if announce:
+            self._announce(change)
         return change
+
+    def _announce(self, change: StateChange) -> None:
+        self.hooks.call("on_state_change", change)
+
+    def _internal_error(self, message: str) -> None:
+        self.hooks.call("on_error", Notice(SystemEvent.ERROR, message, {"error": message}, "error"))
 
     # ------------------------------------------------------------ status
 
     @property
+    def attached(self) -> str | None:
+        """The URL of the external coordinator being watched, if any."""
+        return self.external.url if self.external else None
+
+    @property
     def url(self) -> str | None:
-        if self.attached:
-            return self.attached[0]
+        if self.external:
+            return self.external.url
         plan = self.run.plan if self.run else None
         return f"http://{plan.host}:{plan.port}" if plan else None
 
     def status(self) -> dict[str, Any]:
+        if self.external:
+            return self.external.status()
         run = self.run
         plan = run.plan if run else None
         return {
-            "state": self.state,
+            "state": str(self.state),
             "pid": run.pid if run else None,
             "url": self.url,
             "model": str(plan.model) if plan else None,
@@ -254,7 +234,7 @@ class CoordinatorManager:
             "uptime_s": round(time.monotonic() - self.running_since, 1) if self.running_since else None,
             "restarts": self.restarts,
             "tries": self.tries,
-            "attached": bool(self.attached),
+            "attached": False,
             "last_exit": self.last_exit,
         }
 
@@ -293,7 +273,8 @@ class CoordinatorManager:
                 known = ", ".join(f"{k} ({why})" for k, why in left_out.items())
                 raise CoordinatorError(
                     (f"no healthy RPC backend ({known})" if known else "no RPC backend is configured")
-                    + " in distributed mode; start two local ones with `backends spawn 2`, or add one with `backends add HOST:PORT`")
+                    + " in distributed mode; start two local ones with `backends spawn 2`, or add one with "
+                    "`backends add HOST:PORT`")
         return Plan(binary, model_path, host, port, backends, left_out)
 
     # ------------------------------------------------------------ start
@@ -302,14 +283,15 @@ class CoordinatorManager:
         """Start llama-server and return once /health says ok; raise CoordinatorError otherwise.
 
         Cancelling the caller (Ctrl-C) kills the child before the cancellation goes on."""
-        if self.attached:
-            raise CoordinatorError(f"watching the external coordinator {self.attached[0]}; "
+        if self.external:
+            raise CoordinatorError(f"watching the external coordinator {self.external.url}; "
                                    "`coordinator detach` first")
         if self.state in ACTIVE:
             raise CoordinatorError(f"the coordinator is already {self.state}"
                                    + (f" at {self.url} (pid {self.run.pid})" if self.run else "")
                                    + "; use `coordinator stop` or `coordinator restart`")
-        model_path = Path(model).expanduser() if model else None
+        await self._settled()
+        model_path = user_path(model) if model else None
         self.suspects.clear()      # the user's own start trusts the registry again
         plan = await self._plan(model_path, port, auto=False)
         self.target = (model_path, port)
@@ -322,10 +304,15 @@ class CoordinatorManager:
             raise
         return self.status()
 
+    async def _settled(self) -> None:
+        """Wait until the last run's exit has been announced (its `stop` goes before a new `starting`)."""
+        if self._settling is not None and not self._settling.done():
+            await asyncio.wait({self._settling}, timeout=SETTLE_TIMEOUT)
+
     async def _launch(self, plan: Plan, auto: bool) -> Run:
         argv = plan.argv(self.settings.coordinator_ctx_size, self.settings.coordinator_args)
         try:
-            proc = await spawn(
+            proc = await self.ops.spawn(
                 argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE, limit=LINE_LIMIT)
         except OSError as exc:
@@ -337,25 +324,29 @@ class CoordinatorManager:
                   api_key=keys[0] if keys else None)
         self.run = run
         self.last_plan = plan
+        if self.registry is not None:
+            self.registry.hold(plan.backends)      # rpc-server serves one client: no probes while we hold it
         n = len(plan.backends)
         where = f"{n} RPC backend{'s' if n != 1 else ''}" if self.settings.distributed else "standard mode"
         left = "; left out " + ", ".join(f"{k} ({why})" for k, why in plan.left_out.items()) if plan.left_out else ""
         self._change_state(
-            "starting", f"starting llama.cpp coordinator on {plan.host}:{plan.port} ({where}){left}",
+            State.STARTING, f"starting llama.cpp coordinator on {plan.host}:{plan.port} ({where}){left}",
             reason="restart" if auto else "user", port=plan.port, host=plan.host, rpc_backends=plan.backends,
             left_out=plan.left_out, model_path=str(plan.model), argv=llama_args.redact_args(argv))
+        assert proc.stdout is not None and proc.stderr is not None
         run.tasks = [self._spawn_task(self._read(run, proc.stdout, "stdout")),
                      self._spawn_task(self._read(run, proc.stderr, "stderr"))]
         run.tasks.append(self._spawn_task(self._wait_healthy(run)))
-        run.watcher = self._spawn_task(self._watch(run))
+        run.watcher = self._settling = self._spawn_task(self._watch(run))
         return run
 
     async def _abort_start(self, run: Run) -> None:
         """Ctrl-C during start: nothing is worth saving in a half-loaded server, so SIGKILL."""
         if run.watcher is None or run.watcher.done():
             return
-        run.stop_reason = "user"
-        self._signal(run, signal.SIGKILL)
+        if self.run is run and self.state in (State.STARTING, State.RUNNING, State.STOPPING):
+            self._begin_stop(run, "user", "stopping llama.cpp coordinator (start cancelled)")
+            self.ops.signal(run.pid, signal.SIGKILL)
         await asyncio.wait({run.watcher}, timeout=self.settings.coordinator_stop_timeout)
 
     # ------------------------------------------------------------ reading the output
@@ -379,23 +370,23 @@ class CoordinatorManager:
         run.lines.append(text)
         run.report.feed(rec)
         self.hooks.call("on_log", rec, {"stream": stream, "pid": run.pid})
+        model = run.plan.model
         if rec.is_failure:
             if rec.kind == "model_failed" and not any(f.kind == "model_failed" for f in run.failures):
                 self.hooks.call("on_model_progress", Notice(
-                    "model_load_failed", f"model {run.plan.model.name} failed to load: "
-                    f"{rec.message.split(': ', 1)[-1]}", {"model_path": str(run.plan.model), "pid": run.pid},
-                    "error"))
+                    ModelEvent.LOAD_FAILED, f"model {model.name} failed to load: "
+                    f"{rec.message.split(': ', 1)[-1]}", {"model_path": str(model), "pid": run.pid}, "error"))
             run.failures.append(rec)
         elif rec.kind == "load_step":
             d = rec.details
             self.hooks.call("on_model_progress", Notice(
-                "model_loading", f"loading model {run.plan.model.name}: {d['stage']} ({d['step']}/{d['steps']})",
-                {"model_path": str(run.plan.model), "pid": run.pid, **d}))
+                ModelEvent.LOADING, f"loading model {model.name}: {d['stage']} ({d['step']}/{d['steps']})",
+                {"model_path": str(model), "pid": run.pid, **d}))
         elif rec.kind == "model_loaded":
             load_s = round(time.monotonic() - run.started, 3)
             self.hooks.call("on_model_progress", Notice(
-                "model_load", f"model {run.plan.model.name} loaded in {load_s:g}s",
-                {"model_path": str(run.plan.model), "pid": run.pid, "load_s": load_s,
+                ModelEvent.LOAD, f"model {model.name} loaded in {load_s:g}s",
+                {"model_path": str(model), "pid": run.pid, "load_s": load_s,
                  "rpc_backends": run.plan.backends, **rec.details, **run.report.summary()}))
             run.hint.set()
         elif rec.kind == "listening":
@@ -406,7 +397,7 @@ class CoordinatorManager:
 
     async def _wait_healthy(self, run: Run) -> None:
         """Start-up only: probe /health when the log says the server is up (and slowly before)."""
-        host, port = run.plan.host, run.plan.port
+        endpoint = run.endpoint
         try:
             async with asyncio.timeout(self.settings.coordinator_start_timeout):
                 while True:
@@ -416,19 +407,20 @@ class CoordinatorManager:
                     except TimeoutError:
                         pass
                     run.hint.clear()
-                    ok, _ = await llama_http.health(host, port, timeout=2.0)
+                    ok, _ = await self.ops.health(endpoint, 2.0)
                     if ok:
                         break
         except TimeoutError:
-            run.stop_reason = "startup_failed"
-            run.error = f"/health did not report ok within {self.settings.coordinator_start_timeout:g}s"
-            self._spawn_task(self._terminate(run))
+            if self.run is run and self.state == State.STARTING:
+                run.error = f"/health did not report ok within {self.settings.coordinator_start_timeout:g}s"
+                self._begin_stop(run, "startup_failed", f"stopping llama.cpp coordinator: {run.error}")
+                self._spawn_task(self._terminate(run))
             return
-        if self.run is run and self.state == "starting":
+        if self.run is run and self.state == State.STARTING:
             self.tries = 0
             load_s = round(time.monotonic() - run.started, 3)
             plan = run.plan
-            self._change_state("running", "llama.cpp coordinator started", port=plan.port, host=plan.host,
+            self._change_state(State.RUNNING, "llama.cpp coordinator started", port=plan.port, host=plan.host,
                                url=f"http://{plan.host}:{plan.port}", rpc_backends=plan.backends,
                                model_path=str(plan.model), load_s=load_s, restarts=self.restarts,
                                **run.report.summary())
@@ -439,12 +431,27 @@ class CoordinatorManager:
 
     async def _watch(self, run: Run) -> None:
         returncode = await run.proc.wait()
+        change = self._exited(run, returncode)            # the state is the truth from this instant
         # the last lines (the reason it died) may still be in the pipes: read them, bounded
         await asyncio.wait(run.tasks[:2], timeout=DRAIN_TIMEOUT)
         for task in run.tasks:
             task.cancel()
-        self._signal(run, signal.SIGKILL)   # anything it left in its process group
-        await self._on_exit(run, returncode)
+        self.ops.signal(run.pid, signal.SIGKILL)   # anything it left in its process group
+        await self._settle_exit(run, returncode, change)
+
+    def _exited(self, run: Run, returncode: int) -> StateChange:
+        """The process is gone: change state at once; the event follows with the diagnosis."""
+        self.run = None
+        if self.registry is not None:
+            self.registry.hold(())
+        reason = run.stop_reason
+        if reason in ("user", "exit"):
+            return self._change_state(State.STOPPED, "", reason=reason, announce=False, pid=run.pid)
+        if reason == "health" and returncode not in STOPPED_BY_US:
+            reason = "crash"          # it died of something else while we were stopping it
+        elif reason is None:
+            reason = "startup_failed" if self.state == State.STARTING else "crash"
+        return self._change_state(State.EXITED, "", reason=reason, announce=False, pid=run.pid)
 
     def _diagnose(self, run: Run, dead: list[str]) -> str:
         """One line: why did it stop? The most specific failure the log printed."""
@@ -461,9 +468,9 @@ class CoordinatorManager:
             text += f" (backend {', '.join(dead)} unreachable)"
         return text
 
-    async def _on_exit(self, run: Run, returncode: int) -> None:
-        if self.run is not run:
-            return
+    async def _settle_exit(self, run: Run, returncode: int, change: StateChange) -> None:
+        """Name the cause (the log; for an RPC crash, one probe of the backends it used), announce
+        the exit, and schedule the restart the policy asks for."""
         dead: list[str] = []
         kinds = {f.kind for f in run.failures}
         if "rpc_connect_failed" in kinds:
@@ -477,30 +484,25 @@ class CoordinatorManager:
         why = self._diagnose(run, dead)
         code = exit_details(returncode)
         how = code.get("signal") or f"exit code {returncode}"
-        details = {**code, "pid": run.pid, "port": run.plan.port, "rpc_backends": run.plan.backends,
-                   "model_path": str(run.plan.model), "last_lines": list(run.lines)}
-        if why:
-            details["error"] = why
-        if dead:
-            details["failed_backends"] = dead
-        self.run = None
-        reason = run.stop_reason
-        was = self.state
-        if reason in ("user", "exit"):
-            message = f"llama.cpp coordinator stopped ({reason})"
-            change = self._change_state("stopped", message, reason=reason, **details)
+        reason = change.details["reason"]
+        if change.state == State.STOPPED:
+            change.message = f"llama.cpp coordinator stopped ({reason})"
         else:
-            if reason is None:
-                reason = "startup_failed" if was == "starting" else "crash"
             verb = {"crash": "crashed", "startup_failed": "failed to start",
                     "health": "stopped answering /health and was stopped"}[reason]
-            message = f"llama.cpp coordinator {verb} ({how})" + (f": {why}" if why else "")
-            change = self._change_state("exited", message, reason=reason, **details)
+            change.message = f"llama.cpp coordinator {verb} ({how})" + (f": {why}" if why else "")
+        change.details.update(code, port=run.plan.port, rpc_backends=run.plan.backends,
+                              model_path=str(run.plan.model), last_lines=list(run.lines))
+        if why:
+            change.details["error"] = why
+        if dead:
+            change.details["failed_backends"] = dead
         self.last_exit = {"reason": reason, "message": change.message, **code, "failed_backends": dead}
+        self._announce(change)
         if not run.ready.done():
             run.ready.set_exception(CoordinatorError(change.message))
             run.ready.exception()   # retrieved: a cancelled start() must not log "never retrieved"
-        if reason in ("crash", "health") or (reason == "startup_failed" and run.auto):
+        if self.state == State.EXITED and (reason in ("crash", "health") or (reason == "startup_failed" and run.auto)):
             self._schedule_restart(change.message)
 
     # ------------------------------------------------------------ restart policy
@@ -508,61 +510,59 @@ class CoordinatorManager:
     def _schedule_restart(self, cause: str) -> None:
         limit = self.settings.coordinator_max_restarts
         if self.tries >= limit:
-            self._change_state("fatal", f"llama.cpp coordinator gave up after {self.tries} restart"
+            self._change_state(State.FATAL, f"llama.cpp coordinator gave up after {self.tries} restart"
                                f"{'s' if self.tries != 1 else ''}: {cause}", reason="max_restarts",
                                max_restarts=limit, cause=cause)
             return
         self.tries += 1
-        delay = min(self.settings.coordinator_backoff * 2 ** (self.tries - 1), BACKOFF_CAP)
-        self._change_state("backoff", f"restarting llama.cpp coordinator in {delay:g}s "
+        delay = backoff_delay(self.settings.coordinator_backoff, self.tries)
+        self._change_state(State.BACKOFF, f"restarting llama.cpp coordinator in {delay:g}s "
                            f"(try {self.tries} of {limit})", delay_s=delay, max_restarts=limit, cause=cause)
         self._backoff_task = self._spawn_task(self._restart_after(delay))
 
     async def _restart_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
-        if self.state != "backoff":
+        if self.state != State.BACKOFF:
             return
         model, port = self.target
         try:
             plan = await self._plan(model, port, auto=True)
+            if self.state != State.BACKOFF:     # stopped while the pre-flight probed
+                return
             self.restarts += 1
             await self._launch(plan, auto=True)
         except CoordinatorError as exc:
-            if self.state == "backoff":
+            if self.state == State.BACKOFF:
                 self._schedule_restart(str(exc))
 
     # ------------------------------------------------------------ stop
 
-    def _signal(self, run: Run, sig: int) -> None:
-        try:
-            os.killpg(run.pid, sig)   # its own session: the group id is its pid
-        except (ProcessLookupError, PermissionError):
-            pass
+    def _begin_stop(self, run: Run, reason: str, message: str) -> None:
+        """We are about to signal it: say why, once (every SIGTERM path goes through `stopping`)."""
+        run.stop_reason = reason
+        if self.state != State.STOPPING:
+            self._change_state(State.STOPPING, message, reason=reason)
 
     async def _terminate(self, run: Run) -> None:
         """SIGTERM to the process group, SIGKILL after the stop timeout; returns when it is gone."""
-        self._signal(run, signal.SIGTERM)
-        done, _ = await asyncio.wait({run.watcher}, timeout=self.settings.coordinator_stop_timeout)
-        if not done:
-            self._signal(run, signal.SIGKILL)
-            await asyncio.wait({run.watcher}, timeout=5.0)
+        assert run.watcher is not None
+        await terminate(run.pid, run.watcher, self.settings.coordinator_stop_timeout, send=self.ops.signal)
 
     async def stop(self, reason: str = "user") -> None:
-        if self.attached:
-            raise CoordinatorError(f"watching the external coordinator {self.attached[0]}; it is not ours "
+        if self.external:
+            raise CoordinatorError(f"watching the external coordinator {self.external.url}; it is not ours "
                                    "to stop (`coordinator detach` stops watching)")
-        if self.state == "backoff":
+        if self.state == State.BACKOFF:
             if self._backoff_task is not None:
                 self._backoff_task.cancel()
-            self._change_state("stopped", f"llama.cpp coordinator restart cancelled ({reason})", reason=reason)
+            self._change_state(State.STOPPED, f"llama.cpp coordinator restart cancelled ({reason})", reason=reason)
             return
         run = self.run
         if run is None or self.state not in ACTIVE:
             raise CoordinatorError(f"the coordinator is not running (state: {self.state})")
-        run.stop_reason = reason
-        if self.state != "stopping":
-            self._change_state("stopping", f"stopping llama.cpp coordinator ({reason})", reason=reason)
+        self._begin_stop(run, reason, f"stopping llama.cpp coordinator ({reason})")
         await asyncio.shield(self._terminate(run))
+        await self._settled()
 
     async def restart(self) -> dict[str, Any]:
         model, port = self.target
@@ -572,13 +572,15 @@ class CoordinatorManager:
 
     async def close(self) -> None:
         """App exit: stop what we started, end every timer. Bounded by the stop timeout."""
-        if self._attach_task is not None:
-            self._attach_task.cancel()
-        if self.state in ACTIVE and not self.attached:
+        if self.external:
+            self.external.close()
+            self.external = None
+        if self.state in ACTIVE:
             try:
                 await self.stop("exit")
             except CoordinatorError:
                 pass
+        await self._settled()
         for task in list(self._background):
             task.cancel()
 
@@ -594,104 +596,83 @@ class CoordinatorManager:
         failures = 0
         while True:
             await ticker.next()
-            if self.run is not run or self.state != "running":
+            if self.run is not run or self.state != State.RUNNING:
                 return
-            ok, detail = await llama_http.health(plan.host, plan.port, timeout=HEALTH_TIMEOUT)
-            if self.run is not run or self.state != "running":
+            ok, detail = await self.ops.health(run.endpoint, HEALTH_TIMEOUT)
+            if self.run is not run or self.state != State.RUNNING:
                 return
             failures = 0 if ok else failures + 1
             self.hooks.call("on_heartbeat", Notice(
-                "heartbeat", f"rpc_backend_connect on {plan.host}:{plan.port}",
+                CoordinatorEvent.HEARTBEAT, f"rpc_backend_connect on {plan.host}:{plan.port}",
                 {"host": plan.host, "port": plan.port, "backends": plan.backends,
                  "total_backends": len(plan.backends), "pid": run.pid, "model_path": str(plan.model),
                  "uptime_s": round(time.monotonic() - (self.running_since or run.started), 1),
                  "restarts": self.restarts, "health": detail, "interval_s": interval},
                 "info" if ok else "warning"))
             if failures >= HEALTH_FAILURES:
-                run.stop_reason = "health"
-                # its own task: leaving `running` cancels this heartbeat task
+                # leaving `running` cancels this task: the stop runs as its own task
+                self._begin_stop(run, "health", f"stopping llama.cpp coordinator: {detail} "
+                                 f"({HEALTH_FAILURES} heartbeats in a row)")
                 self._spawn_task(self._terminate(run))
                 return
 
     # ------------------------------------------------------------ attach an external coordinator
 
-    async def attach(self, url: str) -> tuple[bool, str]:
-        if self.state in ACTIVE and not self.attached:
+    async def attach(self, url: str, api_key: str | None = None) -> tuple[bool, str]:
+        if self.state in ACTIVE and not self.external:
             raise CoordinatorError(f"this shell runs its own coordinator ({self.state}); `coordinator stop` first")
-        if self.attached:
-            raise CoordinatorError(f"already watching {self.attached[0]}; `coordinator detach` first")
+        if self.external:
+            raise CoordinatorError(f"already watching {self.external.url}; `coordinator detach` first")
         try:
-            host, port = llama_http.parse_base_url(url)
+            endpoint = llama_http.parse_base_url(url, api_key)
         except ValueError as exc:
             raise CoordinatorError(str(exc)) from None
-        self.attached = (url.strip().rstrip("/"), host, port)
-        ok, detail = await self._check_attached()
-        self._attach_task = self._spawn_task(self._attach_loop())
-        return ok, detail
-
-    async def _attach_loop(self) -> None:
-        ticker = Ticker(self.settings.attach_check_interval)
-        while True:
-            await ticker.next()
-            await self._check_attached()
-
-    async def _check_attached(self) -> tuple[bool, str]:
-        """The state check: one /health request; an up/down change is a start/stop event."""
-        url, host, port = self.attached
-        ok, detail = await llama_http.health(host, port, timeout=HEALTH_TIMEOUT)
-        common = {"url": url, "host": host, "port": port, "attached": True}
-        if ok and self.state != "running":
-            self._change_state("running", "llama.cpp coordinator started", reason="attached", **common)
-        elif not ok and self.state == "running":
-            self._change_state("exited", f"llama.cpp coordinator at {url} stopped answering: {detail}",
-                               reason="health", error=detail, **common)
-        return ok, detail
+        await self._settled()
+        self.external = ExternalWatcher(endpoint, self.settings.attach_check_interval, self._announce,
+                                        self._internal_error)
+        return await self.external.start()
 
     async def detach(self) -> str:
-        if not self.attached:
+        if not self.external:
             raise CoordinatorError("not watching an external coordinator (`coordinator attach URL` does)")
-        url = self.attached[0]
-        if self._attach_task is not None:
-            self._attach_task.cancel()
-            self._attach_task = None
-        if self.state != "stopped":
-            self._change_state("stopped", f"stopped watching llama.cpp coordinator {url}", reason="detached",
-                               url=url, attached=True)
-        self.attached = None
+        url = self.external.url
+        self.external.close()
+        self.external = None
         return url
 
     # ------------------------------------------------------------ one completion
 
     def require_running(self) -> None:
         """Raise CoordinatorError unless there is a coordinator to ask."""
-        if self.state != "running":
+        if self.state != State.RUNNING:
             raise CoordinatorError(f"no running coordinator (state: {self.state}); `coordinator start` first")
+
+    def _serving(self) -> tuple[llama_http.Endpoint, Run | None]:
+        if self.external:
+            return self.external.endpoint, None
+        assert self.run is not None
+        return self.run.endpoint, self.run
 
     async def ask(self, prompt: str, n_predict: int, on_token: Callable[[str], None]) -> dict[str, Any]:
         """Stream one /completion; returns counts and timings. Raises CoordinatorError (one line)."""
         self.require_running()
-        run = self.run
-        if self.attached:
-            _, host, port = self.attached
-        else:
-            host, port = run.plan.host, run.plan.port
-        url = f"http://{host}:{port}"
-        self.hooks.call("on_request", Notice("request", f"completion request to {url} ({n_predict} tokens)",
+        endpoint, run = self._serving()
+        url = endpoint.url
+        self.hooks.call("on_request", Notice(CoordinatorEvent.REQUEST, f"completion request to {url} "
+                                             f"({n_predict} tokens)",
                                              {"url": url, "prompt_chars": len(prompt), "n_predict": n_predict}))
         started = time.monotonic()
         tokens, final = 0, None
         try:
-            # an attached coordinator has no run: our key goes to our own llama-server only
-            async for event in llama_http.sse(host, port, "/completion",
-                                              {"prompt": prompt, "n_predict": n_predict, "stream": True},
-                                              bearer=run.api_key if run else None):
+            async for event in llama_http.stream(endpoint, "/completion",
+                                                 {"prompt": prompt, "n_predict": n_predict, "stream": True}):
                 if event.get("content"):
                     tokens += 1
                     on_token(event["content"])
                 if event.get("stop"):
                     final = event
                     break
-        except (TimeoutError, OSError, EOFError, ValueError) as exc:
+        except (OSError, ValueError) as exc:
             final = None
             error = str(exc) or type(exc).__name__
         else:
@@ -702,7 +683,7 @@ class CoordinatorManager:
                 await asyncio.wait({run.watcher}, timeout=3.0)
                 if run.watcher.done() and self.last_exit:
                     error = self.last_exit["message"]
-            self.hooks.call("on_request", Notice("response", f"completion failed: {error}",
+            self.hooks.call("on_request", Notice(CoordinatorEvent.RESPONSE, f"completion failed: {error}",
                                                  {"url": url, "tokens": tokens, "error": error}, "error"))
             raise CoordinatorError(f"the completion failed: {error}")
         seconds = round(time.monotonic() - started, 3)
@@ -710,29 +691,48 @@ class CoordinatorManager:
         result = {"tokens": tokens, "seconds": seconds, "stop_type": final.get("stop_type"),
                   "tokens_per_s": round(timings.get("predicted_per_second", 0.0), 1),
                   "prompt_tokens": final.get("tokens_evaluated")}
-        self.hooks.call("on_request", Notice("response", f"completion: {tokens} tokens in {seconds:g}s",
+        self.hooks.call("on_request", Notice(CoordinatorEvent.RESPONSE, f"completion: {tokens} tokens in {seconds:g}s",
                                              {"url": url, **result}))
         return result
 
     # ------------------------------------------------------------ helpers
 
-    def _spawn_task(self, coro: Any) -> asyncio.Task:
+    def _spawn_task(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._task_done)
         return task
 
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # reported where it happened (IllegalTransition) or here: never "exception never retrieved"
+            log.error("coordinator task failed", exc_info=task.exception())
 
-def observe(manager: CoordinatorManager, observer: Any) -> None:
+
+def user_path(text: Path | str) -> Path:
+    """A path as the user typed it (~ expanded): a local lookup, never I/O worth a thread."""
+    return Path(text).expanduser()
+
+
+def backoff_delay(first: float, tries: int) -> float:
+    """Seconds before restart number `tries` (1, 2, ...): first, doubling each time, at most 60 s."""
+    return float(min(first * 2 ** (tries - 1), BACKOFF_CAP))
+
+
+def observe(manager: CoordinatorManager, observer: Observer) -> None:
     """Subscribe an Observer to the manager's hooks: this is where coordinator events are made."""
     hooks = manager.hooks
-    hooks.subscribe("on_state_change", lambda c: observer.emit("coordinator", c.event_type, c.message,
+    hooks.subscribe("on_state_change", lambda c: observer.emit(Component.COORDINATOR, c.event_type, c.message,
                                                                c.details, c.level))
     hooks.subscribe("on_log", lambda rec, ctx: observer.emit(
-        "raw", "log", rec.text, {"source": "llama-server", "kind": rec.kind, **ctx}, rec.level, sample=True))
-    hooks.subscribe("on_model_progress", lambda n: observer.emit("model", n.event_type, n.message, n.details,
-                                                                 n.level))
-    hooks.subscribe("on_heartbeat", lambda n: observer.emit("coordinator", n.event_type, n.message, n.details,
-                                                            n.level))
-    hooks.subscribe("on_request", lambda n: observer.emit("coordinator", n.event_type, n.message, n.details,
-                                                          n.level, sample=True))
+        Component.RAW, RawEvent.LOG, rec.text, {"source": "llama-server", "kind": rec.kind, **ctx}, rec.level,
+        sample=True))
+    hooks.subscribe("on_model_progress", lambda n: observer.emit(Component.MODEL, n.event_type, n.message,
+                                                                 n.details, n.level))
+    hooks.subscribe("on_heartbeat", lambda n: observer.emit(Component.COORDINATOR, n.event_type, n.message,
+                                                            n.details, n.level))
+    hooks.subscribe("on_request", lambda n: observer.emit(Component.COORDINATOR, n.event_type, n.message,
+                                                          n.details, n.level, sample=True))
+    hooks.subscribe("on_error", lambda n: observer.emit(Component.SYSTEM, n.event_type, n.message, n.details,
+                                                        n.level))

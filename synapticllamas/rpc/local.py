@@ -8,8 +8,6 @@ registry but never the backends file: they live as long as this shell.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import socket
 from collections import deque
 from collections.abc import Callable
@@ -17,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from synapticllamas.rpc.probe import ProbeFailure, probe
-from synapticllamas.util.processes import spawn
+from synapticllamas.util.processes import describe_exit, spawn, terminate
 
 HOST = "127.0.0.1"
 START_TIMEOUT = 20.0     # seconds for a server to accept connections (2 busy cores can be slow)
@@ -28,17 +26,6 @@ TAIL_LINES = 20
 
 class LocalBackendError(RuntimeError):
     """A local backend could not be started; the message is one line."""
-
-
-def describe_exit(code: int | None) -> str:
-    if code is None:
-        return "still running"
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
 
 
 @dataclass(eq=False)
@@ -244,16 +231,8 @@ class LocalBackends:
     async def _stop(self, backend: LocalBackend) -> None:
         """SIGTERM to the process group, SIGKILL after STOP_TIMEOUT; waits for the exit."""
         backend.stopping = True
-        if backend.running:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(backend.pid, sig)
-                except ProcessLookupError:
-                    break
-                done, _ = await asyncio.wait([backend.watcher], timeout=STOP_TIMEOUT)
-                if done:
-                    break
-        await asyncio.wait([backend.watcher], timeout=STOP_TIMEOUT)
+        assert backend.watcher is not None
+        await terminate(backend.pid, backend.watcher, STOP_TIMEOUT, kill_wait=STOP_TIMEOUT)
         if self._backends.get(backend.key) is backend:   # forgotten only once it is gone
             del self._backends[backend.key]
 

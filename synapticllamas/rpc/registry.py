@@ -15,16 +15,17 @@ probe at all until check() is called (`backends check`).
 
 Backends the coordinator is connected to are not probed: rpc-server serves one client at a time
 with a listen backlog of 1, so while llama-server holds it a probe's connection waits in the
-backlog and the next probes time out; probing would mark a busy backend down. The registry learns
-which backends are held from the coordinator's own events (starting/start -> held, stop/backoff/
-fatal -> released). A held backend that dies is still reported: a local one by its exit, a remote
-one by the coordinator, which fails on it and probes it once it has let go (check(addresses)).
+backlog and the next probes time out; probing would mark a busy backend down. The coordinator
+tells the registry which backends it holds (hold() when it launches llama-server, hold(()) the
+moment llama-server has exited). A held backend that dies is still reported: a local one by its
+exit, a remote one by the coordinator, which fails on it and probes it once it has let go
+(check(addresses)).
 """
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,7 +77,6 @@ class RpcRegistry:
         self._task: asyncio.Task | None = None
         self._held: frozenset[str] = frozenset()     # in use by the coordinator: not probed
         self.file_errors: list[str] = []
-        observer.add_sink(self._on_event)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -160,18 +160,10 @@ class RpcRegistry:
         """True while the coordinator is connected to this backend (it is not probed then)."""
         return address in self._held
 
-    def hold(self, addresses: Any) -> None:
-        """The backends a coordinator is connected to (empty: none). Round-wide checks skip them."""
+    def hold(self, addresses: Iterable[str]) -> None:
+        """Called by the coordinator: the backends llama-server is connected to (empty: none).
+        Round-wide checks skip them."""
         self._held = frozenset(addresses)
-
-    def _on_event(self, event: Any) -> None:
-        # Observer sink (O(1), no I/O): follow our coordinator's life to know which backends it holds.
-        if event.component != "coordinator":
-            return
-        if event.event_type in ("starting", "start"):
-            self.hold(event.details.get("rpc_backends") or ())
-        elif event.event_type in ("stop", "backoff", "fatal"):
-            self.hold(())
 
     def summary(self, backend: Backend) -> dict[str, Any]:
         return {"address": backend.key, "state": backend.state, "latency_ms": backend.latency_ms,

@@ -18,7 +18,7 @@ from typing import Any
 
 from synapticllamas.commands import load_all
 from synapticllamas.commands.registry import CommandError, ExitShell, Result, UsageError, lookup, suggest
-from synapticllamas.events.contract import Event
+from synapticllamas.events.contract import BackendEvent, Component, CoordinatorEvent, Event, SystemEvent
 from synapticllamas.shell.render import Renderer, TerminalUI
 from synapticllamas.util.processes import kill_children
 from synapticllamas.util.text import safe, shown
@@ -28,9 +28,11 @@ PIPED_AHEAD = 1000     # lines of piped input read ahead of the command that run
 
 # Background events worth interrupting the person at the prompt for.
 NOTABLE = {
-    ("coordinator", "start"), ("coordinator", "stop"), ("coordinator", "backoff"), ("coordinator", "fatal"),
-    ("rpc_backend", "connect"), ("rpc_backend", "disconnect"),
-    ("system", "redis_connected"), ("system", "redis_disconnected"), ("system", "events_dropped"),
+    (Component.COORDINATOR, CoordinatorEvent.START), (Component.COORDINATOR, CoordinatorEvent.STOP),
+    (Component.COORDINATOR, CoordinatorEvent.BACKOFF), (Component.COORDINATOR, CoordinatorEvent.FATAL),
+    (Component.RPC_BACKEND, BackendEvent.CONNECT), (Component.RPC_BACKEND, BackendEvent.DISCONNECT),
+    (Component.SYSTEM, SystemEvent.REDIS_CONNECTED), (Component.SYSTEM, SystemEvent.REDIS_DISCONNECTED),
+    (Component.SYSTEM, SystemEvent.EVENTS_DROPPED),
 }
 
 log = logging.getLogger("synapticllamas")

@@ -1,4 +1,4 @@
-"""Start llama.cpp children so that they cannot outlive the shell.
+"""Child processes: start them so they cannot outlive us, stop them, say how they ended.
 
 The shell stops its children on every exit path it sees (exit, EOF, SIGTERM, SIGHUP). It cannot
 see SIGKILL, or a crash of the interpreter: for those the kernel's parent-death signal ends the
@@ -15,6 +15,7 @@ import shutil
 import signal
 import sys
 import weakref
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
@@ -53,3 +54,48 @@ def kill_children() -> list[int]:
                 pass
         _children.discard(proc)
     return killed
+
+
+def signal_group(pid: int, sig: int) -> bool:
+    """Send `sig` to the process group led by `pid` (every child runs in its own session).
+    False when there is nothing left to signal."""
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+async def terminate(pid: int, exited: asyncio.Future[Any], timeout: float, kill_wait: float = 5.0,
+                    send: Callable[[int, int], bool] = signal_group) -> bool:
+    """The one stop routine: SIGTERM to the group, SIGKILL when `exited` is not done within
+    `timeout` s, then wait up to `kill_wait` s more. `exited` is whatever completes when the
+    process has been reaped (its watcher task). True when it is gone."""
+    if exited.done():
+        return True
+    if send(pid, signal.SIGTERM):
+        done, _ = await asyncio.wait({exited}, timeout=timeout)
+        if done:
+            return True
+    send(pid, signal.SIGKILL)
+    done, _ = await asyncio.wait({exited}, timeout=kill_wait)
+    return bool(done)
+
+
+def exit_details(returncode: int) -> dict[str, Any]:
+    """{"exit_code": N} or {"signal": "SIGKILL", "exit_code": None}: how a process ended, for events."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return {"signal": name, "exit_code": None}
+    return {"exit_code": returncode}
+
+
+def describe_exit(returncode: int | None) -> str:
+    """How a process ended, in words: 'exit code 1', 'killed by SIGKILL', 'still running'."""
+    if returncode is None:
+        return "still running"
+    details = exit_details(returncode)
+    return f"killed by {details['signal']}" if "signal" in details else f"exit code {returncode}"

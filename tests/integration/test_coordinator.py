@@ -303,7 +303,7 @@ def test_cancelling_a_start_kills_the_child(tmp_path):
     pid = asyncio.run(main())
     assert not pid_alive(pid)
     assert mgr.state == "stopped"
-    assert events.lifecycle() == ["starting", "stop"]
+    assert events.lifecycle() == ["starting", "stopping", "stop"]     # a kill we send goes through stopping
     assert events.of("coordinator", "stop")[0].details["reason"] == "user"
 
 

@@ -369,21 +369,23 @@ def test_a_round_is_concurrent(tmp_path):
 
 
 def test_backends_held_by_the_coordinator_are_not_probed_by_rounds(tmp_path):
-    """The registry follows the coordinator's events: starting/start hold its backends,
-    stop/backoff/fatal release them. An explicit check(addresses) still probes them."""
+    """The coordinator calls hold() with the backends llama-server uses, hold(()) when it exits;
+    rounds skip held backends, an explicit check(addresses) still probes them. Events alone
+    (another app's coordinator, a replay) change nothing."""
 
     async def run():
         a, b = await Listener().start(), await Listener().start()
         observer = Observer()
         registry = RpcRegistry(make_settings(tmp_path, [a.address, b.address]), observer)
         await registry.start()
-        observer.emit("coordinator", "starting", "starting", {"rpc_backends": [a.address]})
+        observer.emit("coordinator", "starting", "starting", {"rpc_backends": [b.address]})
+        registry.hold([a.address])
         await registry.check()
-        assert (a.accepted, b.accepted) == (0, 1) and registry.held(a.address)
+        assert (a.accepted, b.accepted) == (0, 1) and registry.held(a.address) and not registry.held(b.address)
         assert [x["in_use"] for x in registry.heartbeat_details()["backends"]] == [True, False]
         await registry.check([a.address])           # the coordinator asking after a crash
         assert a.accepted == 1
-        observer.emit("coordinator", "stop", "stopped", {"reason": "user"})
+        registry.hold(())
         await registry.check()
         assert (a.accepted, b.accepted) == (2, 2) and not registry.held(a.address)
         for x in (a, b):

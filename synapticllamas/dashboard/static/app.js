@@ -5,12 +5,17 @@
   const MAX_ROWS = 500;        // events table rows kept in the DOM
   const KEEP = 5000;           // events kept in memory, so a filter change can refill the table
   const MAX_RAW = 500;         // raw llama.cpp lines kept in the log panel
-  const LEVELS = ["debug", "info", "warning", "error", "critical"];
-  const COMPONENTS = ["coordinator", "rpc_backend", "rpc_registry", "model", "system", "raw"];
+  // the event contract's names, served by the dashboard from synapticllamas/events/contract.py
+  const CONTRACT = window.SYNAPTICLLAMAS_CONTRACT;
+  const C = CONTRACT.component, T = CONTRACT.type;
+  const LEVELS = CONTRACT.levels;
+  const COMPONENTS = CONTRACT.components;
   const COORDINATOR_STATES = {
-    starting: "starting", model_loading: "starting", model_load: "starting", start: "running",
-    heartbeat: "running", stopping: "stopping", stop: "stopped", backoff: "backoff", fatal: "fatal",
+    [T.coordinator.STARTING]: "starting", [T.model.LOADING]: "starting", [T.model.LOAD]: "starting",
+    [T.coordinator.START]: "running", [T.coordinator.HEARTBEAT]: "running", [T.coordinator.STOPPING]: "stopping",
+    [T.coordinator.STOP]: "stopped", [T.coordinator.BACKOFF]: "backoff", [T.coordinator.FATAL]: "fatal",
   };
+  const isType = (ev, component, type) => ev.component === component && ev.event_type === type;
 
   const token = new URLSearchParams(location.search).get("token");
   const withToken = (path) => token ? `${path}${path.includes("?") ? "&" : "?"}token=${encodeURIComponent(token)}` : path;
@@ -111,7 +116,7 @@
   // The gap is shown on the event after it (the table's seq column) and summed in the apps panel.
   function noteSeq(a, ev) {
     if (ev.seq === null) return null;
-    if (ev.component === "system" && ev.event_type === "register") a.lastSeq = null;  // a new run
+    if (isType(ev, C.SYSTEM, T.system.REGISTER)) a.lastSeq = null;  // a new run
     let gap = null;
     if (a.lastSeq !== null && ev.seq > a.lastSeq + 1) {
       gap = { missing: ev.seq - a.lastSeq - 1, from: a.lastSeq + 1, to: ev.seq - 1 };
@@ -126,8 +131,8 @@
     const c = a.coordinator || (a.coordinator = { state: "stopped", model: null, port: null, backends: [],
                                                   startedAt: null, restarts: 0, reason: null });
     c.state = typeof d.state === "string" ? d.state : (COORDINATOR_STATES[ev.event_type] || c.state);
-    if (["stop", "fatal"].includes(ev.event_type) && d.reason) c.reason = text(d.reason);
-    if (ev.event_type === "start") { c.startedAt = ev.timestamp; c.reason = null; }
+    if ([T.coordinator.STOP, T.coordinator.FATAL].includes(ev.event_type) && d.reason) c.reason = text(d.reason);
+    if (ev.event_type === T.coordinator.START) { c.startedAt = ev.timestamp; c.reason = null; }
     const uptime = d.uptime_s ?? d.uptime;
     if (typeof uptime === "number" && c.state === "running") c.startedAt = ev.timestamp - uptime;
     if (c.state !== "running") c.startedAt = null;
@@ -138,7 +143,7 @@
     const backends = d.rpc_backends ?? d.backends;
     if (Array.isArray(backends)) c.backends = backends.map((b) => text(isObject(b) ? b.address : b));
     if (typeof d.restarts === "number") c.restarts = d.restarts;
-    else if (ev.event_type === "backoff") c.restarts += 1;
+    else if (ev.event_type === T.coordinator.BACKOFF) c.restarts += 1;
   }
 
   function backendFrom(a, address, state, ts) {
@@ -160,16 +165,18 @@
     if (a.lastHeard === null || heard > a.lastHeard) a.lastHeard = heard;
     const gap = noteSeq(a, ev);
     const d = ev.details;
-    if (ev.component === "system" && ev.event_type === "register") { a.reg = d; a.unregistered = false; }
-    else if (ev.component === "system" && ev.event_type === "unregister") a.unregistered = true;
-    else if (ev.component === "coordinator") coordinatorFrom(a, ev);
-    else if (ev.component === "rpc_backend") {
-      const state = { connect: "up", disconnect: "down", added: "unknown", removed: "removed" }[ev.event_type];
-      if (state) backendFrom(a, d.address, d.state && ev.event_type !== "removed" ? d.state : state, ev.timestamp);
-    } else if (ev.component === "rpc_registry" && ev.event_type === "heartbeat" && Array.isArray(d.backends)) {
+    if (isType(ev, C.SYSTEM, T.system.REGISTER)) { a.reg = d; a.unregistered = false; }
+    else if (isType(ev, C.SYSTEM, T.system.UNREGISTER)) a.unregistered = true;
+    else if (ev.component === C.COORDINATOR) coordinatorFrom(a, ev);
+    else if (ev.component === C.RPC_BACKEND) {
+      const state = { [T.rpc_backend.CONNECT]: "up", [T.rpc_backend.DISCONNECT]: "down",
+                      [T.rpc_backend.ADDED]: "unknown", [T.rpc_backend.REMOVED]: "removed" }[ev.event_type];
+      const removed = ev.event_type === T.rpc_backend.REMOVED;
+      if (state) backendFrom(a, d.address, d.state && !removed ? d.state : state, ev.timestamp);
+    } else if (isType(ev, C.RPC_REGISTRY, T.rpc_registry.HEARTBEAT) && Array.isArray(d.backends)) {
       for (const b of d.backends) if (isObject(b)) backendFrom(a, b.address, b.state, ev.timestamp);
       if (seconds(d.interval_s)) a.heartbeatEvery = d.interval_s;
-    } else if (ev.component === "raw") addRaw(instance, ev);
+    } else if (ev.component === C.RAW) addRaw(instance, ev);
     setOptions($("filter-component"), [ev.component]);
     remember({ ev, gap });
     queueRender();
@@ -195,14 +202,15 @@
   function messageText(ev) {
     const d = ev.details;
     // the reference strings: "rpc_backend_connect on 127.0.0.1:18080" / "... on rpc_registry" + addresses
-    if (ev.event_type === "heartbeat" && Array.isArray(d.backends) && d.backends.length) {
+    const heartbeat = isType(ev, C.RPC_REGISTRY, T.rpc_registry.HEARTBEAT) || isType(ev, C.COORDINATOR, T.coordinator.HEARTBEAT);
+    if (heartbeat && Array.isArray(d.backends) && d.backends.length) {
       const addresses = d.backends.map((b) => (isObject(b) ? `${text(b.address)} (${text(b.state)})` : text(b)));
       const totals = d.total_configured != null
         ? ` [${text(d.total_active, "?")}/${text(d.total_configured)} active]` : "";
       return `${ev.message}: ${addresses.join(", ")}${totals}`;
     }
     const used = d.rpc_backends;
-    if (ev.event_type === "heartbeat" && Array.isArray(used) && used.length) {
+    if (heartbeat && Array.isArray(used) && used.length) {
       return `${ev.message}: ${used.map((u) => text(u)).join(", ")}`;
     }
     return ev.message;

@@ -1,0 +1,34 @@
+"""/contract.js: the event contract's names (components, event types, levels) for the page's script.
+
+Generated from synapticllamas/events/contract.py, so the page compares against the same constants
+the emitters use and a renamed event type cannot leave the page behind.
+"""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+from synapticllamas.events import contract
+
+
+def _names(namespace: type) -> dict[str, str]:
+    return {k: v for k, v in vars(namespace).items() if k.isupper()}
+
+
+@lru_cache(maxsize=1)
+def script() -> str:
+    data = {
+        "components": list(contract.COMPONENTS),
+        "levels": list(contract.LEVELS),
+        "component": _names(contract.Component),
+        "type": {
+            contract.Component.COORDINATOR: _names(contract.CoordinatorEvent),
+            contract.Component.MODEL: _names(contract.ModelEvent),
+            contract.Component.RPC_BACKEND: _names(contract.BackendEvent),
+            contract.Component.RPC_REGISTRY: _names(contract.RegistryEvent),
+            contract.Component.SYSTEM: _names(contract.SystemEvent),
+            contract.Component.RAW: _names(contract.RawEvent),
+        },
+    }
+    return ("// Generated from synapticllamas/events/contract.py: the names the page follows.\n"
+            f"window.SYNAPTICLLAMAS_CONTRACT = Object.freeze({json.dumps(data, sort_keys=True)});\n")

@@ -1,0 +1,70 @@
+"""What a coordinator launch will run (Plan), and the checks that can fail before anything starts.
+
+Each check raises CoordinatorError with one line for the user: the model (exists, is a file, starts
+with the GGUF magic), the port (free where llama-server will bind).
+"""
+from __future__ import annotations
+
+import shlex
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from synapticllamas.util.text import shown
+
+GGUF_MAGIC = b"GGUF"
+
+
+class CoordinatorError(Exception):
+    """A coordinator action failed; the message is one line for the user."""
+
+
+@dataclass
+class Plan:
+    """What one launch will run; built by the pre-flight checks."""
+    binary: Path
+    model: Path
+    host: str
+    port: int
+    backends: list[str]
+    left_out: dict[str, str] = field(default_factory=dict)   # backend -> why it is not used
+
+    def argv(self, ctx_size: int, extra: str) -> list[str]:
+        argv = [str(self.binary), "--model", str(self.model), "--host", self.host, "--port", str(self.port),
+                "-ngl", "99", "-c", str(ctx_size), "-lv", "4", "--no-webui"]
+        if self.backends:
+            argv += ["--rpc", ",".join(self.backends)]
+        return argv + shlex.split(extra)
+
+
+def check_model(path: Path) -> None:
+    """Raise CoordinatorError unless `path` is a readable file that starts with the GGUF magic."""
+    name = shown(str(path), 200)
+    try:
+        if not path.exists():
+            raise CoordinatorError(f"model {name} does not exist; give a GGUF file with --model PATH")
+        if not path.is_file():
+            raise CoordinatorError(f"model {name} is not a file; give a GGUF file with --model PATH")
+        with path.open("rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:       # a name too long, a directory we may not search, ...
+        raise CoordinatorError(f"model {name} cannot be read ({exc.strerror})") from None
+    if magic != GGUF_MAGIC:
+        raise CoordinatorError(f"model {name} is not a GGUF file (it starts with {magic!r}, a GGUF file with "
+                               f"b'GGUF'); llama-server needs a .gguf model")
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Would llama-server fail to bind? (SO_REUSEADDR like llama-server, so TIME_WAIT is no conflict.)"""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return False  # llama-server will report the bad host itself
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError:
+            return True
+    return False

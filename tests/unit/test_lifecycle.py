@@ -1,0 +1,342 @@
+"""The coordinator's lifecycle, driven with a fake llama-server: every allowed and refused
+transition, backoff, fatal, counters, and the stop/start races, each in milliseconds.
+
+A fake stands in for llama-server here on purpose: these tests are about the supervisor's table
+and timing rules, and a real server takes seconds per start. The real process is exercised by
+tests/integration/test_coordinator.py and tests/e2e/test_coordinator_shell.py.
+"""
+import asyncio
+import itertools
+import shutil
+import signal
+
+import pytest
+from llama_support import Collector, settings_for
+
+from synapticllamas.events.observer import Observer
+from synapticllamas.llama.lifecycle import ATTACHED, SUPERVISED, IllegalTransition, Lifecycle, State
+from synapticllamas.llama.supervisor import ChildOps, CoordinatorError, CoordinatorManager, backoff_delay
+
+STATES = list(State)
+
+
+class FakeProcess:
+    """What the manager sees of a child: pid, stdout/stderr streams, wait(), returncode."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.stdout = asyncio.StreamReader()
+        self.stderr = asyncio.StreamReader()
+        self.returncode: int | None = None
+        self._exit = asyncio.get_running_loop().create_future()
+        self.signals: list[int] = []
+
+    def say(self, line: str) -> None:
+        self.stderr.feed_data((line + "\n").encode())
+
+    def exit(self, code: int, close_pipes: bool = True) -> None:
+        if self.returncode is not None:
+            return
+        self.returncode = code
+        if close_pipes:
+            self.stdout.feed_eof()
+            self.stderr.feed_eof()
+        self._exit.set_result(code)
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exit)
+
+
+class FakeLlama(ChildOps):
+    """Fake ChildOps: each spawn is a FakeProcess that says it listens; /health answers as told.
+
+    on_term: what a process does on SIGTERM: "exit" (code 0), "ignore", or an exit code to die with."""
+
+    def __init__(self) -> None:
+        super().__init__(spawn=self._spawn, signal=self._signal, health=self._health)
+        self.procs: list[FakeProcess] = []
+        self.pids = itertools.count(4_000_000)
+        self.healthy = True           # what /health answers
+        self.on_term: str | int = "exit"
+        self.fail_starts = 0          # the next N spawned processes exit at once with code 1
+
+    @property
+    def last(self) -> FakeProcess:
+        return self.procs[-1]
+
+    async def _spawn(self, argv, **_):
+        proc = FakeProcess(next(self.pids))
+        self.procs.append(proc)
+        if self.fail_starts:
+            self.fail_starts -= 1
+            proc.say("E failed to load model")
+            proc.exit(1)
+        else:
+            proc.say("main: server is listening on http://127.0.0.1:1 - starting the main loop")
+        return proc
+
+    def _signal(self, pid: int, sig: int) -> bool:
+        proc = next((p for p in self.procs if p.pid == pid), None)
+        if proc is None or proc.returncode is not None:
+            return False
+        proc.signals.append(sig)
+        if sig == signal.SIGKILL:
+            proc.exit(-signal.SIGKILL)
+        elif self.on_term == "exit":
+            proc.exit(0)
+        elif isinstance(self.on_term, int):
+            proc.exit(self.on_term)
+        return True
+
+    async def _health(self, endpoint, timeout):
+        return (True, "ok") if self.healthy else (False, "/health: connection refused")
+
+
+def make(tmp_path, **values):
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF" + bytes(60))
+    values = {"coordinator_backoff": 0.001, "coordinator_stop_timeout": 0.05, **values}
+    settings = settings_for(tmp_path, llama_server=shutil.which("true"), model=str(model), **values)
+    observer = Observer(sampling=False)
+    events = Collector(observer)
+    fake = FakeLlama()
+    return CoordinatorManager(settings, observer, None, ops=fake), fake, events
+
+
+async def until(predicate, what, timeout=5.0):
+    """Wait on the loop for predicate() (events arrive through the loop's own tasks)."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.001)
+
+
+def lifecycle(events):
+    return [(e.event_type, e.details.get("reason")) for e in events.of("coordinator")
+            if e.event_type != "heartbeat"]
+
+
+# ---------------------------------------------------------------- the table itself
+
+@pytest.mark.parametrize("table", [SUPERVISED, ATTACHED], ids=["supervised", "attached"])
+@pytest.mark.parametrize("source,target", list(itertools.product(STATES, STATES)))
+def test_every_transition_is_allowed_or_refused_as_the_table_says(table, source, target):
+    refused: list[str] = []
+    lc = Lifecycle(table, "coordinator", refused.append)
+    lc.state = source
+    if target in table.get(source, frozenset()):
+        assert lc.enter(target) == source and lc.state == target and not refused
+    else:
+        with pytest.raises(IllegalTransition, match=f"from {source} to {target}"):
+            lc.enter(target)
+        assert lc.state == source and refused == [f"internal error: the coordinator cannot go from {source} to {target}"]
+
+
+def test_a_refused_transition_is_an_error_event_and_leaves_the_state(tmp_path):
+    mgr, _, events = make(tmp_path)
+
+    async def main():
+        with pytest.raises(IllegalTransition):
+            mgr._change_state(State.RUNNING, "llama.cpp coordinator started")
+
+    asyncio.run(main())
+    assert mgr.state == "stopped" and events.of("coordinator") == []
+    [error] = events.of("system", "error")
+    assert error.level == "error" and "cannot go from stopped to running" in error.message
+
+
+def test_backoff_doubles_and_is_capped():
+    assert [backoff_delay(0.5, n) for n in range(1, 6)] == [0.5, 1.0, 2.0, 4.0, 8.0]
+    assert backoff_delay(1, 7) == 60.0 and backoff_delay(1, 40) == 60.0
+
+
+# ---------------------------------------------------------------- the manager, with a fake child
+
+def test_start_then_user_stop_goes_through_stopping(tmp_path):
+    mgr, fake, events = make(tmp_path)
+
+    async def main():
+        status = await mgr.start()
+        assert status["state"] == "running" and status["pid"] == fake.last.pid
+        await mgr.stop()
+
+    asyncio.run(main())
+    assert lifecycle(events) == [("starting", "user"), ("start", None), ("stopping", "user"), ("stop", "user")]
+    assert fake.last.signals == [signal.SIGTERM]
+    stop = events.of("coordinator", "stop")[0]
+    assert stop.details["from_state"] == "stopping" and stop.details["exit_code"] == 0
+    assert mgr.state == "stopped" and mgr.status()["pid"] is None
+
+
+def test_the_state_says_exited_the_moment_it_dies_before_the_diagnosis_is_out(tmp_path):
+    mgr, fake, events = make(tmp_path, coordinator_backoff=30)
+
+    async def main():
+        await mgr.start()
+        fake.last.exit(-signal.SIGABRT, close_pipes=False)   # a grandchild holds its pipes: the drain waits
+        await until(lambda: mgr.state != "running", "the exit")
+        seen = (mgr.state, mgr.status()["state"], [e.event_type for e in events.of("coordinator")])
+        await until(lambda: events.of("coordinator", "stop"), "the stop event")
+        await mgr.stop()                                     # cancels the backoff
+        return seen
+
+    state, status_state, announced = asyncio.run(main())
+    assert state == status_state == "exited"
+    assert "stop" not in announced                           # the diagnosis was still being drained
+    stop = events.of("coordinator", "stop")[0]
+    assert stop.details["reason"] == "crash" and stop.details["signal"] == "SIGABRT"
+    assert lifecycle(events)[-2:] == [("backoff", None), ("stop", "user")]
+
+
+def test_crashes_back_off_doubling_then_fatal_with_counters(tmp_path):
+    mgr, fake, events = make(tmp_path, coordinator_max_restarts=3)
+
+    async def main():
+        await mgr.start()
+        fake.fail_starts = 3                      # every restart fails to load
+        fake.last.exit(-signal.SIGSEGV)
+        await until(lambda: mgr.state == "fatal", "fatal")
+
+    asyncio.run(main())
+    assert lifecycle(events) == [
+        ("starting", "user"), ("start", None), ("stop", "crash"),
+        ("backoff", None), ("starting", "restart"), ("stop", "startup_failed"),
+        ("backoff", None), ("starting", "restart"), ("stop", "startup_failed"),
+        ("backoff", None), ("starting", "restart"), ("stop", "startup_failed"),
+        ("fatal", "max_restarts")]
+    backoffs = events.of("coordinator", "backoff")
+    assert [b.details["delay_s"] for b in backoffs] == [0.001, 0.002, 0.004]
+    assert [b.details["tries"] for b in backoffs] == [1, 2, 3]
+    fatal = events.of("coordinator", "fatal")[0]
+    assert fatal.level == "critical" and fatal.details["max_restarts"] == 3
+    assert mgr.restarts == 3 and mgr.tries == 3 and len(fake.procs) == 4
+
+
+def test_a_restart_that_comes_up_resets_tries_but_counts_restarts(tmp_path):
+    mgr, fake, events = make(tmp_path)
+
+    async def main():
+        await mgr.start()
+        for n in (1, 2):
+            fake.last.exit(-signal.SIGKILL)
+            await until(lambda n=n: len(events.of("coordinator", "start")) == n + 1, "the restart")
+            assert mgr.tries == 0 and mgr.restarts == n
+        await mgr.stop()
+
+    asyncio.run(main())
+    assert [b.details["tries"] for b in events.of("coordinator", "backoff")] == [1, 1]
+
+
+def test_stop_during_backoff_cancels_the_restart(tmp_path):
+    mgr, fake, events = make(tmp_path, coordinator_backoff=30)
+
+    async def main():
+        await mgr.start()
+        fake.last.exit(-signal.SIGKILL)
+        await until(lambda: mgr.state == "backoff", "backoff")
+        await mgr.stop()
+        assert mgr.state == "stopped"
+
+    asyncio.run(main())
+    assert lifecycle(events)[-2:] == [("backoff", None), ("stop", "user")]
+    assert events.of("coordinator", "stop")[-1].details["from_state"] == "backoff"
+    assert len(fake.procs) == 1
+
+
+def test_start_during_stopping_is_refused_in_one_line(tmp_path):
+    mgr, fake, events = make(tmp_path, coordinator_stop_timeout=0.2)
+    fake.on_term = "ignore"                      # only the SIGKILL after the stop timeout ends it
+
+    async def main():
+        await mgr.start()
+        stopping = asyncio.ensure_future(mgr.stop())
+        await until(lambda: mgr.state == "stopping", "stopping")
+        with pytest.raises(CoordinatorError, match=r"^the coordinator is already stopping at http://127\.0\.0\.1:\d+ "
+                                                   r"\(pid \d+\); use `coordinator stop` or `coordinator restart`$"):
+            await mgr.start()
+        await stopping
+
+    asyncio.run(main())
+    assert lifecycle(events) == [("starting", "user"), ("start", None), ("stopping", "user"), ("stop", "user")]
+    assert fake.last.signals[:2] == [signal.SIGTERM, signal.SIGKILL]
+    assert events.of("coordinator", "stop")[0].details["signal"] == "SIGKILL"
+
+
+def test_failed_health_stops_through_stopping_then_restarts(tmp_path):
+    mgr, fake, events = make(tmp_path, rpc_heartbeat_interval=0.001)
+
+    async def main():
+        await mgr.start()
+        first = fake.last
+        fake.healthy = False
+        await until(lambda: mgr.state == "backoff", "the health stop")
+        fake.healthy = True
+        await until(lambda: mgr.state == "running" and fake.last is not first, "the restart")
+        await mgr.stop()
+
+    asyncio.run(main())
+    assert lifecycle(events)[:6] == [("starting", "user"), ("start", None), ("stopping", "health"),
+                                     ("stop", "health"), ("backoff", None), ("starting", "restart")]
+    stopping = events.of("coordinator", "stopping")[0]
+    failed = [b for b in events.of("coordinator", "heartbeat") if b.level == "warning"]
+    assert len(failed) >= 2 and failed[1].seq < stopping.seq          # two failed /health in a row, then the stop
+    assert "connection refused" in stopping.message
+
+
+def test_a_crash_while_stopping_for_health_is_a_crash(tmp_path):
+    mgr, fake, events = make(tmp_path, rpc_heartbeat_interval=0.001, coordinator_backoff=30)
+    fake.on_term = -signal.SIGABRT              # it aborts instead of shutting down
+
+    async def main():
+        await mgr.start()
+        fake.healthy = False
+        await until(lambda: mgr.state == "backoff", "the exit")
+        await mgr.stop()
+
+    asyncio.run(main())
+    assert [r for t, r in lifecycle(events) if t in ("stopping", "stop")][:2] == ["health", "crash"]
+    assert events.of("coordinator", "stop")[0].details["signal"] == "SIGABRT"
+
+
+def test_start_timeout_stops_through_stopping_and_a_users_start_is_not_retried(tmp_path):
+    mgr, fake, events = make(tmp_path, coordinator_start_timeout=0.05)
+    fake.healthy = False
+
+    async def main():
+        with pytest.raises(CoordinatorError, match=r"did not report ok within 0\.05s"):
+            await mgr.start()
+
+    asyncio.run(main())
+    assert lifecycle(events) == [("starting", "user"), ("stopping", "startup_failed"), ("stop", "startup_failed")]
+    assert mgr.state == "exited" and len(fake.procs) == 1
+
+
+def test_cancelling_a_start_kills_through_stopping(tmp_path):
+    mgr, fake, events = make(tmp_path)
+    fake.healthy = False
+
+    async def main():
+        task = asyncio.ensure_future(mgr.start())
+        await until(lambda: mgr.state == "starting", "starting")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert lifecycle(events) == [("starting", "user"), ("stopping", "user"), ("stop", "user")]
+    assert fake.last.signals[0] == signal.SIGKILL and mgr.state == "stopped"
+
+
+def test_a_start_from_exited_or_fatal_is_allowed_and_resets_tries(tmp_path):
+    mgr, fake, events = make(tmp_path, coordinator_max_restarts=0)
+
+    async def main():
+        await mgr.start()
+        fake.last.exit(-signal.SIGKILL)
+        await until(lambda: mgr.state == "fatal", "fatal")
+        await mgr.start()
+        assert mgr.state == "running" and mgr.tries == 0
+        await mgr.stop()
+
+    asyncio.run(main())
+    assert [t for t, _ in lifecycle(events)] == ["starting", "start", "stop", "fatal", "starting", "start",
+                                                 "stopping", "stop"]
