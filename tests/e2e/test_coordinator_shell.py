@@ -3,6 +3,7 @@ llama-server and demo model, a real redis-server and `redis-cli psubscribe` as t
 import os
 import re
 import signal
+import subprocess
 
 import pytest
 from llama_support import TAG_VAR, pid_alive, tagged, tagged_processes, wait_gone
@@ -212,3 +213,51 @@ def test_ctrl_c_during_start_kills_the_child_and_ends_the_piped_run(tmp_path, ta
         assert not any(line.startswith("state") for _, line in shell.transcript)   # status never ran
     finally:
         shell.kill()
+
+
+def test_attach_over_https_with_an_api_key_then_ask(tmp_path, tag):
+    """A llama-server someone else started, with TLS and an API key (its certificate trusted through
+    SSL_CERT_FILE, as a user with a private CA would): attach, ask, detach. Without the key, ask
+    fails in one line with the server's reason."""
+    import ssl
+
+    import httpx
+    from llama_support import llama_binaries
+    from support import wait_for
+
+    server, _, model = llama_binaries()
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    port = free_port()
+    external = subprocess.Popen([str(server), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-c", "512",
+                                 "-t", "1", "--no-webui", "--ssl-key-file", str(key), "--ssl-cert-file", str(cert),
+                                 "--api-key", "sk-lab-secret"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, TAG_VAR: tag})
+    try:
+        url = f"https://127.0.0.1:{port}"
+        trusted = ssl.create_default_context(cafile=str(cert))
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(url + "/health", verify=trusted, timeout=2).json().get("status") == "ok"
+            except (httpx.HTTPError, ValueError):
+                return False
+
+        wait_for(healthy, 60, what="the external llama-server's /health over https")
+        env = shell_env(tmp_path, SSL_CERT_FILE=str(cert))
+        proc = run_piped(f"coordinator attach {url} --api-key sk-lab-secret\ncoordinator ask 'Once upon a time' --n 4\n"
+                         "coordinator status\ncoordinator detach\n", tmp_path, env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert f"Watching {url}: it is up (/health ok)" in proc.stdout
+        assert re.search(r"\[\d tokens in [\d.]+s", proc.stdout), proc.stdout
+        assert "running (external, attached)" in proc.stdout and f"Stopped watching {url}." in proc.stdout
+        assert "sk-lab-secret" not in proc.stdout + proc.stderr
+        proc = run_piped(f"coordinator attach {url}\ncoordinator ask hello --n 2\n", tmp_path, env=env)
+        assert proc.returncode == 1
+        assert [line for line in proc.stderr.splitlines() if line.startswith("Error:")] == \
+            ["Error: the completion failed: /completion answered 401: Invalid API Key"]
+    finally:
+        external.kill()
+        external.wait(10)
