@@ -12,6 +12,7 @@ import signal
 
 import pytest
 from llama_support import Collector, settings_for
+from support import until
 
 from synapticllamas.events.observer import Observer
 from synapticllamas.llama.lifecycle import ATTACHED, SUPERVISED, IllegalTransition, Lifecycle, State
@@ -101,13 +102,6 @@ def make(tmp_path, **values):
     events = Collector(observer)
     fake = FakeLlama()
     return CoordinatorManager(settings, observer, None, ops=fake), fake, events
-
-
-async def until(predicate, what, timeout=5.0):
-    """Wait on the loop for predicate() (events arrive through the loop's own tasks)."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.001)
 
 
 def lifecycle(events):
