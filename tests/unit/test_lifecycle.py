@@ -104,6 +104,11 @@ def make(tmp_path, **values):
     return CoordinatorManager(settings, observer, None, ops=fake), fake, events
 
 
+def wait(predicate, what):
+    """Wait on the loop (the manager's own tasks move it) for predicate()."""
+    return until(predicate, 5, what, 0.001)
+
+
 def lifecycle(events):
     return [(e.event_type, e.details.get("reason")) for e in events.of("coordinator")
             if e.event_type != "heartbeat"]
@@ -167,9 +172,9 @@ def test_the_state_says_exited_the_moment_it_dies_before_the_diagnosis_is_out(tm
     async def main():
         await mgr.start()
         fake.last.exit(-signal.SIGABRT, close_pipes=False)   # a grandchild holds its pipes: the drain waits
-        await until(lambda: mgr.state != "running", "the exit")
+        await wait(lambda: mgr.state != "running", "the exit")
         seen = (mgr.state, mgr.status()["state"], [e.event_type for e in events.of("coordinator")])
-        await until(lambda: events.of("coordinator", "stop"), "the stop event")
+        await wait(lambda: events.of("coordinator", "stop"), "the stop event")
         await mgr.stop()                                     # cancels the backoff
         return seen
 
@@ -188,7 +193,7 @@ def test_crashes_back_off_doubling_then_fatal_with_counters(tmp_path):
         await mgr.start()
         fake.fail_starts = 3                      # every restart fails to load
         fake.last.exit(-signal.SIGSEGV)
-        await until(lambda: mgr.state == "fatal", "fatal")
+        await wait(lambda: mgr.state == "fatal", "fatal")
 
     asyncio.run(main())
     assert lifecycle(events) == [
@@ -212,7 +217,7 @@ def test_a_restart_that_comes_up_resets_tries_but_counts_restarts(tmp_path):
         await mgr.start()
         for n in (1, 2):
             fake.last.exit(-signal.SIGKILL)
-            await until(lambda n=n: len(events.of("coordinator", "start")) == n + 1, "the restart")
+            await wait(lambda n=n: len(events.of("coordinator", "start")) == n + 1, "the restart")
             assert mgr.tries == 0 and mgr.restarts == n
         await mgr.stop()
 
@@ -226,7 +231,7 @@ def test_stop_during_backoff_cancels_the_restart(tmp_path):
     async def main():
         await mgr.start()
         fake.last.exit(-signal.SIGKILL)
-        await until(lambda: mgr.state == "backoff", "backoff")
+        await wait(lambda: mgr.state == "backoff", "backoff")
         await mgr.stop()
         assert mgr.state == "stopped"
 
@@ -243,7 +248,7 @@ def test_start_during_stopping_is_refused_in_one_line(tmp_path):
     async def main():
         await mgr.start()
         stopping = asyncio.ensure_future(mgr.stop())
-        await until(lambda: mgr.state == "stopping", "stopping")
+        await wait(lambda: mgr.state == "stopping", "stopping")
         with pytest.raises(CoordinatorError, match=r"^the coordinator is already stopping at http://127\.0\.0\.1:\d+ "
                                                    r"\(pid \d+\); use `coordinator stop` or `coordinator restart`$"):
             await mgr.start()
@@ -262,9 +267,9 @@ def test_failed_health_stops_through_stopping_then_restarts(tmp_path):
         await mgr.start()
         first = fake.last
         fake.healthy = False
-        await until(lambda: mgr.state == "backoff", "the health stop")
+        await wait(lambda: mgr.state == "backoff", "the health stop")
         fake.healthy = True
-        await until(lambda: mgr.state == "running" and fake.last is not first, "the restart")
+        await wait(lambda: mgr.state == "running" and fake.last is not first, "the restart")
         await mgr.stop()
 
     asyncio.run(main())
@@ -283,7 +288,7 @@ def test_a_crash_while_stopping_for_health_is_a_crash(tmp_path):
     async def main():
         await mgr.start()
         fake.healthy = False
-        await until(lambda: mgr.state == "backoff", "the exit")
+        await wait(lambda: mgr.state == "backoff", "the exit")
         await mgr.stop()
 
     asyncio.run(main())
@@ -310,7 +315,7 @@ def test_cancelling_a_start_kills_through_stopping(tmp_path):
 
     async def main():
         task = asyncio.ensure_future(mgr.start())
-        await until(lambda: mgr.state == "starting", "starting")
+        await wait(lambda: mgr.state == "starting", "starting")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -326,7 +331,7 @@ def test_a_start_from_exited_or_fatal_is_allowed_and_resets_tries(tmp_path):
     async def main():
         await mgr.start()
         fake.last.exit(-signal.SIGKILL)
-        await until(lambda: mgr.state == "fatal", "fatal")
+        await wait(lambda: mgr.state == "fatal", "fatal")
         await mgr.start()
         assert mgr.state == "running" and mgr.tries == 0
         await mgr.stop()
