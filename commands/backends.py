@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from synapticllamas.commands.formatting import duration
 from synapticllamas.commands.registry import CommandError, Result, UsageError, command, parse_args, parser, positive_int
 from synapticllamas.util.text import shown
+
+if TYPE_CHECKING:
+    from synapticllamas.app import App
 
 USAGE = ("backends [list] | add HOST[:PORT] | remove HOST[:PORT] | check | spawn N [--port-base P] | "
          "stop-local")
@@ -22,14 +25,14 @@ SUBCOMMANDS = {
 MAX_LOCAL = 32
 
 
-def _kind(app: Any, backend: Any) -> str:
+def _kind(app: App, backend: Any) -> str:
     if backend.local:
-        local = {b.key: b for b in app.local_backends.list()}.get(backend.key)
+        local = {b.key: b for b in app.local_backends.entries()}.get(backend.key)
         return f"local, pid {local.pid}" if local and local.running else "local"
     return f"remote ({backend.source})"
 
 
-def _note(app: Any, backend: Any) -> str:
+def _note(app: App, backend: Any) -> str:
     if app.registry.held(backend.key):
         return "in use by the coordinator (not probed meanwhile)"
     if backend.duplicate_of:
@@ -39,7 +42,7 @@ def _note(app: Any, backend: Any) -> str:
     return backend.reason or ""
 
 
-def backends_table(app: Any, message: str | None = None) -> Result:
+def backends_table(app: App, message: str | None = None) -> Result:
     registry = app.registry
     settings = app.settings
     now = time.monotonic()
@@ -72,7 +75,7 @@ def _one_address(args: list[str], sub: str) -> str:
     return args[0]
 
 
-async def _add(app: Any, args: list[str]) -> Result:
+async def _add(app: App, args: list[str]) -> Result:
     try:
         key = await app.registry.add(_one_address(args, "add"))
     except ValueError as exc:
@@ -87,7 +90,7 @@ async def _add(app: Any, args: list[str]) -> Result:
     return Result.warning(f"Added {key} ({saved}), but it is {backend.state}: {backend.reason}.")
 
 
-async def _remove(app: Any, args: list[str]) -> Result:
+async def _remove(app: App, args: list[str]) -> Result:
     address = _one_address(args, "remove")
     backend = app.registry.get(address)
     if backend is not None and backend.local and app.local_backends.owns(backend.key):
@@ -97,6 +100,7 @@ async def _remove(app: Any, args: list[str]) -> Result:
         key = await app.registry.remove(address)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
+    assert backend is not None    # remove() refuses an address that is not configured
     where = ""
     if backend.persisted:
         where = f" (and its line in {app.settings.backends_file})"
@@ -106,7 +110,7 @@ async def _remove(app: Any, args: list[str]) -> Result:
     return Result.success(f"Removed {key}{where}.")
 
 
-async def _check(app: Any, args: list[str]) -> Result:
+async def _check(app: App, args: list[str]) -> Result:
     if args:
         raise UsageError("backends check takes no arguments")
     started = time.perf_counter()
@@ -126,7 +130,7 @@ def port_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-async def _spawn(app: Any, args: list[str]) -> Result:
+async def _spawn(app: App, args: list[str]) -> Result:
     from synapticllamas.rpc.local import LocalBackendError
 
     p = parser("backends spawn")
@@ -149,7 +153,7 @@ async def _spawn(app: Any, args: list[str]) -> Result:
                                f"{', '.join(keys)} (not saved; stopped by 'backends stop-local' or on exit).")
 
 
-async def _stop_local(app: Any, args: list[str]) -> Result:
+async def _stop_local(app: App, args: list[str]) -> Result:
     if args:
         raise UsageError("backends stop-local takes no arguments")
     n = await app.local_backends.stop_all()
@@ -158,7 +162,7 @@ async def _stop_local(app: Any, args: list[str]) -> Result:
     return Result.success(f"Stopped {n} local backend{'s' if n != 1 else ''}.")
 
 
-async def _list(app: Any, args: list[str]) -> Result:
+async def _list(app: App, args: list[str]) -> Result:
     if args:
         raise UsageError("backends list takes no arguments")
     return backends_table(app)
@@ -170,7 +174,7 @@ HANDLERS = {"list": _list, "add": _add, "remove": _remove, "check": _check, "spa
 
 @command("backends", "The RPC backends: list, add, remove, check; spawn/stop local ones", USAGE,
          subcommands=SUBCOMMANDS, options=("--port-base",))
-async def backends_command(app: Any, args: list[str]) -> Result:
+async def backends_command(app: App, args: list[str]) -> Result:
     sub, rest = (args[0], args[1:]) if args else ("list", [])
     handler = HANDLERS.get(sub)
     if handler is None:

@@ -4,13 +4,16 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from synapticllamas.commands.backends import port_arg
 from synapticllamas.commands.formatting import duration
 from synapticllamas.commands.registry import CommandError, Result, UsageError, command, parse_args, parser, positive_int
 from synapticllamas.llama.supervisor import CoordinatorError, Notice, StateChange
 from synapticllamas.util.text import shown
+
+if TYPE_CHECKING:
+    from synapticllamas.app import App
 
 USAGE = ('coordinator start [--model PATH] [--port N] | stop | restart | status | logs [N] | attach URL [--api-key K] | '
          'detach | ask "PROMPT" [--n N]')
@@ -35,7 +38,7 @@ def _running_line(status: dict[str, Any], note: str = "") -> str:
             f"RPC backends: {backends}{note}")
 
 
-async def _start(app: Any, args: list[str], restart: bool = False) -> Result:
+async def _start(app: App, args: list[str], restart: bool = False) -> Result:
     mgr = app.coordinator
     model: str | None = None
     port: int | None = None
@@ -77,7 +80,7 @@ async def _start(app: Any, args: list[str], restart: bool = False) -> Result:
     return Result.success(_running_line(status, f"; ready in {time.monotonic() - started:.1f}s"))
 
 
-async def _stop(app: Any, args: list[str]) -> Result:
+async def _stop(app: App, args: list[str]) -> Result:
     if args:
         raise UsageError("coordinator stop takes no arguments")
     try:
@@ -87,7 +90,7 @@ async def _stop(app: Any, args: list[str]) -> Result:
     return Result.success("Coordinator stopped.")
 
 
-async def _status(app: Any, args: list[str]) -> Result:
+async def _status(app: App, args: list[str]) -> Result:
     if args:
         raise UsageError("coordinator status takes no arguments")
     s = app.coordinator.status()
@@ -105,7 +108,7 @@ async def _status(app: Any, args: list[str]) -> Result:
     return Result.table("Coordinator", ("item", "value"), rows)
 
 
-async def _logs(app: Any, args: list[str]) -> Result:
+async def _logs(app: App, args: list[str]) -> Result:
     p = parser("coordinator logs")
     p.add_argument("n", metavar="N", nargs="?", type=positive_int, default=DEFAULT_LOG_LINES)
     ns = parse_args(p, args)
@@ -115,7 +118,7 @@ async def _logs(app: Any, args: list[str]) -> Result:
     return Result.text("\n".join(text for _, _, _, text in lines))
 
 
-async def _attach(app: Any, args: list[str]) -> Result:
+async def _attach(app: App, args: list[str]) -> Result:
     p = parser("coordinator attach")
     p.add_argument("url", metavar="URL", nargs="?")
     p.add_argument("--api-key", metavar="KEY")
@@ -135,7 +138,7 @@ async def _attach(app: Any, args: list[str]) -> Result:
     return Result.warning(f"Watching {url}: it is not up yet ({detail}); its state is checked every {every}.")
 
 
-async def _detach(app: Any, args: list[str]) -> Result:
+async def _detach(app: App, args: list[str]) -> Result:
     if args:
         raise UsageError("coordinator detach takes no arguments")
     try:
@@ -145,7 +148,7 @@ async def _detach(app: Any, args: list[str]) -> Result:
     return Result.success(f"Stopped watching {url}.")
 
 
-async def _ask(app: Any, args: list[str]) -> Result:
+async def _ask(app: App, args: list[str]) -> Result:
     p = parser("coordinator ask")
     p.add_argument("prompt", nargs="+")
     p.add_argument("--n", metavar="N", type=positive_int, default=DEFAULT_TOKENS)
@@ -174,7 +177,7 @@ HANDLERS = {"start": _start, "stop": _stop, "status": _status, "logs": _logs, "a
 
 @command("coordinator", "Start and supervise the llama.cpp coordinator (llama-server)", USAGE,
          subcommands=SUBCOMMANDS, options=("--model", "--port", "--n", "--api-key"))
-async def coordinator_command(app: Any, args: list[str]) -> Result:
+async def coordinator_command(app: App, args: list[str]) -> Result:
     if not args:
         return await _status(app, [])
     sub, rest = args[0], args[1:]

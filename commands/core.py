@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from synapticllamas.commands.formatting import duration
 from synapticllamas.commands.registry import REGISTRY, ExitShell, Result, UsageError, command, lookup, suggest
 from synapticllamas.config import SPECS
 
+if TYPE_CHECKING:
+    from synapticllamas.app import App
+
 
 @command("help", "List the commands, or show one command's usage", "help [COMMAND]")
-async def help_command(app: Any, args: list[str]) -> Result:
+async def help_command(app: App, args: list[str]) -> Result:
     if len(args) > 1:
         raise UsageError("help takes at most one command name")
     if not args:
@@ -33,7 +36,7 @@ async def help_command(app: Any, args: list[str]) -> Result:
 
 
 @command("exit", "Leave the shell (stops what it started, flushes events)", "exit", aliases=("quit",))
-async def exit_command(app: Any, args: list[str]) -> Result:
+async def exit_command(app: App, args: list[str]) -> Result:
     if args:
         raise UsageError("exit takes no arguments")
     raise ExitShell()
@@ -66,7 +69,7 @@ def coordinator_summary(coord: dict[str, Any]) -> str:
 
 
 @command("status", "Mode, Redis, coordinator, backends and event counters in one table", "status")
-async def status_command(app: Any, args: list[str]) -> Result:
+async def status_command(app: App, args: list[str]) -> Result:
     if args:
         raise UsageError("status takes no arguments")
     s = app.status()
@@ -84,7 +87,7 @@ async def status_command(app: Any, args: list[str]) -> Result:
 
 
 @command("config", "Show the effective settings and where each came from", "config")
-async def config_command(app: Any, args: list[str]) -> Result:
+async def config_command(app: App, args: list[str]) -> Result:
     if args:
         raise UsageError("config takes no arguments")
     settings = app.settings
@@ -96,7 +99,7 @@ async def config_command(app: Any, args: list[str]) -> Result:
 
 
 @command("dashboard", "Deprecated: how to use the unified dashboard instead", "dashboard")
-async def dashboard_command(app: Any, args: list[str]) -> Result:
+async def dashboard_command(app: App, args: list[str]) -> Result:
     if args:
         raise UsageError("dashboard takes no arguments (it only explains the unified dashboard)")
     url = app.settings.dashboard_url

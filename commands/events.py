@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from synapticllamas.commands.registry import Result, UsageError, command, parse_args, parser
 from synapticllamas.events.contract import COMPONENTS, LEVEL_RANK, LEVELS
+
+if TYPE_CHECKING:
+    from synapticllamas.app import App
 
 DEFAULT_COUNT = 20
 FOLLOW_QUEUE = 10000   # events waiting to be printed by --follow before the oldest are skipped
@@ -35,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
          details=(f"N defaults to {DEFAULT_COUNT}. --level L shows L and more severe. "
                   f"Components: {', '.join(COMPONENTS)}. Levels: {', '.join(LEVELS)}. "
                   "--follow prints the last N, then every new event until Ctrl-C."))
-async def events_command(app: Any, args: list[str]) -> Result | None:
+async def events_command(app: App, args: list[str]) -> Result | None:
     ns = parse_args(_parser(), args)
     if ns.component is not None and ns.component not in COMPONENTS:
         raise UsageError(f"unknown component '{ns.component}'; accepted: {', '.join(COMPONENTS)}")
@@ -43,11 +46,12 @@ async def events_command(app: Any, args: list[str]) -> Result | None:
         raise UsageError(f"unknown level '{ns.level}'; accepted: {', '.join(LEVELS)}")
     recent = app.observer.recent(ns.count, ns.component, ns.level)
     if ns.follow:
-        return await _follow(app, recent, ns.component, ns.level)
+        await _follow(app, recent, ns.component, ns.level)
+        return None
     return _table(app, recent, ns)
 
 
-def _table(app: Any, recent: list, ns: argparse.Namespace) -> Result:
+def _table(app: App, recent: list, ns: argparse.Namespace) -> Result:
     from synapticllamas.events.lines import clock
     from synapticllamas.util.text import safe
 
@@ -64,7 +68,7 @@ def _table(app: Any, recent: list, ns: argparse.Namespace) -> Result:
     return Result.table("Events", ("time", "level", "component", "event", "message"), rows, footer=footer)
 
 
-async def _follow(app: Any, recent: list, component: str | None, level: str | None) -> None:
+async def _follow(app: App, recent: list, component: str | None, level: str | None) -> None:
     from synapticllamas.events.lines import format_line
 
     floor = LEVEL_RANK[level] if level else 0

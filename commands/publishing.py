@@ -1,9 +1,12 @@
 """`redis on|off|status`: publish this app's events to Redis pub/sub, and say truthfully how it goes."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from synapticllamas.commands.registry import Result, UsageError, command
+
+if TYPE_CHECKING:
+    from synapticllamas.app import App
 
 SUBCOMMANDS = {
     "on": "start publishing events (reports whether Redis answered within 2 s)",
@@ -14,7 +17,7 @@ SUBCOMMANDS = {
 
 @command("redis", "Publish events to Redis pub/sub (on, off, status)", "redis on|off|status",
          subcommands=SUBCOMMANDS)
-async def redis_command(app: Any, args: list[str]) -> Result:
+async def redis_command(app: App, args: list[str]) -> Result:
     if len(args) != 1 or args[0] not in SUBCOMMANDS:
         given = f"'{args[0]}'" if args else "nothing"
         extra = " (one at a time)" if len(args) > 1 and args[0] in SUBCOMMANDS else ""
@@ -22,7 +25,7 @@ async def redis_command(app: Any, args: list[str]) -> Result:
     return await {"on": _on, "off": _off, "status": _status}[args[0]](app)
 
 
-async def _on(app: Any) -> Result:
+async def _on(app: App) -> Result:
     started, outcome = await app.redis_on()
     status = app.publisher.status()
     url, limit = status["url"], status["buffer_limit"]
@@ -41,7 +44,7 @@ async def _on(app: Any) -> Result:
                           f" {limit} events and retrying")
 
 
-async def _off(app: Any) -> Result:
+async def _off(app: App) -> Result:
     outcome = await app.redis_off()
     if outcome is None:
         return Result.text("Redis publishing is already OFF")
@@ -55,7 +58,7 @@ async def _off(app: Any) -> Result:
                           f"{flushed}")
 
 
-async def _status(app: Any) -> Result:
+async def _status(app: App) -> Result:
     publisher = app.publisher
     if publisher is None:
         return Result.text(f"Redis publishing: OFF (type 'redis on' to publish to {_url(app)})")
@@ -83,7 +86,7 @@ async def _status(app: Any) -> Result:
     return Result.table("Redis publishing", ("item", "value"), rows)
 
 
-def _url(app: Any) -> str:
+def _url(app: App) -> str:
     from synapticllamas.config import redact_url
 
     return redact_url(app.settings.redis_url)

@@ -15,7 +15,10 @@ import argparse
 import difflib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:   # the engine's App: only for the type checker, commands import no engine module at load
+    from synapticllamas.app import App
 
 
 class CommandError(Exception):
@@ -63,7 +66,7 @@ class Result:
         return cls(message=message, title=title, headers=headers, rows=rows, footer=footer)
 
 
-Handler = Callable[[Any, list[str]], Awaitable["Result | None"]]
+Handler = Callable[["App", list[str]], Awaitable["Result | None"]]
 
 
 @dataclass
@@ -115,10 +118,10 @@ def names() -> list[str]:
 # ---------------------------------------------------------------- argument parsing for handlers
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse would print and sys.exit; we raise instead
+    def error(self, message: str) -> NoReturn:  # argparse would print and sys.exit; we raise instead
         raise UsageError(message)
 
-    def exit(self, status: int = 0, message: str | None = None) -> None:
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
         raise UsageError(message or "invalid arguments")
 
 

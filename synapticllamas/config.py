@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -298,12 +298,12 @@ def _read_config_file(path: Path) -> dict[str, Any]:
 def load_settings(flags: dict[str, Any] | None = None, env: dict[str, str] | None = None,
                   config_path: str | None = None) -> Settings:
     """Build Settings from the four layers. `flags` holds only options the user actually gave."""
-    env = os.environ if env is None else env
+    environ: Mapping[str, str] = os.environ if env is None else env
     flags = {k: v for k, v in (flags or {}).items() if v is not None and v != ()}
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
 
-    explicit = config_path or env.get("SYNAPTICLLAMAS_CONFIG")
+    explicit = config_path or environ.get("SYNAPTICLLAMAS_CONFIG")
     path = Path(explicit).expanduser() if explicit else xdg_dir("config") / "config.toml"
     file_values: dict[str, Any] = {}
     if explicit or path.is_file():
@@ -316,8 +316,8 @@ def load_settings(flags: dict[str, Any] | None = None, env: dict[str, str] | Non
         if spec.name in file_values:
             raw, origin, label = file_values[spec.name], f"config {path}", f"{spec.name} in {path}"
         for var in spec.env:
-            if var in env:
-                raw, origin, label = env[var], f"env {var}", var
+            if var in environ:
+                raw, origin, label = environ[var], f"env {var}", var
                 break
         if spec.name in flags:
             raw, origin = flags[spec.name], f"flag {spec.flag}"

@@ -6,7 +6,16 @@ The default writes plain text to stdout, which is what piped mode and tests want
 from __future__ import annotations
 
 import sys
-from typing import TextIO
+from typing import Protocol, TextIO
+
+
+class UI(Protocol):
+    """What the engine may do with the person at the shell while a command runs."""
+
+    def write(self, text: str = "", end: str = "\n") -> None: ...
+    def progress(self, text: str) -> None: ...
+    def end_progress(self) -> None: ...
+    def notice(self, text: str, level: str = "info") -> None: ...
 
 
 class Streams:

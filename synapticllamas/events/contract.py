@@ -11,6 +11,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+
 class Component:
     COORDINATOR = "coordinator"
     RPC_BACKEND = "rpc_backend"

@@ -41,7 +41,7 @@ def _flag_values(tokens: Sequence[str]) -> Iterable[tuple[int, str, str]]:
 
 
 @overload
-def redact_args(args: str) -> str: ...
+def redact_args(args: str) -> str: ...  # type: ignore[overload-overlap]  # a str is also a Sequence[str]
 @overload
 def redact_args(args: Sequence[str]) -> list[str]: ...
 

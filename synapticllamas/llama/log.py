@@ -93,7 +93,8 @@ def parse(text: str) -> LogLine:
         if (hit := pattern.search(message)):
             # the counts (\d+ groups) as numbers; the path stays text, even when it is "123"
             extra = {k: (v if k == "path" else int(v)) for k, v in hit.groupdict().items()}
-            return line("load_step", stage=stage, step=step, steps=LOAD_STEP_COUNT, **extra)
+            return LogLine(text, message, level, "load_step",
+                           {"stage": stage, "step": step, "steps": LOAD_STEP_COUNT, **extra})
     if _LOADED.search(message):
         return line("model_loaded", stage="model loaded", step=LOAD_STEP_COUNT, steps=LOAD_STEP_COUNT)
     if (hit := _LISTENING.search(message)):

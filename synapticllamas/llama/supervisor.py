@@ -88,12 +88,13 @@ class Hooks:
     """Subscriber lists. A failing subscriber is counted, never allowed to break supervision."""
 
     def __init__(self) -> None:
-        self.on_state_change: list[Callable[[StateChange], None]] = []
-        self.on_log: list[Callable[[LogLine, dict[str, Any]], None]] = []
-        self.on_model_progress: list[Callable[[Notice], None]] = []
-        self.on_heartbeat: list[Callable[[Notice], None]] = []
-        self.on_request: list[Callable[[Notice], None]] = []
-        self.on_error: list[Callable[[Notice], None]] = []
+        # what a subscriber returns is ignored
+        self.on_state_change: list[Callable[[StateChange], object]] = []
+        self.on_log: list[Callable[[LogLine, dict[str, Any]], object]] = []
+        self.on_model_progress: list[Callable[[Notice], object]] = []
+        self.on_heartbeat: list[Callable[[Notice], object]] = []
+        self.on_request: list[Callable[[Notice], object]] = []
+        self.on_error: list[Callable[[Notice], object]] = []
         self.errors = 0
 
     def call(self, name: str, *args: Any) -> None:
@@ -103,7 +104,7 @@ class Hooks:
             except Exception:
                 self.errors += 1
 
-    def subscribe(self, name: str, fn: Callable[..., None]) -> Callable[[], None]:
+    def subscribe(self, name: str, fn: Callable[..., object]) -> Callable[[], None]:
         subscribers = getattr(self, name)
         subscribers.append(fn)
 

@@ -35,8 +35,8 @@ class LocalBackend:
     proc: asyncio.subprocess.Process
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
     output: asyncio.Event = field(default_factory=asyncio.Event)   # set on each line, wakes the start wait
-    reader: asyncio.Task | None = None
-    watcher: asyncio.Task | None = None
+    reader: asyncio.Task[None] | None = None
+    watcher: asyncio.Task[None] | None = None
     stopping: bool = False
     ready_ms: float | None = None
 
@@ -54,7 +54,7 @@ class LocalBackend:
 
 def _free_ports(n: int, taken: set[int]) -> list[int]:
     """n distinct free loopback ports (all sockets held open together, so no port repeats)."""
-    socks = []
+    socks: list[socket.socket] = []
     try:
         while len(socks) < n:
             s = socket.socket()
@@ -90,7 +90,7 @@ class LocalBackends:
     def owns(self, address: str) -> bool:
         return address in self._backends
 
-    def list(self) -> list[LocalBackend]:
+    def entries(self) -> list[LocalBackend]:
         return list(self._backends.values())
 
     # ------------------------------------------------------------ spawn
@@ -196,8 +196,9 @@ class LocalBackends:
                 raise LocalBackendError(f"ggml-rpc-server on port {backend.port} did not accept connections "
                                         f"within {START_TIMEOUT:g}s: {backend.last_line()}")
             backend.output.clear()
-            line = asyncio.ensure_future(backend.output.wait())
-            await asyncio.wait([line, backend.watcher], timeout=0.05, return_when=asyncio.FIRST_COMPLETED)
+            line: asyncio.Future[Any] = asyncio.ensure_future(backend.output.wait())
+            assert backend.watcher is not None
+            await asyncio.wait({line, backend.watcher}, timeout=0.05, return_when=asyncio.FIRST_COMPLETED)
             line.cancel()
 
     async def _read(self, backend: LocalBackend) -> None:
@@ -221,7 +222,7 @@ class LocalBackends:
     async def _watch(self, backend: LocalBackend) -> None:
         code = await backend.proc.wait()
         if backend.reader is not None:
-            await asyncio.wait([backend.reader], timeout=1.0)    # its last words first
+            await asyncio.wait({backend.reader}, timeout=1.0)    # its last words first
         if not backend.stopping:
             self.registry.report(backend.key, up=False,
                                  reason=f"local ggml-rpc-server exited ({describe_exit(code)})")

@@ -29,7 +29,7 @@ def plain_table(headers: list[str], rows: list[list[str]]) -> str:
             widths[i] = max(widths[i], len(value))
 
     def line(values: list[str]) -> str:
-        return "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip()
+        return "  ".join(v.ljust(w) for v, w in zip(values, widths, strict=False)).rstrip()   # cells past the headers are dropped
 
     out = [line(headers), line(["-" * w for w in widths])]
     out.extend(line(row) for row in rows)

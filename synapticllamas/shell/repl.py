@@ -132,12 +132,12 @@ class Shell:
             queue.put_nowait(None)
         try:
             while self.terminating is None:
-                line = await queue.get()
-                if line is None:
+                item = await queue.get()
+                if item is None:
                     break
                 if self._slots is not None:
                     self._slots.release()
-                line = line.strip()
+                line = item.strip()
                 if not line or line.startswith("#"):
                     continue
                 try:

@@ -58,7 +58,7 @@ def test_spawn_two_kill_one_stop_all(tmp_path):
         await until(lambda: {e.details["backend"] for e in of(observer, "raw", "log")} == set(keys))
         assert any("Starting RPC server" in e.message for e in of(observer, "raw", "log"))
 
-        victim, survivor = local.list()
+        victim, survivor = local.entries()
         os.kill(victim.pid, signal.SIGKILL)
         # the exit is awaited, so the disconnect does not wait for a probe round (heartbeat is off)
         await until(lambda: of(observer, "rpc_backend", "disconnect"), timeout=5)
@@ -116,13 +116,13 @@ def test_cancelled_spawn_leaves_nothing_running(tmp_path, rpc_server_binary):
 
     async def run():
         task = asyncio.create_task(local.spawn(2, port_base=base))
-        await until(lambda: len(local.list()) == 2 or task.done())   # both exist, neither is ready
+        await until(lambda: len(local.entries()) == 2 or task.done())   # both exist, neither is ready
         assert not task.done(), task.exception()
-        pids = [b.pid for b in local.list()]
+        pids = [b.pid for b in local.entries()]
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert local.list() == [] and registry.addresses() == []
+        assert local.entries() == [] and registry.addresses() == []
         return pids
 
     pids = asyncio.run(run())
