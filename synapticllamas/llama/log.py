@@ -44,6 +44,12 @@ _RPC_ENDPOINT = re.compile(r"^\s*endpoint\s*: (?P<endpoint>\S+)")
 _RPC_ACCEPTED = re.compile(r"^Accepted client connection")
 _RPC_CLOSED = re.compile(r"^Client connection closed")
 _RPC_STARTING = re.compile(r"^Starting RPC server v(?P<version>\S+)")
+_RPC_CACHE_DIR = re.compile(r"^\s*local cache\s*: (?P<dir>.+?)\s*$")
+# a device of rpc-server's banner: "  CPU: AMD EPYC (24105 MiB, 24105 MiB free)"
+_RPC_DEVICE = re.compile(r"^\s+(?P<name>[^:()]+?)\s*:\s*(?P<description>.*?)\s*"
+                         r"\((?P<total>\d+) MiB, (?P<free>\d+) MiB free\)\s*$")
+_RPC_CACHE_SAVED = re.compile(r"^\[set_tensor\] saved to '(?P<path>.+)'\s*$")
+_RPC_BIND_FAILED = re.compile(r"Failed to create server socket|bind failed|Address already in use")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +57,9 @@ class LogLine:
     """One output line. `kind` says what it means to the coordinator:
 
     load_step, model_loaded, listening, device, buffer, offloaded, rpc_connect_failed, rpc_crashed,
-    abort, model_failed, bind_failed, rpc_server_started, rpc_endpoint, rpc_client_connected,
-    rpc_client_closed, or log (anything else)."""
+    abort, model_failed, bind_failed, rpc_server_started, rpc_endpoint, rpc_cache_dir, rpc_device,
+    rpc_cache_saved, rpc_bind_failed, rpc_client_connected, rpc_client_closed, or log (anything
+    else)."""
     text: str                 # the line as printed, without the trailing newline
     message: str              # the line without llama.cpp's timestamp/level prefix
     level: str = "info"
@@ -113,6 +120,16 @@ def parse(text: str) -> LogLine:
         return line("rpc_server_started", version=hit.group("version"))
     if (hit := _RPC_ENDPOINT.match(message)):
         return line("rpc_endpoint", endpoint=hit.group("endpoint"))
+    if (hit := _RPC_CACHE_DIR.match(message)):
+        cache = hit.group("dir")
+        return line("rpc_cache_dir", dir=None if cache == "n/a" else cache)
+    if (hit := _RPC_CACHE_SAVED.match(message)):
+        return line("rpc_cache_saved", path=hit.group("path"))
+    if (hit := _RPC_DEVICE.match(message)):
+        return line("rpc_device", name=hit.group("name"), description=hit.group("description"),
+                    total_mib=int(hit.group("total")), free_mib=int(hit.group("free")))
+    if _RPC_BIND_FAILED.search(message):
+        return line("rpc_bind_failed", "error")
     if _RPC_ACCEPTED.match(message):
         return line("rpc_client_connected")
     if _RPC_CLOSED.match(message):

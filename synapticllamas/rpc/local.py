@@ -1,27 +1,30 @@
 """LocalBackends: start and stop ggml-rpc-server processes on 127.0.0.1 (the single-machine default).
 
-Each server runs in its own process group (so a stop reaches anything it forks), its output is read
-line by line into `raw/log` events, and its exit is awaited: an unexpected death reaches the
-registry at once as a disconnect, without waiting for the next probe round. Local backends join the
+Each server is an RpcServerProcess (its own process group, output read line by line into `raw/log`
+events, exit awaited): an unexpected death reaches the registry at once as a disconnect, without
+waiting for the next probe round. Servers run with the cache on (a restarted coordinator reloads
+from it) and the CPUs shared among the servers of one spawn. Local backends join the
 registry but never the backends file: they live as long as this shell.
 """
 from __future__ import annotations
 
 import asyncio
 import socket
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from synapticllamas.rpc.probe import ProbeFailure, probe
-from synapticllamas.util.processes import describe_exit, spawn, terminate
+from synapticllamas.rpc import launch
+from synapticllamas.rpc.server_process import RpcServerFailed, RpcServerProcess
+
+if TYPE_CHECKING:
+    from synapticllamas.llama.log import LogLine
 
 HOST = "127.0.0.1"
 START_TIMEOUT = 20.0     # seconds for a server to accept connections (2 busy cores can be slow)
 STOP_TIMEOUT = 5.0       # seconds between SIGTERM and SIGKILL
 START_ATTEMPTS = 3       # with free ports picked for us: another process may take one first
-TAIL_LINES = 20
 
 
 class LocalBackendError(RuntimeError):
@@ -32,24 +35,17 @@ class LocalBackendError(RuntimeError):
 class LocalBackend:
     key: str
     port: int
-    proc: asyncio.subprocess.Process
-    tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
-    output: asyncio.Event = field(default_factory=asyncio.Event)   # set on each line, wakes the start wait
-    reader: asyncio.Task[None] | None = None
-    watcher: asyncio.Task[None] | None = None
-    stopping: bool = False
+    server: RpcServerProcess
+    watcher: asyncio.Task[None] | None = None      # tells the registry when it dies
     ready_ms: float | None = None
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self.server.pid
 
     @property
     def running(self) -> bool:
-        return self.proc.returncode is None
-
-    def last_line(self) -> str:
-        return self.tail[-1].strip() if self.tail else "no output"
+        return self.server.running
 
 
 def _free_ports(n: int, taken: set[int]) -> list[int]:
@@ -109,12 +105,21 @@ class LocalBackends:
         except binaries.NotFound as exc:
             raise LocalBackendError(str(exc)) from None
         ports = self._choose_ports(n, port_base)
+        cache_dir = launch.default_cache_dir()
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LocalBackendError(f"cannot create the rpc-server cache directory {cache_dir}: "
+                                    f"{exc.strerror or exc}") from None
+        # the CPUs shared among the servers of this spawn (rpc-server's own default is 1 thread)
+        threads = max(1, launch.usable_cpus() // n)
         if starting is not None:
             starting(ports)
         mine: list[LocalBackend] = []      # every process this call started, ready or not
         try:
             started = await asyncio.gather(
-                *(self._start_ready(str(binary), port, port_base is None, mine) for port in ports))
+                *(self._start_ready(str(binary), port, port_base is None, mine, threads, cache_dir)
+                  for port in ports))
             for backend in started:
                 await self.registry.add(backend.key, persist=False, source="local")
                 self.registry.report(backend.key, up=True, latency_ms=backend.ready_ms,
@@ -146,94 +151,50 @@ class LocalBackends:
                 raise LocalBackendError(f"port {port} on {HOST} is in use; choose another --port-base")
         return ports
 
-    async def _start_ready(self, binary: str, port: int, retry: bool, mine: list[LocalBackend]) -> LocalBackend:
+    async def _start_ready(self, binary: str, port: int, retry: bool, mine: list[LocalBackend], threads: int,
+                           cache_dir: Path) -> LocalBackend:
         for attempt in range(1, START_ATTEMPTS + 1):
-            backend = await self._start(binary, port)
+            backend = await self._start(binary, port, threads, cache_dir)
             mine.append(backend)
             try:
-                await self._wait_ready(backend)
+                backend.ready_ms = await backend.server.ready(START_TIMEOUT)
                 return backend
-            except LocalBackendError:
+            except RpcServerFailed as exc:
                 exited_early = not backend.running     # e.g. "Failed to create server socket"
                 await self._stop(backend)
                 if not (retry and exited_early) or attempt == START_ATTEMPTS:
-                    raise
+                    raise LocalBackendError(str(exc)) from None
                 port = _free_ports(1, {port})[0]    # another process took the port first: pick another
         raise AssertionError("unreachable")
 
-    async def _start(self, binary: str, port: int) -> LocalBackend:
+    async def _start(self, binary: str, port: int, threads: int, cache_dir: Path) -> LocalBackend:
         key = f"{HOST}:{port}"
+        details = {"source": "ggml-rpc-server", "backend": key}
+
+        def on_line(rec: LogLine) -> None:
+            self.observer.emit("raw", "log", rec.text, {**details, "pid": server.pid}, sample=True)
+
         try:
-            proc = await spawn(
-                [binary, "--host", HOST, "--port", str(port)],
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT)
-        except OSError as exc:
-            raise LocalBackendError(f"cannot run {binary}: {exc.strerror or exc}") from None
-        backend = LocalBackend(key, port, proc)
+            server = await RpcServerProcess.start(launch.argv(binary, HOST, port, threads, cache=True),
+                                                  launch.environment(cache_dir), HOST, port, on_line)
+        except RpcServerFailed as exc:
+            raise LocalBackendError(str(exc)) from None
+        backend = LocalBackend(key, port, server)
         self._backends[key] = backend       # from here on, close() stops it whatever happens
-        backend.reader = asyncio.create_task(self._read(backend), name=f"rpc-server-output-{port}")
-        backend.watcher = asyncio.create_task(self._watch(backend), name=f"rpc-server-exit-{port}")
+        backend.watcher = asyncio.create_task(self._watch(backend), name=f"rpc-server-watch-{port}")
         return backend
 
-    async def _wait_ready(self, backend: LocalBackend) -> None:
-        """Connect until the server accepts; a connect is tried after each output line, and at
-        least every 50 ms (rpc-server says nothing when it starts listening)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + START_TIMEOUT
-        while True:
-            if not backend.running:
-                raise LocalBackendError(
-                    f"ggml-rpc-server on port {backend.port} stopped ({describe_exit(backend.proc.returncode)}) "
-                    f"before accepting connections: {backend.last_line()}")
-            try:
-                result = await probe(HOST, backend.port, 1.0)
-                backend.ready_ms = result.latency_ms
-                return
-            except ProbeFailure:
-                pass
-            if loop.time() > deadline:
-                raise LocalBackendError(f"ggml-rpc-server on port {backend.port} did not accept connections "
-                                        f"within {START_TIMEOUT:g}s: {backend.last_line()}")
-            backend.output.clear()
-            line: asyncio.Future[Any] = asyncio.ensure_future(backend.output.wait())
-            assert backend.watcher is not None
-            await asyncio.wait({line, backend.watcher}, timeout=0.05, return_when=asyncio.FIRST_COMPLETED)
-            line.cancel()
-
-    async def _read(self, backend: LocalBackend) -> None:
-        stream = backend.proc.stdout
-        assert stream is not None
-        details = {"source": "ggml-rpc-server", "backend": backend.key, "pid": backend.pid}
-        while True:
-            try:
-                raw = await stream.readline()
-            except ValueError:          # a line beyond the stream limit: asyncio dropped it
-                continue
-            if not raw:
-                return
-            line = raw.decode("utf-8", "replace").rstrip()
-            if not line:
-                continue
-            backend.tail.append(line)
-            backend.output.set()
-            self.observer.emit("raw", "log", line, details, sample=True)
-
     async def _watch(self, backend: LocalBackend) -> None:
-        code = await backend.proc.wait()
-        if backend.reader is not None:
-            await asyncio.wait({backend.reader}, timeout=1.0)    # its last words first
-        if not backend.stopping:
+        await backend.server.exited
+        if not backend.server.stopping:
             self.registry.report(backend.key, up=False,
-                                 reason=f"local ggml-rpc-server exited ({describe_exit(code)})")
+                                 reason=f"local ggml-rpc-server exited ({backend.server.how_it_ended()})")
 
     # ------------------------------------------------------------ stop
 
     async def _stop(self, backend: LocalBackend) -> None:
         """SIGTERM to the process group, SIGKILL after STOP_TIMEOUT; waits for the exit."""
-        backend.stopping = True
-        assert backend.watcher is not None
-        await terminate(backend.pid, backend.watcher, STOP_TIMEOUT, kill_wait=STOP_TIMEOUT)
+        await backend.server.stop(STOP_TIMEOUT)
         if self._backends.get(backend.key) is backend:   # forgotten only once it is gone
             del self._backends[backend.key]
 

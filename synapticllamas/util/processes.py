@@ -31,11 +31,26 @@ def tied_to_parent(argv: list[str]) -> list[str]:
     return [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv else list(argv)
 
 
+@lru_cache(maxsize=1)
+def _stdbuf() -> str | None:
+    return shutil.which("stdbuf")
+
+
+def line_buffered(argv: list[str]) -> list[str]:
+    """argv, run so that its C stdio flushes every line. ggml-rpc-server prints with printf and
+    nothing else: into a pipe its banner would sit in a 4 KiB buffer until it exits."""
+    stdbuf = _stdbuf()
+    return [stdbuf, "-oL", "-eL", *argv] if stdbuf else list(argv)
+
+
 _children: weakref.WeakSet[asyncio.subprocess.Process] = weakref.WeakSet()
 
 
-async def spawn(argv: list[str], **kwargs: Any) -> asyncio.subprocess.Process:
-    """asyncio.create_subprocess_exec in its own session, tied to this process's life."""
+async def spawn(argv: list[str], lines: bool = False, **kwargs: Any) -> asyncio.subprocess.Process:
+    """asyncio.create_subprocess_exec in its own session, tied to this process's life;
+    `lines`: its output arrives line by line (see line_buffered)."""
+    if lines:
+        argv = line_buffered(argv)
     proc = await asyncio.create_subprocess_exec(*tied_to_parent(argv), start_new_session=True, **kwargs)
     _children.add(proc)
     return proc
