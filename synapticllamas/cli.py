@@ -99,6 +99,16 @@ def _add_dashboard_server() -> None:
 _add_dashboard_server()
 
 
+def _add_node() -> None:
+    # click and the settings only; the agent is imported when the subcommand runs
+    from synapticllamas.node.command import node
+
+    cli.add_command(node)
+
+
+_add_node()
+
+
 def _add_events_viewer() -> None:
     # click only; redis is imported when the viewer runs
     from synapticllamas.events.viewer import events_viewer

@@ -28,6 +28,7 @@ def script() -> str:
             contract.Component.RPC_REGISTRY: _names(contract.RegistryEvent),
             contract.Component.SYSTEM: _names(contract.SystemEvent),
             contract.Component.RAW: _names(contract.RawEvent),
+            contract.Component.NODE: _names(contract.NodeEvent),
         },
     }
     return ("// Generated from synapticllamas/events/contract.py: the names the page follows.\n"

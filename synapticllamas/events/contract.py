@@ -19,6 +19,7 @@ class Component:
     MODEL = "model"
     SYSTEM = "system"
     RAW = "raw"
+    NODE = "node"
 
 
 # Event types, per component. Emitters, the shell's notices and the dashboard page (served as
@@ -69,6 +70,14 @@ class RawEvent:
     LOG = "log"
 
 
+class NodeEvent:
+    NODE_UP = "node_up"
+    NODE_DOWN = "node_down"
+    RPC_SERVER_EXIT = "rpc_server_exit"
+    RPC_SERVER_RESTART = "rpc_server_restart"
+    HEARTBEAT = "heartbeat"
+
+
 def _values(namespace: type) -> tuple[str, ...]:
     return tuple(v for k, v in vars(namespace).items() if k.isupper())
 
@@ -81,6 +90,7 @@ EVENT_TYPES: dict[str, tuple[str, ...]] = {
     Component.RPC_REGISTRY: _values(RegistryEvent),
     Component.SYSTEM: _values(SystemEvent),
     Component.RAW: _values(RawEvent),
+    Component.NODE: _values(NodeEvent),
 }
 LEVELS = ("debug", "info", "warning", "error", "critical")
 LEVEL_RANK = {name: rank for rank, name in enumerate(LEVELS)}
@@ -90,6 +100,7 @@ CHANNEL_PATTERN = CHANNEL_PREFIX + "*"      # what the dashboard and `redis-cli 
 JOURNAL_STREAM = "synapticllamas:events"    # capped stream: late subscribers replay from it
 JOURNAL_FIELD = "event"                     # each journal entry holds the event JSON in this field
 APPS_HASH = "synapticllamas:apps"           # instance id -> registration JSON
+NODES_HASH = "synapticllamas:nodes"         # a node's HOST:PORT -> its registration JSON
 
 
 def channel_for(component: str) -> str:

@@ -1,0 +1,316 @@
+"""NodeAgent: `main.py node` on a worker: runs ggml-rpc-server, supervises it, announces it.
+
+One asyncio loop, like the shell. The rpc-server is an RpcServerProcess (its exit is awaited); an
+unexpected exit is an `rpc_server_exit` event, then a restart after a growing delay
+(`rpc_server_restart`), and the node gives up after `max_restarts` failures in a row
+(`node_down`, reason gave-up, exit status 1). Redis is only ever told: events go through the same
+Observer and RedisPublisher as the shell's, registration in the hash `synapticllamas:nodes` (field
+HOST:PORT), refreshed by each heartbeat, which is the node's only periodic work. Redis being away
+never stops rpc-server: the publisher buffers, retries, and registers when Redis answers.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from synapticllamas import __version__
+from synapticllamas.events.contract import Component, NodeEvent, RawEvent, SystemEvent
+from synapticllamas.events.observer import Observer
+from synapticllamas.llama.supervisor import backoff_delay
+from synapticllamas.node import cache
+from synapticllamas.rpc import launch
+from synapticllamas.rpc.server_process import RpcServerFailed, RpcServerProcess
+from synapticllamas.util.ticker import Ticker
+
+if TYPE_CHECKING:
+    from synapticllamas.config import Settings
+    from synapticllamas.events.contract import Event
+    from synapticllamas.llama.log import LogLine
+
+APP = "synapticllamas-node"
+START_TIMEOUT = 30.0        # rpc-server to accept connections (a GPU backend initialises first)
+STOP_TIMEOUT = 5.0
+PRUNE_AFTER = 2.0           # a load writes its cache files in a burst: prune once it is quiet
+RESTART_BACKOFF = 1.0       # first restart delay; doubles, at most 60 s
+
+
+class NodeError(RuntimeError):
+    """The node cannot serve; one line for the user, and the exit status to leave with."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class NodeOptions:
+    binary: str
+    host: str
+    port: int
+    redis_url: str
+    threads: int
+    devices: str | None
+    cache: bool
+    cache_dir: Path             # LLAMA_CACHE; rpc-server writes its files to cache_dir / "rpc"
+    cache_max_bytes: int | None
+    memory_mib: int | None
+    max_restarts: int
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def cache_files(self) -> Path:
+        return self.cache_dir / "rpc"
+
+
+def node_source() -> dict[str, str]:
+    host = socket.gethostname()
+    return {"app": APP, "instance": f"{host}:{os.getpid()}", "host": host}
+
+
+class NodeAgent:
+    def __init__(self, options: NodeOptions, settings: Settings, say: Callable[[str], None],
+                 warn: Callable[[str], None]) -> None:
+        self.options = options
+        self.settings = settings
+        self.say = say
+        self.warn = warn
+        self.interval = settings.rpc_backend_heartbeat_interval
+        self.observer = Observer(settings.observer_max_events, settings.observer_sampling,
+                                 settings.observer_sample_rate, source=node_source())
+        self.observer.add_sink(self._print_notices)
+        self.publisher: Any = None
+        self.server: RpcServerProcess | None = None
+        self.state = "starting"           # starting | up | restarting | stopping | down
+        self.started = time.time()
+        self.up_since: float | None = None
+        self.tries = 0                    # restarts since rpc-server last came up
+        self.restarts = 0
+        self.cache_bytes = 0
+        self.memory_offered: int | None = None
+        self._stop = asyncio.Event()
+        self._stop_reason = "exit"
+        self._prune: asyncio.TimerHandle | None = None
+
+    # ------------------------------------------------------------ what we say about ourselves
+
+    def registration(self) -> dict[str, Any]:
+        o, banner = self.options, self.server.banner if self.server else None
+        source = self.observer.source
+        return {
+            "address": o.address, "hostname": source["host"], "instance": source["instance"],
+            "pid": os.getpid(), "rpc_pid": self.server.pid if self.server else None, "version": __version__,
+            "rpc_version": banner.version if banner else None,
+            "devices": list(banner.devices) if banner else [],
+            "memory_offered_mib": self.memory_offered, "threads": o.threads, "state": self.state,
+            "cache": {"enabled": o.cache, "dir": str(o.cache_files) if o.cache else None,
+                      "bytes": self.cache_bytes, "max_bytes": o.cache_max_bytes},
+            "started": self.started, "heartbeat_interval": self.interval, "last_heartbeat": time.time(),
+            "restarts": self.restarts,
+        }
+
+    def _emit(self, event_type: str, message: str, level: str = "info", **details: Any) -> None:
+        self.observer.emit(Component.NODE, event_type, message,
+                           {"address": self.options.address, "state": self.state, **details}, level)
+        if self.publisher is not None:
+            self.publisher.update_registration(self.registration())
+
+    def _print_notices(self, event: Event) -> None:
+        # Redis comes and goes by itself: say so, once per change (the publisher's own notices)
+        if event.component == Component.SYSTEM and event.event_type in (
+                SystemEvent.REDIS_CONNECTED, SystemEvent.REDIS_DISCONNECTED, SystemEvent.EVENTS_DROPPED):
+            (self.say if event.level == "info" else self.warn)(f"node: {event.message}")
+
+    # ------------------------------------------------------------ run
+
+    async def run(self) -> int:
+        """Serve until a signal (exit status 0) or until rpc-server gives up (1)."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, self._signalled, sig)
+        self._start_publisher()
+        self._prune_cache()
+        heartbeat = loop.create_task(self._heartbeat(), name="node-heartbeat")
+        try:
+            status = await self._supervise()
+        finally:
+            heartbeat.cancel()
+            if self._prune is not None:
+                self._prune.cancel()
+            if self.server is not None and self.server.running:
+                await self.server.stop(STOP_TIMEOUT)
+            await self._close_publisher()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+        return status
+
+    def _signalled(self, sig: int) -> None:
+        self._stop_reason = "signal"
+        self.say(f"node: {signal.Signals(sig).name}: stopping rpc-server and leaving")
+        self._stop.set()
+
+    def _start_publisher(self) -> None:
+        from synapticllamas.events.contract import NODES_HASH
+        from synapticllamas.events.publisher import RedisPublisher
+
+        self.publisher = RedisPublisher(self.settings.replace(redis_url=self.options.redis_url), self.observer,
+                                        self.registration(), hash_key=NODES_HASH, field=self.options.address)
+        self.publisher.start()
+
+    async def _close_publisher(self) -> None:
+        if self.publisher is None:
+            return
+        outcome = await self.publisher.close(timeout=2.0)
+        if outcome["unsent"]:
+            self.warn(f"node: {outcome['unsent']} events were not sent to Redis "
+                      f"({self.publisher.last_error or 'no answer within 2 s'})")
+
+    async def _supervise(self) -> int:
+        while True:
+            code = await self._serve_once()
+            if code is None:                   # asked to stop
+                self.state = "down"
+                self._emit(NodeEvent.NODE_DOWN, f"node {self.options.address} down ({self._stop_reason})",
+                           reason=self._stop_reason)
+                self.say("node: stopped")
+                return 0
+            if self.tries >= self.options.max_restarts:
+                self.state = "down"
+                message = (f"node {self.options.address} gave up: rpc-server exited {self.tries + 1} times in a row "
+                           f"(last: {code})")
+                self._emit(NodeEvent.NODE_DOWN, message, "critical", reason="gave-up", restarts=self.tries)
+                self.warn(f"node: {message}")
+                return 1
+            self.tries += 1
+            delay = backoff_delay(RESTART_BACKOFF, self.tries)
+            self.state = "restarting"
+            self.say(f"node: restarting rpc-server in {delay:g}s (try {self.tries} of {self.options.max_restarts})")
+            try:
+                await asyncio.wait_for(self._stop.wait(), delay)
+                continue                          # stopped while waiting: _serve_once sees it
+            except TimeoutError:
+                pass
+            self.restarts += 1
+            self._emit(NodeEvent.RPC_SERVER_RESTART, f"restarting rpc-server on {self.options.address} "
+                       f"(try {self.tries} of {self.options.max_restarts})", "warning",
+                       tries=self.tries, delay_s=delay, restarts=self.restarts)
+
+    async def _serve_once(self) -> str | None:
+        """Start rpc-server and serve until it exits (returns how) or we are asked to stop (None)."""
+        if self._stop.is_set():
+            return None
+        o = self.options
+        argv = launch.argv(o.binary, o.host, o.port, o.threads, o.devices, o.cache)
+        first = self.server is None
+        try:
+            self.server = server = await RpcServerProcess.start(
+                argv, launch.environment(o.cache_dir if o.cache else None), o.host, o.port, self._on_line)
+        except RpcServerFailed as exc:
+            raise NodeError(str(exc)) from None
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            ready = asyncio.ensure_future(server.ready(START_TIMEOUT))
+            await asyncio.wait({ready, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if stop.done():
+                ready.cancel()
+                return None
+            try:
+                latency = ready.result()
+            except RpcServerFailed as exc:
+                if first:                          # never served: a bad option or a taken port
+                    raise NodeError(str(exc)) from None
+                return self._exited(server)
+            if first:
+                self._check_memory(server)
+            self._came_up(server, latency)
+            await asyncio.wait({server.exited, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if stop.done():
+                return None
+            return self._exited(server)
+        finally:
+            stop.cancel()
+
+    def _check_memory(self, server: RpcServerProcess) -> None:
+        o, free = self.options, server.banner.free_mib
+        if o.memory_mib is not None and free is not None and o.memory_mib > free:
+            raise NodeError(f"--memory {o.memory_mib} MiB is more than the devices report free ({free} MiB: "
+                            + ", ".join(f"{d['name']} {d['free_mib']} MiB" for d in server.banner.devices)
+                            + "); offer at most that", status=2)
+        self.memory_offered = o.memory_mib if o.memory_mib is not None else free
+
+    def _came_up(self, server: RpcServerProcess, latency_ms: float) -> None:
+        self.state = "up"
+        self.up_since = time.monotonic()
+        self.tries = 0
+        banner = server.banner
+        devices = ", ".join(f"{d['name']} {d['description']} ({d['free_mib']} of {d['total_mib']} MiB free)"
+                            for d in banner.devices) or "devices not reported"
+        cache_note = f"cache {self.options.cache_files} ({self.cache_bytes / 2**20:.0f} MiB)" if self.options.cache \
+            else "no cache"
+        version = f"rpc-server v{banner.version}" if banner.version else "rpc-server"
+        self.say(f"node: {version} serving on {self.options.address} (pid {server.pid}; {devices}; "
+                 f"{self.options.threads} threads; {cache_note})")
+        self._emit(NodeEvent.NODE_UP, f"node {self.options.address} up: {version}, {devices}",
+                   rpc_pid=server.pid, rpc_version=banner.version, devices=list(banner.devices),
+                   memory_offered_mib=self.memory_offered, threads=self.options.threads,
+                   latency_ms=round(latency_ms, 2), restarts=self.restarts)
+
+    def _exited(self, server: RpcServerProcess) -> str:
+        how = server.how_it_ended()
+        code = server.returncode if server.returncode is not None and server.returncode >= 0 else None
+        sig = signal.Signals(-server.returncode).name if server.returncode is not None and server.returncode < 0 \
+            else None
+        self.state = "restarting"
+        self.up_since = None
+        self.warn(f"node: rpc-server exited ({how}): {server.last_line()}")
+        self._emit(NodeEvent.RPC_SERVER_EXIT, f"rpc-server on {self.options.address} exited ({how})", "error",
+                   exit_code=code, signal=sig, rpc_pid=server.pid, last_lines=list(server.tail)[-12:])
+        return how
+
+    def _on_line(self, rec: LogLine) -> None:
+        server = self.server
+        self.observer.emit(Component.RAW, RawEvent.LOG, rec.text,
+                           {"source": "ggml-rpc-server", "backend": self.options.address,
+                            "pid": server.pid if server else None, "kind": rec.kind}, rec.level, sample=True)
+        if rec.kind == "rpc_cache_saved" and self.options.cache_max_bytes is not None:
+            if self._prune is not None:
+                self._prune.cancel()
+            self._prune = asyncio.get_running_loop().call_later(PRUNE_AFTER, self._prune_cache)
+
+    # ------------------------------------------------------------ cache and heartbeat
+
+    def _prune_cache(self) -> None:
+        self._prune = None
+        o = self.options
+        if not o.cache:
+            return
+        if o.cache_max_bytes is not None:
+            pruned = cache.prune(o.cache_files, o.cache_max_bytes)
+            if pruned.files:
+                self.say(f"node: cache over {o.cache_max_bytes / 2**30:g} GB: removed the {pruned.files} least "
+                         f"recently used files ({pruned.bytes / 2**20:.0f} MiB)")
+        self.cache_bytes = cache.size(o.cache_files)
+
+    async def _heartbeat(self) -> None:
+        """Every SOLLOL_RPC_BACKEND_HEARTBEAT_INTERVAL: one event, and the registration refreshed
+        (last_heartbeat, cache size). The only periodic work of a node."""
+        ticker = Ticker(self.interval)
+        while True:
+            await ticker.next()
+            if self.options.cache:
+                self.cache_bytes = await asyncio.to_thread(cache.size, self.options.cache_files)
+            server = self.server
+            self._emit(NodeEvent.HEARTBEAT, f"rpc_backend_connect on {self.options.address}",
+                       rpc_pid=server.pid if server and server.running else None,
+                       uptime_s=round(time.monotonic() - self.up_since, 1) if self.up_since else None,
+                       cache_bytes=self.cache_bytes, memory_offered_mib=self.memory_offered,
+                       interval_s=self.interval, restarts=self.restarts)
