@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from synapticllamas.app import App
 
 USAGE = ("backends [list] | add HOST[:PORT] | remove HOST[:PORT] | check | spawn N [--port-base P] | "
-         "stop-local")
+         "stop-local | discover")
 SUBCOMMANDS = {
     "list": "the backends: address, state, last check, latency, failures, local/remote",
     "add": "add HOST[:PORT] (default port 50052) and save it to the backends file",
@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "check": "probe every backend now (a TCP connect each, all at once) and list them",
     "spawn": "start N local ggml-rpc-server processes on 127.0.0.1 (not saved)",
     "stop-local": "stop the local backends this shell started",
+    "discover": "the nodes announced on Redis (`main.py node`): age, version, devices, memory",
 }
 MAX_LOCAL = 32
 
@@ -29,6 +30,11 @@ def _kind(app: App, backend: Any) -> str:
     if backend.local:
         local = {b.key: b for b in app.local_backends.entries()}.get(backend.key)
         return f"local, pid {local.pid}" if local and local.running else "local"
+    node = app.nodes.nodes.get(backend.key)
+    if node is not None:
+        version = f" rpc v{node.rpc_version}" if node.rpc_version else ""
+        free = f", {node.free_mib} MiB free" if node.free_mib is not None else ""
+        return f"node{version}{free}"
     return f"remote ({backend.source})"
 
 
@@ -162,6 +168,41 @@ async def _stop_local(app: App, args: list[str]) -> Result:
     return Result.success(f"Stopped {n} local backend{'s' if n != 1 else ''}.")
 
 
+async def _discover(app: App, args: list[str]) -> Result:
+    if args:
+        raise UsageError("backends discover takes no arguments")
+    directory = app.nodes
+    status = directory.status()
+    if not status["enabled"]:
+        why = ("SYNAPTICLLAMAS_DISCOVERY=off" if app.settings.discovery == "off"
+               else "publishing is off: 'redis on' also follows the nodes announced there")
+        return Result.text(f"Node discovery is not running ({why}).")
+    now = time.time()
+    rows = []
+    for info in sorted(directory.nodes.values(), key=lambda n: n.address):
+        reg = info.registration
+        devices = ", ".join(f"{d.get('name')} {d.get('free_mib')}/{d.get('total_mib')} MiB"
+                            for d in reg.get("devices") or [] if isinstance(d, dict)) or "-"
+        backend = app.registry.get(info.address)
+        rows.append((info.address, shown(str(reg.get("hostname") or "-")), info.state,
+                     backend.state if backend else "-",
+                     f"{duration(now - info.last_heard)} ago" if info.last_heard else "-",
+                     info.rpc_version or "-", devices,
+                     f"{info.memory_offered_mib} MiB" if info.memory_offered_mib is not None else "-",
+                     _mib(reg.get("cache", {}).get("bytes") if isinstance(reg.get("cache"), dict) else None)))
+    where = f"announced on {app.publisher.shown_url}" if app.publisher else "announced on Redis"
+    note = "connected" if status["connected"] else f"not connected ({status['last_error'] or 'connecting'})"
+    if not rows:
+        return Result.text(f"No nodes {where} yet ({note}). Start one on a worker with 'python3 main.py node'.")
+    return Result.table("Nodes", ("address", "host", "node says", "backend", "last heard", "rpc version",
+                                  "devices (free/total)", "offered", "cache"), rows,
+                        footer=f"{len(rows)} node{'s' if len(rows) != 1 else ''} {where}; discovery {note}.")
+
+
+def _mib(value: Any) -> str:
+    return f"{value / 2**20:.0f} MiB" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
 async def _list(app: App, args: list[str]) -> Result:
     if args:
         raise UsageError("backends list takes no arguments")
@@ -169,7 +210,7 @@ async def _list(app: App, args: list[str]) -> Result:
 
 
 HANDLERS = {"list": _list, "add": _add, "remove": _remove, "check": _check, "spawn": _spawn,
-            "stop-local": _stop_local}
+            "stop-local": _stop_local, "discover": _discover}
 
 
 @command("backends", "The RPC backends: list, add, remove, check; spawn/stop local ones", USAGE,

@@ -14,6 +14,7 @@ from synapticllamas import __version__
 from synapticllamas.config import Settings, redact_url
 from synapticllamas.events.observer import Observer
 from synapticllamas.llama.supervisor import CoordinatorManager
+from synapticllamas.rpc.discovery import NodeDirectory
 from synapticllamas.rpc.local import LocalBackends
 from synapticllamas.rpc.registry import RpcRegistry
 from synapticllamas.ui import PlainUI
@@ -34,6 +35,7 @@ class App:
         self.registry = RpcRegistry(settings, self.observer)
         self.local_backends = LocalBackends(settings, self.observer, self.registry)
         self.coordinator = CoordinatorManager(settings, self.observer, self.registry)
+        self.nodes = NodeDirectory(self.observer, self.registry)   # follows Redis while publishing
 
     @property
     def mode(self) -> str:
@@ -72,6 +74,8 @@ class App:
             self._announce_redis_on()
         if self.registry is not None:
             await self.registry.start()
+        if self.publisher is not None:
+            self._start_discovery()
 
     async def close(self, reason: str = "exit") -> None:
         """Stop what we started (coordinator first: it uses the backends), say goodbye, flush.
@@ -80,7 +84,7 @@ class App:
         if self.closed:
             return
         self.closed = True
-        for component in (self.coordinator, self.local_backends, self.registry):
+        for component in (self.coordinator, self.local_backends, self.nodes, self.registry):
             if component is not None:
                 try:
                     await component.close()
@@ -125,7 +129,12 @@ class App:
             return False, (self.publisher.connected, self.publisher.last_error)
         self.backlog_sent = self._start_publisher()
         self._announce_redis_on()
+        self._start_discovery()
         return True, await self.publisher.wait_first_attempt(wait)
+
+    def _start_discovery(self) -> None:
+        if self.settings.discovery == "redis":
+            self.nodes.start(self.settings.redis_url)
 
     async def redis_off(self) -> dict[str, Any] | None:
         """Stop publishing: say so, flush within 2 s, unregister. None if it was not on."""
@@ -134,6 +143,7 @@ class App:
         self.observer.emit("system", "redis_off", f"Redis publishing off ({self.publisher.shown_url})",
                            {"url": self.publisher.shown_url, "published": self.publisher.published})
         self._handed_seq = self.observer.seq
+        await self.nodes.close()
         return await self.publisher.close(timeout=2.0)
 
     def status(self) -> dict[str, Any]:

@@ -88,6 +88,16 @@ def int_at_least(lo: int) -> Callable[[Any], int]:
     return _number(int, lo, None)
 
 
+def choice(*accepted: str) -> Callable[[Any], str]:
+    def parse(raw: Any) -> str:
+        text = str(raw).strip().lower()
+        if text not in accepted:
+            raise ValueError(f"expected one of: {', '.join(accepted)}")
+        return text
+
+    return parse
+
+
 def parse_str(raw: Any) -> str:
     text = str(raw).strip()
     if not text:
@@ -198,6 +208,8 @@ SPECS: tuple[Spec, ...] = (
          "sample high-volume info events (raw log lines, per-request events)"),
     Spec("observer_sample_rate", 0.1, rate, ("SOLLOL_OBSERVER_SAMPLE_RATE",), None,
          "share of sampleable info events kept (warnings, errors and lifecycle events always kept)"),
+    Spec("discovery", "redis", choice("redis", "off"), ("SYNAPTICLLAMAS_DISCOVERY",), None,
+         "redis: with publishing on, nodes announced on Redis become backends; off: only configured ones"),
     Spec("rpc_backends", (), parse_address_list, ("SYNAPTICLLAMAS_RPC_BACKENDS",), "--rpc-backend",
          "RPC backends (HOST:PORT) besides those in the backends file"),
     Spec("backends_file", lambda: str(xdg_dir("config") / "rpc_backends.conf"), parse_path,
