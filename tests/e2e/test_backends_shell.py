@@ -126,13 +126,13 @@ def test_heartbeat_variable_decides_whether_anything_probes_while_idle(tmp_path,
     listener = CountingListener()
     coordinator = HealthyServer()
     shell = Shell(tmp_path, "--rpc-backend", listener.address, SOLLOL_RPC_BACKEND_HEARTBEAT=heartbeat,
-                  SOLLOL_RPC_BACKEND_HEARTBEAT_INTERVAL="0.2", SYNAPTICLLAMAS_ATTACH_CHECK_INTERVAL="0.2")
+                  SOLLOL_RPC_BACKEND_HEARTBEAT_INTERVAL="0.1", SYNAPTICLLAMAS_ATTACH_CHECK_INTERVAL="0.1")
     try:
         shell.send("backends list", f"coordinator attach {coordinator.url}")
         shell.expect(re.escape(listener.address))
         shell.expect(r"^Watching .*: it is up")
-        # idle at the prompt for 8 state checks of the attached server: 8 ticks of a 0.2 s clock,
-        # as long as 8 rounds of the backend heartbeat
+        # idle at the prompt for 8 state checks of the attached server: 8 ticks of a 0.1 s clock,
+        # as long as 8 rounds of the backend heartbeat (the first check was the attach itself)
         wait_for(lambda: coordinator.checks >= 1 + 8, 30, what="8 state checks of the attached server")
         idle = listener.accepted
         if heartbeat == "false":
@@ -141,7 +141,7 @@ def test_heartbeat_variable_decides_whether_anything_probes_while_idle(tmp_path,
             shell.expect(r"^Probed 1 backend in")
             assert listener.accepted == 1            # the listener does count: `check` is one connect
         else:
-            assert idle >= 4, f"only {idle} probes during 8 state checks, both every 0.2 s"
+            assert idle >= 4, f"only {idle} probes during 8 state checks, both every 0.1 s"
         shell.send("exit")
         assert shell.wait() == 0
     finally:
