@@ -103,7 +103,7 @@ async def measure(runs: int, kills: int, redis: RedisServer, tmp: Path) -> dict[
             if i % 2 == 0:
                 t0 = time.time()
                 await coordinator.handler(app, ["start"])
-                start = await until(lambda: listener.first(t0, "start"), 60, "the start event", 0.005)
+                start = await until(lambda t0=t0: listener.first(t0, "start"), 60, "the start event", 0.005)
                 out["coordinator start"].append(start[1]["timestamp"] - t0)
                 await coordinator.handler(app, ["stop"])
             else:
@@ -117,9 +117,10 @@ async def measure(runs: int, kills: int, redis: RedisServer, tmp: Path) -> dict[
             await asyncio.sleep(0.2)
             killed = time.time()
             os.kill(pid, signal.SIGKILL)
-            at, _ = await until(lambda: listener.first(killed, "stop", reason="crash"), 60, "the crash", 0.005)
+            at, _ = await until(lambda killed=killed: listener.first(killed, "stop", reason="crash"), 60, "the crash",
+                                0.005)
             out["crash"].append(at - killed)
-            await until(lambda: listener.first(killed, "start"), 60, "the restart", 0.005)
+            await until(lambda killed=killed: listener.first(killed, "start"), 60, "the restart", 0.005)
     finally:
         await app.close()
     return out
@@ -145,7 +146,7 @@ def main() -> None:
     print(f"| `coordinator start` -> `start` event | {ours * 1000:.0f} ms | "
           f"{max(r['coordinator start']) * 1000:.0f} ms | {ours / hand:.2f}x |")
     crash = sorted(r["crash"])
-    p99 = crash[min(len(crash) - 1, int(round(0.99 * (len(crash) - 1))))]
+    p99 = crash[min(len(crash) - 1, round(0.99 * (len(crash) - 1)))]
     print(f"\ncrash detection, SIGKILL -> `stop` at a Redis subscriber, {len(crash)} kills: "
           f"median {statistics.median(crash) * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, max {crash[-1] * 1000:.0f} ms")
 

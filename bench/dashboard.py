@@ -80,7 +80,7 @@ class Histogram:
         self.count = 0
 
     def merge(self, other: Histogram) -> None:
-        self.bins = [a + b for a, b in zip(self.bins, other.bins)]
+        self.bins = [a + b for a, b in zip(self.bins, other.bins, strict=True)]
         self.count += other.count
 
     def percentile(self, p: float) -> float:
@@ -194,7 +194,7 @@ async def load(args, dash_port: int, redis_port: int, redis_url: str, dash_pid: 
     lost = sum(len(expected - v.seqs) for v in viewers)
     missing = sorted(set().union(*(expected - v.seqs for v in viewers)) | (expected - baseline.seqs))
     dups = sum(v.duplicates for v in viewers)
-    for reader in viewers + [baseline]:
+    for reader in [*viewers, baseline]:
         reader.transport.close()
     return {"report": report, "hist": hist, "baseline": baseline.hist, "lost": lost, "dups": dups,
             "baseline_lost": len(expected - baseline.seqs), "missing": missing, "rss": rss, "load_cpu": load_cpu,

@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
-from support import RedisServer, cpu_seconds  # noqa: E402
+from support import RedisServer, cpu_seconds, until  # noqa: E402
 
 from synapticllamas.app import App  # noqa: E402
 from synapticllamas.config import load_settings  # noqa: E402
@@ -163,11 +163,11 @@ def pct(values: list[float], q: float) -> float:
 
 async def emit_cost(tmp: Path, server: Server, n: int) -> dict:
     app = make_app(tmp, server.url, 200000)
-    started, outcome = await app.redis_on()
+    _, outcome = await app.redis_on()
     assert outcome == (True, None), outcome
     emit, clock = app.observer.emit, time.perf_counter_ns
     costs = []
-    for burst in range(n // 100):
+    for _burst in range(n // 100):
         for _ in range(100):
             t0 = clock()
             emit("raw", "log", MESSAGE, DETAILS, sample=True)
@@ -220,12 +220,11 @@ async def through_publisher(tmp: Path, server: Server, n: int) -> None:
     app = make_app(tmp, server.url, n)
     await app.redis_on()
     emit = app.observer.emit
-    for i in range(n // 1000):           # emit in chunks, yielding to the loop like real work does
+    for _chunk in range(n // 1000):      # emit in chunks, yielding to the loop like real work does
         for _ in range(1000):
             emit("raw", "log", MESSAGE, DETAILS, sample=True)
         await asyncio.sleep(0)
-    while app.publisher.status()["buffered"]:
-        await asyncio.sleep(0.001)
+    await until(lambda: not app.publisher.status()["buffered"], 120, "the publisher to send its buffer", 0.001)
     app.publisher._remove_sink()
     app.publisher.enabled = False
     await app.publisher.close(2.0)
@@ -264,9 +263,11 @@ def throughput(tmp: Path, server: Server, n: int, runs: int) -> dict:
 
 async def latency(tmp: Path, server: Server, seconds: float, rate: int) -> dict:
     n = int(seconds * rate)
-    sub = subprocess.Popen([sys.executable, "-c", LATENCY, str(server.port), "synapticllamas:llama_cpp:raw", str(n)],
-                           stdout=subprocess.PIPE, text=True)
-    assert sub.stdout.readline().strip() == "ready"
+    # its one line of results holds n latencies: a larger line limit than asyncio's 64 KiB
+    sub = await asyncio.create_subprocess_exec(sys.executable, "-c", LATENCY, str(server.port),
+                                               "synapticllamas:llama_cpp:raw", str(n), stdout=subprocess.PIPE,
+                                               limit=1 << 24)
+    assert (await sub.stdout.readline()).strip() == b"ready"
     app = make_app(tmp, server.url, 10000)
     await app.redis_on()
     await asyncio.sleep(0.2)
@@ -278,9 +279,9 @@ async def latency(tmp: Path, server: Server, seconds: float, rate: int) -> dict:
             app.observer.emit("raw", "log", MESSAGE, DETAILS, sample=True)
             sent += 1
         await asyncio.sleep(0.001)
-    lat = json.loads(await asyncio.to_thread(sub.stdout.readline))
+    lat = json.loads(await sub.stdout.readline())
     await app.close()
-    sub.wait(5)
+    await asyncio.wait_for(sub.wait(), 5)
     ms = [x * 1000 for x in lat]
     return {"count": len(ms), "expected": n, "p50_ms": pct(ms, 0.5), "p99_ms": pct(ms, 0.99), "max_ms": max(ms)}
 

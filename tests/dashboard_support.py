@@ -31,9 +31,8 @@ class Dashboard:
         if token:
             cmd += ["--token", token]
         self.log_path = tmp / f"dashboard-{self.port}.log"
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                     env=shell_env(tmp))
+        with open(self.log_path, "wb") as log:      # the child has its own copy of the fd
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=shell_env(tmp))
         wait_for(self._up, 20, what=f"the dashboard on port {self.port} (log: {self.log_path})")
 
     @property
@@ -80,7 +79,6 @@ class Dashboard:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-        self.log.close()
 
 
 class Shell(PipedShell):

@@ -112,8 +112,9 @@ class RpcServers:
             self.procs.append(subprocess.Popen([str(rpc), "--host", "127.0.0.1", "--port", str(port)],
                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
             self.addresses.append(f"127.0.0.1:{port}")
-        for address, proc in zip(self.addresses, self.procs):
-            wait_for(lambda: port_open(address) or proc.poll() is not None, 20, what=f"rpc-server {address}")
+        for address, proc in zip(self.addresses, self.procs, strict=True):
+            wait_for(lambda address=address, proc=proc: port_open(address) or proc.poll() is not None, 20,
+                     what=f"rpc-server {address}")
             assert proc.poll() is None, f"ggml-rpc-server {address} exited with {proc.returncode}"
 
     def kill(self, index: int) -> None:

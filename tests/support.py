@@ -89,11 +89,11 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}"
 
     def start(self) -> RedisServer:
-        log = open(self.workdir / "redis.log", "ab")
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir), "--protected-mode", "no"],
-            stdout=log, stderr=subprocess.STDOUT)
+        with open(self.workdir / "redis.log", "ab") as log:      # the child has its own copy of the fd
+            self.proc = subprocess.Popen(
+                [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                 "--dir", str(self.workdir), "--protected-mode", "no"],
+                stdout=log, stderr=subprocess.STDOUT)
         wait_for(self.ping, 10, what=f"redis-server on port {self.port}")
         return self
 
@@ -151,8 +151,23 @@ def spawn_shell(tmp: Path, *args: str, env: dict[str, str] | None = None, timeou
 
     child = pexpect.spawn(PYTHON, [str(ROOT / "main.py"), *args], env=env or shell_env(tmp, TERM="xterm"),
                           encoding="utf-8", timeout=timeout, dimensions=(40, 140), cwd=str(ROOT))
-    child.logfile_read = open(tmp / "pexpect.log", "a", encoding="utf-8")
+    child.logfile_read = AppendLog(tmp / "pexpect.log")
     return child
+
+
+class AppendLog:
+    """A log file for pexpect (`logfile_read`) that holds no file open: each write appends and closes,
+    so nothing is left to close after the child, whichever way the test ends."""
+
+    def __init__(self, path: Path) -> None:
+        self.name = str(path)
+
+    def write(self, text: str) -> None:
+        with open(self.name, "a", encoding="utf-8") as fh:
+            fh.write(text)
+
+    def flush(self) -> None:
+        pass                    # every write is already on disk
 
 
 class PipedShell:

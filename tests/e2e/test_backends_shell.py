@@ -5,11 +5,11 @@ import signal
 import socket
 import subprocess
 import threading
-import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from procs import rpc_servers_on
-from support import PipedShell, RedisCliSubscriber, run_piped, shell_env
+from support import PipedShell, RedisCliSubscriber, run_piped, shell_env, wait_for
 
 BAD = ["foo", "host:0", "host:99999", ":50052", "a b:1"]
 
@@ -42,7 +42,7 @@ def test_bad_addresses_and_bad_file_lines_are_one_line_errors(tmp_path):
     assert errors[0] == (f"[rpc_registry] backends file {conf} line 2: backend address '10.0.0.2:0' has port "
                          "'0'; expected HOST, HOST:PORT or [IPv6]:PORT with a port from 1 to 65535")
     assert len(errors) == 1 + len(BAD), proc.stderr
-    for bad, line in zip(BAD, errors[1:]):
+    for bad, line in zip(BAD, errors[1:], strict=True):
         assert line.startswith("Error: ") and repr(bad) in line, line
     assert "Traceback" not in proc.stderr
     listed = [line.split()[0] for line in proc.stdout.splitlines() if line.startswith("10.0.0.")]
@@ -77,7 +77,7 @@ class CountingListener:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
-        self.address = "127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
         self.accepted = 0
         threading.Thread(target=self._serve, daemon=True).start()
 
@@ -91,15 +91,49 @@ class CountingListener:
             conn.close()
 
 
+class HealthyServer(ThreadingHTTPServer):
+    """A llama-server as `coordinator attach` sees it: /health answers ok. It counts the checks,
+    which the shell makes on its own clock: the test's measure of how long the shell sat idle."""
+
+    def __init__(self):
+        self.checks = 0
+        server = self
+
+        class Health(BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.checks += 1
+                body = b'{"status":"ok"}'
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(("127.0.0.1", 0), Health)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.shutdown()
+        self.server_close()
+
+
 @pytest.mark.parametrize("heartbeat", ["false", "true"])
 def test_heartbeat_variable_decides_whether_anything_probes_while_idle(tmp_path, heartbeat):
     listener = CountingListener()
+    coordinator = HealthyServer()
     shell = Shell(tmp_path, "--rpc-backend", listener.address, SOLLOL_RPC_BACKEND_HEARTBEAT=heartbeat,
-                  SOLLOL_RPC_BACKEND_HEARTBEAT_INTERVAL="0.2")
+                  SOLLOL_RPC_BACKEND_HEARTBEAT_INTERVAL="0.1", SYNAPTICLLAMAS_ATTACH_CHECK_INTERVAL="0.1")
     try:
-        shell.send("backends list")
+        shell.send("backends list", f"coordinator attach {coordinator.url}")
         shell.expect(re.escape(listener.address))
-        time.sleep(1.5)                              # idle at the prompt
+        shell.expect(r"^Watching .*: it is up")
+        # idle at the prompt for 8 state checks of the attached server: 8 ticks of a 0.1 s clock,
+        # as long as 8 rounds of the backend heartbeat (the first check was the attach itself)
+        wait_for(lambda: coordinator.checks >= 1 + 8, 30, what="8 state checks of the attached server")
         idle = listener.accepted
         if heartbeat == "false":
             assert idle == 0, f"{idle} probe connections while idle with SOLLOL_RPC_BACKEND_HEARTBEAT=false"
@@ -107,11 +141,12 @@ def test_heartbeat_variable_decides_whether_anything_probes_while_idle(tmp_path,
             shell.expect(r"^Probed 1 backend in")
             assert listener.accepted == 1            # the listener does count: `check` is one connect
         else:
-            assert idle >= 4, f"only {idle} probes in 1.5 s at a 0.2 s interval"
+            assert idle >= 4, f"only {idle} probes during 8 state checks, both every 0.1 s"
         shell.send("exit")
         assert shell.wait() == 0
     finally:
         listener.sock.close()
+        coordinator.close()
         shell.kill()
 
 

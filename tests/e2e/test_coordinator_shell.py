@@ -4,6 +4,7 @@ import os
 import re
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 from llama_support import TAG_VAR, pid_alive, tagged, tagged_processes, wait_gone
@@ -96,13 +97,13 @@ def test_crash_and_a_dead_backend_in_one_session(tmp_path, redis_server, tag):
         os.kill(first_pid, signal.SIGKILL)
         i, stop = sub.wait_for_event("coordinator", "stop", reason="crash", timeout=10)
         assert stop["details"]["signal"] == "SIGKILL" and stop["details"]["pid"] == first_pid
-        j, backoff = sub.wait_for_event("coordinator", "backoff", after=i)
+        j, _ = sub.wait_for_event("coordinator", "backoff", after=i)
         k, again = sub.wait_for_event("coordinator", "start", after=j, timeout=60)
         assert again["details"]["pid"] != first_pid and again["details"]["rpc_backends"] == [alive, doomed]
 
         doomed_port = int(doomed.rsplit(":", 1)[1])
         pids = [pid for pid, _ in tagged_processes(tag) if _ == "ggml-rpc-server" and
-                f"{doomed_port}".encode() in open(f"/proc/{pid}/cmdline", "rb").read()]
+                f"{doomed_port}".encode() in Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert len(pids) == 1, tagged_processes(tag)
         os.kill(pids[0], signal.SIGKILL)
         shell.send('coordinator ask "Once upon a time" --n 8')

@@ -83,6 +83,20 @@ def env(tmp_path, redis_server, browser):
     dash.stop()
 
 
+def load_an_image_now(page) -> None:
+    """Load an image (the page's own icon, with a fresh URL: not from the cache), and return once it
+    has: a marker for what the page asked for before."""
+    page.evaluate("""() => new Promise((loaded, failed) => {
+        const url = new URL("static/favicon.svg", location.href);
+        url.search = location.search;
+        url.searchParams.set("marker", String(Date.now()));
+        const img = new Image();
+        img.onload = loaded;
+        img.onerror = () => failed(new Error(`the marker image ${url} did not load`));
+        img.src = url.href;
+    })""")
+
+
 def expect():
     from playwright.sync_api import expect as playwright_expect
 
@@ -122,7 +136,9 @@ def test_two_shells_heartbeats_gaps_and_a_hostile_log_line_render_as_text(env):
     assert page.locator("img").count() == 0, "a log line became an <img> element"
     assert page.locator("#events b, #apps script, main script").count() == 0
     assert page.locator("#raw div").last.text_content().endswith(XSS)
-    time.sleep(0.5)   # give an onerror handler, if one had been created, the time to fire
+    # an <img src=x> made from the line, even a detached one, asked for x before this image, so its
+    # onerror has run by the time this one has loaded
+    load_an_image_now(page)
     assert watched.dialogs == [], f"event text ran as script: {watched.dialogs}"
 
     ARTIFACTS.mkdir(exist_ok=True)
@@ -265,7 +281,14 @@ def test_malformed_events_from_another_publisher_break_no_panel(env):
     ContractPublisher(env.client, "later:9").emit("system", "note", "from a later app")
     expect()(page.locator("#apps tbody tr", has_text="later:9")).to_be_visible(timeout=5000)
     expect()(page.locator("#summary")).to_contain_text("apps")
-    time.sleep(1.5)   # at least one per-second re-render of the panels with all of them listed
+    # two more renders of the panels with all of them listed (the summary is the last thing written),
+    # at least one of them the per-second one (wait_for_function would need the 'unsafe-eval' the CSP refuses)
+    page.evaluate("""() => {
+        window.__renders = 0;
+        new MutationObserver(() => { window.__renders += 1; })
+            .observe(document.getElementById("summary"), { childList: true });
+    }""")
+    wait_for(lambda: page.evaluate("window.__renders") >= 2, 5, what="two renders of the panels")
     assert watched.errors == [], f"console errors: {watched.errors}"
 
 

@@ -1,8 +1,10 @@
 """The shell with piped stdin, as scripts and CI use it."""
 import signal
+import socket
 import subprocess
+import threading
 
-from support import PYTHON, ROOT, run_piped, shell_env
+from support import PYTHON, ROOT, run_piped, shell_env, wait_for
 
 ESC = "\x1b"
 
@@ -67,7 +69,7 @@ def test_sigterm_while_waiting_for_input_exits_cleanly(tmp_path):
     proc.stdin.flush()
     assert "Status" in proc.stdout.readline()           # the shell is up and answered
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=30)
+    _, err = proc.communicate(timeout=30)
     assert proc.returncode == 128 + signal.SIGTERM
     assert "Traceback" not in err
 
@@ -103,29 +105,64 @@ def _rss_mb(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
-def test_endless_input_is_read_ahead_only_a_little_and_ctrl_c_ends_the_run(tmp_path):
-    """`yes status | main.py`: memory stays bounded (input is read just ahead of the commands),
-    and Ctrl-C (SIGINT) ends the script like a shell script's, exit status 130."""
-    import time
+def busy_listener() -> tuple[socket.socket, list[socket.socket]]:
+    """A TCP listener whose accept queue is full, as a busy rpc-server's: the kernel drops new
+    connection requests, so a probe waits for its whole timeout. (The listener, and the connections
+    that fill its queue, to close.)"""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(listener.getsockname())
+        fillers.append(filler)
+    return listener, fillers
 
-    # 1 KB lines (`status` and trailing blanks): each line the reader queues shows in memory
-    producer = subprocess.Popen(["yes", "status" + " " * 1000], stdout=subprocess.PIPE)
-    shell = subprocess.Popen([PYTHON, str(ROOT / "main.py")], stdin=producer.stdout, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True, env=shell_env(tmp_path))
+
+def test_endless_input_is_read_ahead_only_a_little_and_ctrl_c_ends_the_run(tmp_path):
+    """`yes 'backends check' | main.py`: memory stays bounded (input is read just ahead of the
+    commands), and Ctrl-C (SIGINT) ends the script like a shell script's, exit status 130.
+
+    Each check waits 0.2 s for a backend that does not answer: while a command waits, an unbounded
+    reader would queue the endless input as fast as `yes` writes it (a quick command like `status`
+    keeps the reader too busy handing lines over to outrun it)."""
+    listener, fillers = busy_listener()
+    # 1 KB lines (the command and trailing blanks): each line the reader queues shows in memory
+    producer = subprocess.Popen(["yes", "backends check" + " " * 1000], stdout=subprocess.PIPE)
+    env = shell_env(tmp_path, SOLLOL_RPC_BACKEND_HEARTBEAT="false", SYNAPTICLLAMAS_PROBE_TIMEOUT="0.2")
+    shell = subprocess.Popen([PYTHON, str(ROOT / "main.py"), "--rpc-backend", f"127.0.0.1:{listener.getsockname()[1]}"],
+                             stdin=producer.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     producer.stdout.close()
+    out = []            # the shell's stdout, line by line
+
+    def read_stdout():
+        for line in shell.stdout:
+            out.append(line)
+
+    def checks_run():
+        return sum(line.startswith("Probed 1 backend in") for line in out)
+
+    threading.Thread(target=read_stdout, daemon=True).start()
     try:
-        time.sleep(1)
+        wait_for(lambda: checks_run() >= 3, 60, what="3 backends checks")
         first = _rss_mb(shell.pid)
-        time.sleep(5)                      # an unbounded reader queues lines faster than they run
+        wait_for(lambda: checks_run() >= 8, 60, what="5 more backends checks")
         growth = _rss_mb(shell.pid) - first
         shell.send_signal(signal.SIGINT)
-        _, err = shell.communicate(timeout=30)
+        shell.wait(30)
+        err = shell.stderr.read()
     finally:
         producer.kill()
         producer.wait()
         if shell.poll() is None:
             shell.kill()
-    assert growth < 5, f"the shell grew by {growth:.0f} MB in 5 s"
+            shell.wait()
+        for sock in (listener, *fillers):
+            sock.close()
+    assert any("no answer within 0.2s" in line for line in out)      # the commands did wait
+    assert growth < 5, f"the shell grew by {growth:.0f} MB while 5 commands waited"
     assert shell.returncode == 128 + signal.SIGINT
     assert "Traceback" not in err
 

@@ -9,11 +9,15 @@ import asyncio
 
 import pytest
 from procs import processes
-from support import free_port
+from support import free_port, until
 
 from synapticllamas.app import App
 from synapticllamas.config import load_settings
 from synapticllamas.llama import binaries
+
+
+def heartbeats(app):
+    return [e for e in app.observer.recent(component="rpc_registry") if e.event_type == "heartbeat"]
 
 
 def test_heartbeat_leaves_the_coordinators_backends_alone(tmp_path):
@@ -34,9 +38,10 @@ def test_heartbeat_leaves_the_coordinators_backends_alone(tmp_path):
             keys = await app.local_backends.spawn(2)
             await app.coordinator.start()
             assert all(app.registry.held(k) for k in keys)
-            await asyncio.sleep(3)             # ten heartbeat rounds with llama-server connected
-            beats = [e for e in app.observer.recent(component="rpc_registry") if e.event_type == "heartbeat"]
-            last = beats[-1].details
+            before = len(heartbeats(app))
+            # ten heartbeat rounds with llama-server connected: with probes, 2 failures would flap them
+            await until(lambda: len(heartbeats(app)) >= before + 10, 30, what="ten registry heartbeats")
+            last = heartbeats(app)[-1].details
             await app.coordinator.stop()
             assert not any(app.registry.held(k) for k in keys)
             await app.registry.check()         # let go: probed again, and they answer

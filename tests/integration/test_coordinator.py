@@ -23,7 +23,7 @@ from llama_support import (
     tagged,
     tagged_processes,
 )
-from support import free_port, wait_for
+from support import free_port, until, wait_for
 
 from synapticllamas.events.observer import Observer
 from synapticllamas.llama.supervisor import CoordinatorError, CoordinatorManager
@@ -271,17 +271,16 @@ def test_preflight_errors_are_one_line_and_start_nothing(tmp_path, tag):
         ({"distributed": True, "rpc_backends": (f"127.0.0.1:{dead_port}",)}, {},
          f"no healthy RPC backend (127.0.0.1:{dead_port} (down))"),
     ]
+    async def start_fails(mgr, registry, kwargs):
+        await registry.start()
+        with pytest.raises(CoordinatorError) as failure:
+            await mgr.start(**kwargs)
+        return str(failure.value)
+
     try:
         for values, kwargs, expected in cases:
             mgr, registry, events = make(tmp_path, **values)
-
-            async def main():
-                await registry.start()
-                with pytest.raises(CoordinatorError) as failure:
-                    await mgr.start(**kwargs)
-                return str(failure.value)
-
-            message = asyncio.run(main())
+            message = asyncio.run(start_fails(mgr, registry, kwargs))
             assert expected in message, (values, kwargs, message)
             assert "\n" not in message
             assert mgr.state == "stopped" and not events.of("coordinator"), (values, kwargs)
@@ -314,20 +313,20 @@ def test_attach_sees_an_external_coordinator_come_and_go(tmp_path):
     url = f"http://127.0.0.1:{port}"
 
     async def main():
-        ok, detail = await mgr.attach(url)
+        ok, _ = await mgr.attach(url)
         assert not ok and mgr.state == "stopped"
-        external = subprocess.Popen([str(server), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-                                     "-c", "512", "-t", "1", "--no-webui"],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        external = await asyncio.create_subprocess_exec(
+            str(server), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-c", "512", "-t", "1",
+            "--no-webui", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             _, start = await next_event(events, "coordinator", "start", timeout=30)
             external.kill()
-            external.wait(10)
+            await asyncio.wait_for(external.wait(), 10)
             _, stop = await next_event(events, "coordinator", "stop", timeout=10)
         finally:
-            if external.poll() is None:
+            if external.returncode is None:
                 external.kill()
-                external.wait(10)
+                await asyncio.wait_for(external.wait(), 10)
         await mgr.detach()
         return start, stop
 
@@ -352,7 +351,7 @@ def test_start_timeout_stops_the_child(tmp_path):
     mgr, _, events = make(tmp_path, coordinator_start_timeout=0.05)
 
     async def main():
-        with pytest.raises(CoordinatorError, match="did not report ok within 0.05s"):
+        with pytest.raises(CoordinatorError, match=r"did not report ok within 0\.05s"):
             await mgr.start()
 
     asyncio.run(main())
@@ -394,7 +393,9 @@ def test_a_heartbeat_interval_below_a_health_answer_keeps_the_coordinator(tmp_pa
 
     async def main():
         await mgr.start()
-        await asyncio.sleep(1.0)
+        # 20 heartbeats, each a /health that outlasts many intervals; two failed ones would stop it
+        await until(lambda: len(events.of("coordinator", "heartbeat")) >= 20 or mgr.state != "running", 30,
+                    what="20 heartbeats")
         state = mgr.state
         await mgr.stop()
         return state

@@ -77,7 +77,7 @@ def test_spawn_two_kill_one_stop_all(tmp_path):
 
 
 def test_port_base_in_use_starts_nothing(tmp_path):
-    observer, registry, local = make(tmp_path)
+    _, registry, local = make(tmp_path)
     base = free_pair()
     blocker = socket.socket()
     blocker.bind(("127.0.0.1", base + 1))
@@ -99,7 +99,7 @@ def test_port_base_in_use_starts_nothing(tmp_path):
 
 
 def test_missing_binary_is_one_line(tmp_path):
-    observer, registry, local = make(tmp_path, rpc_server=str(tmp_path / "nope"))
+    _, _, local = make(tmp_path, rpc_server=str(tmp_path / "nope"))
     with pytest.raises(LocalBackendError) as err:
         asyncio.run(local.spawn(1))
     assert "\n" not in str(err.value) and "nope" in str(err.value) and "LLAMA_RPC_SERVER" in str(err.value)
@@ -111,7 +111,7 @@ def test_cancelled_spawn_leaves_nothing_running(tmp_path, rpc_server_binary):
     slow = tmp_path / "slow-rpc-server"
     slow.write_text(f'#!/bin/sh\nsleep 2\nexec "{rpc_server_binary}" "$@"\n')
     slow.chmod(0o755)
-    observer, registry, local = make(tmp_path, rpc_server=str(slow))
+    _, registry, local = make(tmp_path, rpc_server=str(slow))
     base = free_pair()
 
     async def run():

@@ -3,6 +3,7 @@ import asyncio
 import io
 
 import pytest
+from support import until
 
 from synapticllamas.app import App
 from synapticllamas.commands.events import events_command
@@ -63,11 +64,12 @@ def test_follow_prints_new_events_live_until_cancelled(tmp_path):
     async def scenario():
         sinks_before = len(app.observer.sinks)
         task = asyncio.ensure_future(events_command(app, ["1", "--follow", "--level", "info"]))
-        await asyncio.sleep(0.05)
+        await until(lambda: "following new events" in out.getvalue(), 5, what="--follow to start")
         app.observer.emit("rpc_backend", "connect", "127.0.0.1:50052 is up")
         app.observer.emit("raw", "log", "debug noise", level="debug")          # below --level info
         app.observer.emit("raw", "log", "evil \x1b[2J line\nsecond", sample=True)
-        await asyncio.sleep(0.05)
+        # the last event printed: the debug one, emitted before it, would have been printed by now
+        await until(lambda: "evil" in out.getvalue(), 5, what="the last event to be printed")
         task.cancel()                                                          # what Ctrl-C does
         with pytest.raises(asyncio.CancelledError):
             await task
