@@ -44,10 +44,11 @@ _RPC_ENDPOINT = re.compile(r"^\s*endpoint\s*: (?P<endpoint>\S+)")
 _RPC_ACCEPTED = re.compile(r"^Accepted client connection")
 _RPC_CLOSED = re.compile(r"^Client connection closed")
 _RPC_STARTING = re.compile(r"^Starting RPC server v(?P<version>\S+)")
-_RPC_CACHE_DIR = re.compile(r"^\s*local cache\s*: (?P<dir>.+?)\s*$")
-# a device of rpc-server's banner: "  CPU: AMD EPYC (24105 MiB, 24105 MiB free)"
-_RPC_DEVICE = re.compile(r"^\s+(?P<name>[^:()]+?)\s*:\s*(?P<description>.*?)\s*"
-                         r"\((?P<total>\d+) MiB, (?P<free>\d+) MiB free\)\s*$")
+_RPC_CACHE_DIR = re.compile(r"^\s*local cache\s*: (?P<dir>\S(?:.*\S)?)\s*$")
+# a device of rpc-server's banner: "  CPU: AMD EPYC (24105 MiB, 24105 MiB free)". Greedy, anchored
+# parts only: every output line goes through these on the loop, so no pattern may backtrack
+# quadratically on a long line of spaces.
+_RPC_DEVICE = re.compile(r"^\s+(?P<name>[^\s:()]+):(?P<description>.*)\((?P<total>\d+) MiB, (?P<free>\d+) MiB free\)\s*$")
 _RPC_CACHE_SAVED = re.compile(r"^\[set_tensor\] saved to '(?P<path>.+)'\s*$")
 _RPC_BIND_FAILED = re.compile(r"Failed to create server socket|bind failed|Address already in use")
 
@@ -126,7 +127,7 @@ def parse(text: str) -> LogLine:
     if (hit := _RPC_CACHE_SAVED.match(message)):
         return line("rpc_cache_saved", path=hit.group("path"))
     if (hit := _RPC_DEVICE.match(message)):
-        return line("rpc_device", name=hit.group("name"), description=hit.group("description"),
+        return line("rpc_device", name=hit.group("name"), description=hit.group("description").strip(),
                     total_mib=int(hit.group("total")), free_mib=int(hit.group("free")))
     if _RPC_BIND_FAILED.search(message):
         return line("rpc_bind_failed", "error")
