@@ -17,7 +17,7 @@ afterwards (each emitter builds a fresh dict).
 Delivery, per batch of up to BATCH events, in one round trip:
 
     MULTI, (XADD journal MAXLEN ~ max_events * event <json>, PUBLISH <channel> <json>) x n,
-    SET synapticllamas:last_seq:<instance> <last seq>, EXEC
+    EVAL MARK_SENT (SET synapticllamas:last_seq:<instance> <last seq>, see Generations), EXEC
 
 XADD comes before PUBLISH so that a subscriber which subscribes first and then reads the journal
 misses nothing. MULTI/EXEC makes a batch all-or-nothing: if the connection breaks before Redis read
@@ -30,7 +30,7 @@ repeat by (source.instance, seq), which is what seq is for.)
 
 While Redis is unreachable the events wait, oldest first, up to SOLLOL_OBSERVER_MAX_EVENTS; beyond
 that the oldest are dropped and counted, and a system/events_dropped event says how many once
-Redis is back. Reconnection uses capped exponential backoff with jitter.
+Redis is back. Reconnection uses capped exponential backoff with jitter (util/backoff.py).
 
 On each connection the app registers in the apps hash and removes the entries of apps on its own
 host (and pid namespace) whose process is gone: a shell killed with SIGKILL never unregisters.
@@ -38,12 +38,14 @@ host (and pid namespace) whose process is gone: a shell killed with SIGKILL neve
 Generations. Each `redis on` starts a new publisher (a new sender thread). `redis off` gives the
 old one 2 s; against a Redis that hangs (stopped, swapping, a network that drops packets) it may
 still hold a connection afterwards, with commands already written into it: its last batch (with a
-SET of last_seq), its unregister (HDEL of the apps entry, DEL of last_seq). A hung server runs
-those when it wakes, in any order relative to the next publisher's commands on its own new
-connection, so the old publisher could delete the new one's apps entry and last_seq key, or put
-an older seq into last_seq (and the new one would then resend a batch Redis had run). Making
-`redis on` wait for the old thread would not help: what was written before it ended still runs
-later, and `redis on` must answer within 2 s. So the guard is in Redis, where the order is decided:
+SET of last_seq), its unregister (HDEL of the apps entry, DEL of last_seq), or it gets a late reply
+and only then sends its unregister. Those run when Redis wakes or the network delivers them (TCP
+retransmits what was written even after the socket was closed), possibly after the next publisher
+registered on its own connection: the old publisher would delete the new one's apps entry and
+last_seq key, or put an older seq into last_seq (and the new one would then resend a batch Redis
+had run). Making `redis on` wait for the old thread would not help: what it wrote before it ended
+still arrives later, and `redis on` must answer within 2 s. So the guard is in Redis, where the
+order is decided:
 
 - Every publisher has a generation: (run, n), `run` random per process, `n` counting publishers
   in it. It is part of the registration it writes to the apps hash (`publisher` field), so the
