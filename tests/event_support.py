@@ -11,12 +11,13 @@ import json
 import re
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from support import PipedShell
+from support import PipedShell, wait_for
 
 from synapticllamas.app import App
 from synapticllamas.config import load_settings
@@ -24,6 +25,20 @@ from synapticllamas.events.contract import CHANNEL_PATTERN, JOURNAL_FIELD, JOURN
 from synapticllamas.ui import PlainUI
 
 CONTRACT_FIELDS = {"timestamp", "component", "event_type", "message", "details", "level", "source", "seq"}
+MARKER_CHANNEL = "synapticllamas:llama_cpp:test-marker"   # matches the pattern; no app publishes there
+
+
+def publish_marker(port: int) -> str:
+    """Publish a marker message after everything published so far, and return its token. Redis runs
+    commands one at a time and delivers pub/sub messages in that order, so a subscriber that has
+    the marker has every message published before it: what has not come by then never will."""
+    token = uuid.uuid4().hex
+    client = redis.Redis(host="127.0.0.1", port=port)
+    try:
+        client.publish(MARKER_CHANNEL, json.dumps({"marker": token}))
+    finally:
+        client.close()
+    return token
 
 
 def make_app(tmp: Path, redis_url: str, **env: str) -> App:
@@ -60,6 +75,7 @@ class Subscriber(threading.Thread):
         self.raw: list[dict] = []
         self.delivered: list[Event] = []
         self.subscriptions = 0
+        self.markers: set[str] = set()
         self._seen: set[tuple[str, int]] = set()
         self._stop_flag = threading.Event()
         self.ready = threading.Event()
@@ -90,6 +106,9 @@ class Subscriber(threading.Thread):
                     message = pubsub.get_message(timeout=0.05)
                     if message and message["type"] == "pmessage":
                         data = json.loads(message["data"])
+                        if "marker" in data:
+                            self.markers.add(data["marker"])
+                            continue
                         if not self.instance or data["source"]["instance"] == self.instance:
                             self.raw.append(data)
                         self._deliver(Event.from_dict(data))
@@ -98,6 +117,19 @@ class Subscriber(threading.Thread):
             finally:
                 pubsub.close()
                 client.close()
+
+    def sync(self, timeout: float = 10.0) -> None:
+        """Wait until every message published so far has reached this subscriber (publish_marker).
+        A marker published while it resubscribes is lost, so it publishes another until one comes."""
+        sent: list[str] = []
+
+        def arrived() -> bool:
+            if self.markers.intersection(sent):
+                return True
+            sent.append(publish_marker(self.port))
+            return False
+
+        wait_for(arrived, timeout, interval=0.1, what="the subscriber to receive a marker published after the events")
 
     def stop(self) -> None:
         self._stop_flag.set()

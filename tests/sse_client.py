@@ -31,7 +31,7 @@ class SSEClient:
         self.status_code: int | None = None
         self.error: BaseException | None = None
         self.closed = threading.Event()
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()    # notified for each message and when the stream ends
         self._conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         hdrs = {"Accept": "text/event-stream", **(headers or {})}
         if last_event_id:
@@ -55,6 +55,7 @@ class SSEClient:
                     if data:
                         with self._lock:
                             self.messages.append(Message(ident, event, "\n".join(data)))
+                            self._lock.notify_all()
                     event, data, ident = "message", [], None
                 elif line.startswith(":"):
                     continue
@@ -72,6 +73,8 @@ class SSEClient:
                 self.error = exc
         finally:
             self.closed.set()
+            with self._lock:
+                self._lock.notify_all()
 
     # ------------------------------------------------------------ views
 
@@ -87,18 +90,23 @@ class SSEClient:
         return [m for m in self.snapshot() if m.event == name]
 
     def wait_for(self, predicate: Callable[[SSEClient], Any], timeout: float = 10.0, what: str = "") -> Any:
+        """The first truthy value of `predicate(self)`, checked again as each message arrives."""
         deadline = time.monotonic() + timeout
         while True:
+            with self._lock:
+                count = len(self.messages)
             value = predicate(self)
             if value:
                 return value
-            if time.monotonic() > deadline:
+            if self.closed.is_set():
+                raise AssertionError(f"the stream ended while waiting for {what}: {self.error!r}")
+            left = deadline - time.monotonic()
+            if left <= 0:
                 tail = "\n".join(f"  {m.event} {m.id} {m.data[:160]}" for m in self.snapshot()[-15:])
                 raise AssertionError(f"timed out after {timeout}s waiting for {what or 'SSE condition'}; "
                                      f"last messages:\n{tail}")
-            if self.closed.is_set() and not predicate(self):
-                raise AssertionError(f"the stream ended while waiting for {what}: {self.error!r}")
-            time.sleep(0.02)
+            with self._lock:   # until a message arrives after the ones the predicate saw, or the end
+                self._lock.wait_for(lambda n=count: len(self.messages) != n or self.closed.is_set(), left)
 
     def close(self) -> None:
         self.closed.set()

@@ -13,10 +13,11 @@ from collections.abc import Hashable
 from typing import Any
 
 from synapticllamas.events.contract import JOURNAL_FIELD as _FIELD
+from synapticllamas.events.dedup import identity
 
 JOURNAL_FIELD = _FIELD.encode()   # the journal entry's field holding the event JSON, as Redis returns it
 
-ID_PATTERN = re.compile(r"^(\d{1,20})(?:-(\d{1,20}))?(?:~(\d{1,20}))?$")
+ID_PATTERN = re.compile(r"^(\d{1,20})(?:-(\d{1,20}))?(?:~(\d{1,20}))?$", re.ASCII)   # \d: not '٣'
 ID_ACCEPTED = "a journal id such as 1704067200123-0 (as sent in the SSE id: field)"
 ID_MAX = 2**64 - 1   # each part of a Redis stream id is an unsigned 64-bit number
 
@@ -51,11 +52,7 @@ def decode(payload: bytes) -> dict[str, Any] | None:
 
 def event_key(event: dict[str, Any], payload: bytes) -> Hashable:
     """What makes an event unique: its app instance and seq (per the contract), else its text."""
-    source = event.get("source")
-    seq = event.get("seq")
-    if isinstance(source, dict) and isinstance(seq, int) and source.get("instance"):
-        return (str(source["instance"]), seq)
-    return payload
+    return identity(event.get("source"), event.get("seq")) or payload
 
 
 def frame(sse_id: str, event: dict[str, Any], payload: bytes) -> bytes:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Hashable
@@ -34,14 +33,17 @@ import redis.asyncio as aioredis
 from synapticllamas.config import redact_url
 from synapticllamas.dashboard import frames
 from synapticllamas.events.contract import APPS_HASH, CHANNEL_PATTERN, JOURNAL_STREAM
+from synapticllamas.events.dedup import SeenEvents
+from synapticllamas.events.redis_errors import describe
+from synapticllamas.util.backoff import Backoff
 
 GRACE = 0.5              # seconds an event seen on pub/sub may wait for its journal entry
 PENDING_BLOCK_MS = 100   # XREAD BLOCK while an announced event is not in the journal yet
 BATCH = 1000             # journal entries per XREAD
 BACKOFF_FIRST, BACKOFF_CAP = 0.2, 5.0
 KEEPALIVE = 15.0         # seconds between comment lines on a quiet feed (proxies, dead clients)
-CONNECT_TIMEOUT = 2.0
-COMMAND_TIMEOUT = 5.0
+CONNECT_TIMEOUT = 2.0    # to connect; also what /healthz allows its PING
+COMMAND_TIMEOUT = 5.0    # for any other answer
 HEALTH_INTERVAL = 5.0    # seconds between PINGs on the subscription: a hang shows within 5-10 s
 
 log = logging.getLogger("synapticllamas.dashboard")
@@ -61,8 +63,7 @@ class Hub:
         self.fallback_n = 0         # k of the last `<last_id>~k` given to a pub/sub-only event
         self.loaded = False         # the journal's last N have been read for this opening
         self.pending: dict[Hashable, tuple[float, dict[str, Any], bytes]] = {}
-        self.delivered: set[Hashable] = set()
-        self.delivered_order: deque[Hashable] = deque()
+        self.seen = SeenEvents(self.capacity)    # keys of the events in the ring: each is shown once
         self.counters = {"journal": 0, "pubsub_only": 0, "invalid": 0, "reconnects": 0}
         self.status: dict[str, Any] = {"redis": "closed", "url": self.public_url, "error": None}
         self.status_version = 0
@@ -113,8 +114,7 @@ class Hub:
     def _open(self) -> None:
         self.ring.clear()
         self.pending.clear()
-        self.delivered.clear()
-        self.delivered_order.clear()
+        self.seen.clear()
         self.last_id, self.fallback_n, self.loaded = "0-0", 0, False
         self._ready.clear()
         self._set_status("connecting")
@@ -134,8 +134,7 @@ class Hub:
         self.base += len(self.ring)
         self.ring.clear()
         self.pending.clear()
-        self.delivered.clear()
-        self.delivered_order.clear()
+        self.seen.clear()
         self._set_status("closed")
 
     async def aclose(self) -> None:
@@ -149,7 +148,7 @@ class Hub:
     # ------------------------------------------------------------ the subscription
 
     async def _run(self) -> None:
-        delay = BACKOFF_FIRST
+        backoff = Backoff(BACKOFF_FIRST, BACKOFF_CAP)
         while True:
             try:
                 await self._session()
@@ -160,11 +159,10 @@ class Hub:
                     log.exception("dashboard hub failed")
                 if self.status["redis"] == "up":   # it had been working: retry quickly
                     self.counters["reconnects"] += 1
-                    delay = BACKOFF_FIRST
-                self._set_status("down", self.scrub(exc))
+                    backoff.reset()
+                self._set_status("down", self.reason(exc))
             self._ready.set()
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-            delay = min(delay * 2, BACKOFF_CAP)
+            await asyncio.sleep(backoff.next())
 
     async def _session(self) -> None:
         client = aioredis.from_url(self.redis_url, socket_connect_timeout=CONNECT_TIMEOUT,
@@ -172,7 +170,8 @@ class Hub:
         pubsub = client.pubsub()
         tasks: list[asyncio.Task] = []
         try:
-            await pubsub.psubscribe(CHANNEL_PATTERN)
+            # bounded: a hung server's kernel accepts the connection, and then nothing answers
+            await answered(pubsub.psubscribe(CHANNEL_PATTERN), "PSUBSCRIBE")
             # "up" only once Redis has answered: a hung server accepts connections all the same
             confirmed = await pubsub.get_message(timeout=COMMAND_TIMEOUT)
             if confirmed is None or confirmed["type"] != "psubscribe":
@@ -216,7 +215,7 @@ class Hub:
                 self.counters["invalid"] += 1
                 continue
             key = frames.event_key(event, payload)
-            if key not in self.delivered and key not in self.pending:
+            if key not in self.seen and key not in self.pending:
                 self.pending[key] = (time.monotonic(), event, payload)
             self._doorbell.set()
 
@@ -255,7 +254,7 @@ class Hub:
                 continue
             key = frames.event_key(event, payload)
             self.pending.pop(key, None)
-            if key in self.delivered:       # shown from pub/sub before its journal entry came
+            if key in self.seen:            # shown from pub/sub before its journal entry came
                 continue
             ms, _, seq = sid.partition("-")
             self._append((int(ms), int(seq or 0), 0), key, frames.frame(sid, event, payload))
@@ -285,10 +284,7 @@ class Hub:
         if len(self.ring) > self.capacity:
             self.ring.popleft()
             self.base += 1
-        self.delivered.add(event_key)
-        self.delivered_order.append(event_key)
-        if len(self.delivered_order) > self.capacity:
-            self.delivered.discard(self.delivered_order.popleft())
+        self.seen.add(event_key)
 
     def frames_since(self, cursor: int) -> list[tuple[frames.Key, bytes]]:
         """Ring entries from absolute index `cursor` on; O(new entries), not O(ring)."""
@@ -316,8 +312,16 @@ class Hub:
         self._notify()
 
     def scrub(self, exc: BaseException) -> str:
-        """An error for the page: its text without the Redis password."""
+        """An error's own text, without the Redis password."""
         text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return self._without_password(text)
+
+    def reason(self, exc: BaseException) -> str:
+        """Why Redis did not answer, in a few words for the page: 'connection refused', 'no answer
+        within 2 s' (the hub's own timeouts), 'no answer to PING within 5 s'..."""
+        return self._without_password(describe(exc, connect_timeout=CONNECT_TIMEOUT, reply_timeout=COMMAND_TIMEOUT))
+
+    def _without_password(self, text: str) -> str:
         password = urlsplit(self.redis_url).password
         return text.replace(password, "***") if password else text
 
@@ -361,20 +365,20 @@ class Hub:
         return apps
 
     async def ping(self) -> str | None:
-        """None when Redis answers, else the error (password scrubbed)."""
+        """None when Redis answers, else why not (password scrubbed)."""
         try:
-            await asyncio.wait_for(self.client().ping(), CONNECT_TIMEOUT)
+            await answered(self.client().ping(), "PING", CONNECT_TIMEOUT)
         except Exception as exc:
-            return self.scrub(exc)
+            return self.reason(exc)
         return None
 
 
-async def answered(awaitable: Any, command: str) -> Any:
-    """The reply to a command, or ConnectionError when Redis says nothing within COMMAND_TIMEOUT."""
+async def answered(awaitable: Any, command: str, timeout: float = COMMAND_TIMEOUT) -> Any:
+    """The reply to a command, or ConnectionError when Redis says nothing within `timeout`."""
     try:
-        return await asyncio.wait_for(awaitable, COMMAND_TIMEOUT)
+        return await asyncio.wait_for(awaitable, timeout)
     except TimeoutError:
-        raise ConnectionError(f"no answer to {command} within {COMMAND_TIMEOUT:g} s") from None
+        raise ConnectionError(f"no answer to {command} within {timeout:g} s") from None
 
 
 def redact_strings(value: Any) -> Any:
@@ -414,7 +418,13 @@ class View:
                     older = await hub.read_journal(last_event_id, hub.capacity, before=frames.stream_part(oldest))
                 except Exception:   # the live part still works; the seq gap will show what is missing
                     older = []
-                self.prefix = [frames.frame(sid, event, payload) for sid, event, payload in older]
+                # once each here too: a repeat in the journal (a batch re-sent after a Redis crash)
+                # is dropped, and so is an event the ring holds, which this viewer gets from there
+                once = SeenEvents(max(len(older), 1))
+                for sid, event, payload in older:
+                    key = frames.event_key(event, payload)
+                    if key not in hub.seen and once.add(key):
+                        self.prefix.append(frames.frame(sid, event, payload))
         else:
             self.cursor = max(hub.base, hub.end - replay)
 

@@ -39,8 +39,10 @@ def int_param(request: Request, name: str, default: int | None, lo: int, hi: int
     raw = request.query_params.get(name)
     if raw is None or raw == "":
         return default
-    if not raw.isdigit() or not lo <= int(raw) <= hi:
-        raise ValueError(f"{name}={raw!r} is not valid: expected an integer from {lo} to {hi}")
+    # ASCII digits only: str.isdigit() says yes to '²' (which int() refuses) and int() reads '٣' as 3;
+    # the length check keeps int() from a 5000-digit string (it refuses those with its own message)
+    if not (raw.isascii() and raw.isdecimal()) or len(raw.lstrip("0")) > len(str(hi)) or not lo <= int(raw) <= hi:
+        raise ValueError(f"{name}={raw[:60]!r} is not valid: expected an integer from {lo} to {hi}")
     return int(raw)
 
 
@@ -145,7 +147,7 @@ def unavailable(hub: Hub, exc: Exception) -> JSONResponse:
         reply = hub.scrub(exc).removeprefix(f"{type(exc).__name__}: ")   # Redis's own text: "WRONGTYPE ..."
         return JSONResponse({"error": f"Redis at {hub.public_url} refused the request: {reply}"},
                             status_code=502, headers=NO_STORE)
-    return JSONResponse({"error": f"Redis at {hub.public_url} did not answer: {hub.scrub(exc)}"},
+    return JSONResponse({"error": f"Redis at {hub.public_url} did not answer: {hub.reason(exc)}"},
                         status_code=503, headers=NO_STORE)
 
 

@@ -17,7 +17,7 @@ afterwards (each emitter builds a fresh dict).
 Delivery, per batch of up to BATCH events, in one round trip:
 
     MULTI, (XADD journal MAXLEN ~ max_events * event <json>, PUBLISH <channel> <json>) x n,
-    SET synapticllamas:last_seq:<instance> <last seq>, EXEC
+    EVAL MARK_SENT (SET synapticllamas:last_seq:<instance> <last seq>, see Generations), EXEC
 
 XADD comes before PUBLISH so that a subscriber which subscribes first and then reads the journal
 misses nothing. MULTI/EXEC makes a batch all-or-nothing: if the connection breaks before Redis read
@@ -30,17 +30,43 @@ repeat by (source.instance, seq), which is what seq is for.)
 
 While Redis is unreachable the events wait, oldest first, up to SOLLOL_OBSERVER_MAX_EVENTS; beyond
 that the oldest are dropped and counted, and a system/events_dropped event says how many once
-Redis is back. Reconnection uses capped exponential backoff with jitter.
+Redis is back. Reconnection uses capped exponential backoff with jitter (util/backoff.py).
 
 On each connection the app registers in the apps hash and removes the entries of apps on its own
 host (and pid namespace) whose process is gone: a shell killed with SIGKILL never unregisters.
+
+Generations. Each `redis on` starts a new publisher (a new sender thread). `redis off` gives the
+old one 2 s; against a Redis that hangs (stopped, swapping, a network that drops packets) it may
+still hold a connection afterwards, with commands already written into it: its last batch (with a
+SET of last_seq), its unregister (HDEL of the apps entry, DEL of last_seq), or it gets a late reply
+and only then sends its unregister. Those run when Redis wakes or the network delivers them (TCP
+retransmits what was written even after the socket was closed), possibly after the next publisher
+registered on its own connection: the old publisher would delete the new one's apps entry and
+last_seq key, or put an older seq into last_seq (and the new one would then resend a batch Redis
+had run). Making `redis on` wait for the old thread would not help: what it wrote before it ended
+still arrives later, and `redis on` must answer within 2 s. So the guard is in Redis, where the
+order is decided:
+
+- Every publisher has a generation: (run, n), `run` random per process, `n` counting publishers
+  in it. It is part of the registration it writes to the apps hash (`publisher` field), so the
+  entry says which publisher owns this instance's bookkeeping.
+- Each write that could hurt a later publisher is a small Lua script (atomic, like MULTI/EXEC)
+  that checks the entry first: registering is refused to a publisher older than the one
+  registered (same run, smaller n); the batch's last_seq SET runs only while the entry is this
+  publisher's (or absent); unregistering, like removing a dead app, deletes the entry and its
+  last_seq key only if the entry is still exactly the registration that was read or written.
+- Events themselves (XADD + PUBLISH) are not guarded: an old publisher's late batch holds events
+  from before `redis off`, which are real, and the journal keeps them.
+
+So this needs EVAL (Redis's @scripting ACL category) besides the commands above.
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
-import random
+import secrets
 import threading
 import time
 from collections import deque
@@ -48,6 +74,8 @@ from typing import Any
 
 from synapticllamas.config import redact_url
 from synapticllamas.events.contract import APPS_HASH, CHANNEL_PATTERN, JOURNAL_FIELD, JOURNAL_STREAM, Event
+from synapticllamas.events.redis_errors import describe
+from synapticllamas.util.backoff import Backoff
 
 BATCH = 500                 # events per transaction: big enough to amortise the round trip
 CONNECT_TIMEOUT = 1.5       # `redis on` reports within 2 s
@@ -56,6 +84,51 @@ BACKOFF_FIRST = 0.05        # seconds before the first retry; doubles, with jitt
 BACKOFF_CAP = 2.0
 LAST_SEQ_PREFIX = "synapticllamas:last_seq:"   # per instance: seq of the last batch Redis ran
 LAST_SEQ_TTL = 86400        # a crashed app's key expires by itself
+
+RUN = secrets.token_hex(8)          # this process, as opposed to an earlier one with the same pid
+_generations = itertools.count(1)   # publishers started in this process, in order
+
+# Register, unless a later publisher of this process already has (then 0: this one is stale).
+# KEYS[1] apps hash; ARGV[1] instance, ARGV[2] registration JSON, ARGV[3] run, ARGV[4] generation
+REGISTER = """
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if current then
+  local ok, reg = pcall(cjson.decode, current)
+  local pub = ok and type(reg) == 'table' and reg['publisher']
+  if type(pub) == 'table' and pub['run'] == ARGV[3] and (tonumber(pub['generation']) or 0) > tonumber(ARGV[4]) then
+    return 0
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+# The batch's last_seq SET. The key is the registered publisher's: a late batch of an earlier one
+# must not put an older seq into it.
+# KEYS[1] apps hash, KEYS[2] last_seq key; ARGV[1] instance, ARGV[2] registration, ARGV[3] seq, ARGV[4] ttl
+MARK_SENT = """
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if current and current ~= ARGV[2] then
+  return 0
+end
+redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
+return 1
+"""
+
+# Compare-and-delete, for unregistering and for removing dead apps: an entry written since it was
+# read (by a newer publisher) stays. KEYS[1] apps hash, KEYS[i+1] the last_seq key of app i,
+# ARGV[2i-1] its instance, ARGV[2i] the registration it must still have
+FORGET = """
+local gone = 0
+for i = 2, #KEYS do
+  if redis.call('HGET', KEYS[1], ARGV[2 * i - 3]) == ARGV[2 * i - 2] then
+    redis.call('HDEL', KEYS[1], ARGV[2 * i - 3])
+    redis.call('DEL', KEYS[i])
+    gone = gone + 1
+  end
+end
+return gone
+"""
 
 
 def pid_namespace() -> str | None:
@@ -83,22 +156,6 @@ class _Refused(Exception):
     """Redis answered but refused a batch (EXECABORT, NOAUTH...): nothing of it ran."""
 
 
-def describe(exc: BaseException) -> str:
-    """A short, password-free reason for the user: 'connection refused', 'no answer within 1.5 s'..."""
-    text = " ".join(str(exc).split())
-    lowered = text.lower()
-    if "connection refused" in lowered:
-        return "connection refused"
-    if "timeout" in lowered or "timed out" in lowered:
-        return f"no answer within {CONNECT_TIMEOUT:g} s" if "connect" in lowered else \
-            f"no reply within {SOCKET_TIMEOUT:g} s"
-    if "name or service not known" in lowered or "nodename nor servname" in lowered:
-        return "unknown host"
-    if "no such file" in lowered:
-        return "no such socket file"
-    return text[:200] or type(exc).__name__
-
-
 def encode(event: Event) -> bytes:
     """The event's JSON; one whose details cannot be encoded (a cycle...) still goes out, without them."""
     try:
@@ -117,10 +174,15 @@ class RedisPublisher:
         self.shown_url = redact_url(self.url)
         self.max_events = settings.observer_max_events
         self.instance = observer.source["instance"]
-        registration = dict(registration or {"instance": self.instance}, pid_ns=pid_namespace())
+        self.generation = next(_generations)
+        registration = dict(registration or {"instance": self.instance}, pid_ns=pid_namespace(),
+                            publisher={"run": RUN, "generation": self.generation})
         self._host, self._pid_ns = registration.get("host"), registration["pid_ns"]
         self._registration = json.dumps(registration, default=str)
         self._last_seq_key = LAST_SEQ_PREFIX + self.instance
+        # read here, not at import: what describe() names is what the connection really uses
+        self.connect_timeout = CONNECT_TIMEOUT
+        self.reply_timeout = SOCKET_TIMEOUT
 
         # shared: the queue and how the sink wakes the thread
         self._queue: deque[Event] = deque()
@@ -278,13 +340,13 @@ class RedisPublisher:
 
         # No retries inside redis-py: a silent resend could duplicate a batch; we decide here.
         pool = ConnectionPool.from_url(
-            self.url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=SOCKET_TIMEOUT,
+            self.url, socket_connect_timeout=self.connect_timeout, socket_timeout=self.reply_timeout,
             retry=Retry(NoBackoff(), 0), health_check_interval=0, socket_keepalive=True,
             client_name="synapticllamas")
         conn = None
         first = True                   # no connection attempt has ended yet
         lost_at: float | None = None   # when the current outage began
-        backoff, delay = BACKOFF_FIRST, 0.0
+        backoff, delay = Backoff(BACKOFF_FIRST, BACKOFF_CAP), 0.0
         progressed = False             # a batch went out on the current connection
         while True:
             if conn is None:
@@ -301,7 +363,7 @@ class RedisPublisher:
                     first = False
                     if self._stopping:
                         break   # close() allows one attempt, then leaves the rest unsent
-                    delay, backoff = backoff * random.uniform(0.5, 1.0), min(backoff * 2, BACKOFF_CAP)
+                    delay = backoff.next()
                     continue
                 self._trim()
                 self._on_connect(first, lost_at)
@@ -323,9 +385,10 @@ class RedisPublisher:
                 lost_at = time.monotonic()
                 self._send_failed(exc)
                 if progressed:   # a working connection broke: try again at once
-                    backoff, delay = BACKOFF_FIRST, 0.0
+                    backoff.reset()
+                    delay = 0.0
                 else:            # this connection never managed a batch: do not spin
-                    delay, backoff = backoff * random.uniform(0.5, 1.0), min(backoff * 2, BACKOFF_CAP)
+                    delay = backoff.next()
                 continue
             progressed = True
             self._announce_up()
@@ -345,8 +408,9 @@ class RedisPublisher:
         conn = pool.make_connection()
         try:
             conn.connect()
-            commands: list[tuple[Any, ...]] = [("HSET", APPS_HASH, self.instance, self._registration),
-                                               ("HGETALL", APPS_HASH)]
+            commands: list[tuple[Any, ...]] = [
+                ("EVAL", REGISTER, 1, APPS_HASH, self.instance, self._registration, RUN, self.generation),
+                ("HGETALL", APPS_HASH)]
             if self._inflight_unknown:
                 commands.append(("GET", self._last_seq_key))
             replies = self._roundtrip(conn, commands)
@@ -366,11 +430,12 @@ class RedisPublisher:
         return conn
 
     def _remove_dead_apps(self, conn: Any, apps: Any) -> None:
-        """HDEL the registrations of this host's (and pid namespace's) apps whose process is gone."""
+        """Delete the registrations of this host's (and pid namespace's) apps whose process is gone,
+        each only if it is still the one read here."""
         if not self._host:
             return
-        pairs = apps.items() if isinstance(apps, dict) else zip(apps[::2], apps[1::2])   # RESP3 / RESP2
-        dead = []
+        pairs = apps.items() if isinstance(apps, dict) else zip(apps[::2], apps[1::2], strict=True)   # RESP3 / RESP2
+        dead: list[tuple[Any, Any]] = []
         for instance, text in pairs:
             try:
                 reg = json.loads(text)
@@ -378,13 +443,19 @@ class RedisPublisher:
                 continue
             if (isinstance(reg, dict) and reg.get("host") == self._host and reg.get("pid_ns") == self._pid_ns
                     and process_gone(reg.get("pid"))):
-                dead.append(instance)
+                dead.append((instance, text))
         if dead:
             try:
-                keys = [LAST_SEQ_PREFIX.encode() + (i if isinstance(i, bytes) else i.encode()) for i in dead]
-                self._roundtrip(conn, [("HDEL", APPS_HASH, *dead), ("DEL", *keys)])
+                self._forget(conn, dead)
             except _Refused:     # housekeeping: never a reason not to publish
                 pass
+
+    def _forget(self, conn: Any, entries: list[tuple[Any, Any]]) -> None:
+        """Delete these (instance, registration) apps entries and their last_seq keys, each only if
+        the entry still holds that registration (one script: nothing can come in between)."""
+        keys = [LAST_SEQ_PREFIX.encode() + (i if isinstance(i, bytes) else i.encode()) for i, _ in entries]
+        args = [part for entry in entries for part in entry]
+        self._roundtrip(conn, [("EVAL", FORGET, 1 + len(keys), APPS_HASH, *keys, *args)])
 
     def _roundtrip(self, conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
         from redis.exceptions import ResponseError
@@ -426,7 +497,8 @@ class RedisPublisher:
             data = encode(event)
             commands.append(("XADD", JOURNAL_STREAM, "MAXLEN", "~", maxlen, "*", JOURNAL_FIELD, data))
             commands.append(("PUBLISH", event.channel, data))
-        commands.append(("SET", self._last_seq_key, self._inflight_last_seq, "EX", LAST_SEQ_TTL))
+        commands.append(("EVAL", MARK_SENT, 2, APPS_HASH, self._last_seq_key, self.instance, self._registration,
+                         self._inflight_last_seq, LAST_SEQ_TTL))
         commands.append(("EXEC",))
         self._inflight_unknown = True
         try:
@@ -510,7 +582,7 @@ class RedisPublisher:
 
     def _attempt_failed(self, exc: BaseException, first: bool) -> None:
         self.failed_attempts += 1
-        self.last_error = describe(exc)
+        self.last_error = self._describe(exc)
         self.connected = False
         self.state = "retrying"
         if first:
@@ -520,14 +592,17 @@ class RedisPublisher:
     def _send_failed(self, exc: BaseException) -> None:
         self.connected = False
         self.state = "retrying"
-        self.last_error = describe(exc)
+        self.last_error = self._describe(exc)
         self._announce_down(f"Publishing to {self.shown_url} failed ({self.last_error})")
+
+    def _describe(self, exc: BaseException) -> str:
+        return describe(exc, connect_timeout=self.connect_timeout, reply_timeout=self.reply_timeout)
 
     def _unregister(self, conn: Any) -> None:
         """On close: take the app out of the apps hash (within the close deadline, best effort)."""
         try:
-            self._roundtrip(conn, [("HDEL", APPS_HASH, self.instance), ("DEL", self._last_seq_key)])
+            self._forget(conn, [(self.instance, self._registration)])
         except Exception as exc:
-            self.last_error = describe(exc)
+            self.last_error = self._describe(exc)
         finally:
             conn.disconnect()

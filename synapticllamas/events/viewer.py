@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 import time
-from collections import deque
 from typing import Any, TextIO
 
 import click
@@ -25,7 +24,8 @@ from synapticllamas.events.contract import (
     Event,
 )
 
-CONNECT_TIMEOUT = 2.0
+CONNECT_TIMEOUT = 2.0    # to connect, and for Redis to confirm the subscription
+READ_TIMEOUT = 10.0      # for any other reply
 RETRY_FIRST, RETRY_CAP = 0.5, 5.0
 CATCH_UP = 10000     # journal entries read after a reconnection, at most
 REMEMBERED = 50000   # (instance, seq) pairs kept to drop repeats
@@ -34,7 +34,9 @@ REMEMBERED = 50000   # (instance, seq) pairs kept to drop repeats
 class Viewer:
     def __init__(self, url: str, replay: int, component: str | None = None, level: str | None = None,
                  as_json: bool = False, out: TextIO | None = None, err: TextIO | None = None) -> None:
+        # imported here, not above: the shell's start-up imports this module for its click command
         from synapticllamas.config import redact_url
+        from synapticllamas.events.dedup import SeenEvents, identity
 
         self.url = url
         self.shown_url = redact_url(url)
@@ -44,8 +46,8 @@ class Viewer:
         self.as_json = as_json
         self.out = out or sys.stdout
         self.err = err or sys.stderr
-        self._seen: set[tuple[str, int]] = set()
-        self._order: deque[tuple[str, int]] = deque()
+        self._seen = SeenEvents(REMEMBERED)
+        self._identity = identity
         self._last_id: bytes | None = None   # newest journal entry at the last (re)connection
         self.field = JOURNAL_FIELD.encode()
 
@@ -62,14 +64,9 @@ class Viewer:
         except ValueError:
             self.say(f"(skipped a message on {where} that is not a SynapticLlamas event)")
             return False
-        key = (str(event.source.get("instance", "")), event.seq)
-        if key[0] and event.seq:
-            if key in self._seen:
-                return False
-            self._seen.add(key)
-            self._order.append(key)
-            if len(self._order) > REMEMBERED:
-                self._seen.discard(self._order.popleft())
+        key = self._identity(event.source, event.seq)
+        if key is not None and not self._seen.add(key):
+            return False
         if not self._passes(event):
             return False
         if self.as_json:
@@ -90,9 +87,12 @@ class Viewer:
         from redis.exceptions import RedisError
         from redis.retry import Retry
 
-        first, down_since, delay = True, None, RETRY_FIRST
+        from synapticllamas.events.redis_errors import describe
+        from synapticllamas.util.backoff import Backoff
+
+        first, down_since, backoff = True, None, Backoff(RETRY_FIRST, RETRY_CAP)
         while True:
-            client = Redis.from_url(self.url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=10,
+            client = Redis.from_url(self.url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=READ_TIMEOUT,
                                     retry=Retry(NoBackoff(), 0), socket_keepalive=True)
             pubsub = client.pubsub() if follow else None
             try:
@@ -108,23 +108,22 @@ class Viewer:
                              f" {shown} missed events read from the journal")
                 if pubsub is None:
                     return 0
-                first, down_since, delay = False, None, RETRY_FIRST
+                first, down_since = False, None
+                backoff.reset()
                 while True:
                     message = pubsub.get_message(timeout=1.0)
                     if message and message["type"] == "pmessage":
                         self.handle(message["data"], message["channel"].decode(errors="replace"))
             except (RedisError, OSError) as exc:
-                from synapticllamas.events.publisher import describe
-
+                reason = describe(exc, connect_timeout=CONNECT_TIMEOUT, reply_timeout=READ_TIMEOUT)
                 if not follow:
-                    self.say(f"Error: cannot read events from Redis at {self.shown_url}: {describe(exc)}")
+                    self.say(f"Error: cannot read events from Redis at {self.shown_url}: {reason}")
                     return 1
                 if down_since is None:
                     down_since = time.monotonic()
-                    self.say(f"Redis at {self.shown_url} is not reachable ({describe(exc)});"
+                    self.say(f"Redis at {self.shown_url} is not reachable ({reason});"
                              " retrying until it is (Ctrl-C to stop)")
-                time.sleep(delay)
-                delay = min(delay * 2, RETRY_CAP)
+                time.sleep(backoff.next())
             finally:
                 if pubsub is not None:
                     pubsub.close()

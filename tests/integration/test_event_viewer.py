@@ -1,12 +1,16 @@
 """`python3 main.py events [--follow]`: the terminal viewer, against a real redis-server."""
 import asyncio
+import io
 import json
 import re
 import signal
+import socket
 import subprocess
 
 from event_support import make_app
 from support import PYTHON, ROOT, PipedShell, RedisServer, free_port, shell_env, until
+
+from synapticllamas.events import viewer as viewer_module
 
 
 class Viewer(PipedShell):
@@ -104,3 +108,14 @@ def test_without_follow_a_missing_redis_is_one_line_and_exit_1(tmp_path):
                           text=True, env=shell_env(tmp_path), timeout=30)
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr == f"Error: cannot read events from Redis at {url}: connection refused\n"
+
+
+def test_a_silent_redis_is_reported_with_the_viewers_own_timeout(monkeypatch):
+    """A server that accepts connections and never answers. The message names the timeout the
+    viewer really waited (its reply timeout, shortened here so the test need not wait 10 s)."""
+    monkeypatch.setattr(viewer_module, "READ_TIMEOUT", 0.3)
+    with socket.create_server(("127.0.0.1", 0)) as silent:    # the kernel accepts; nobody answers
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}"
+        err = io.StringIO()
+        assert viewer_module.Viewer(url, 20, out=io.StringIO(), err=err).run(follow=False) == 1
+    assert err.getvalue() == f"Error: cannot read events from Redis at {url}: no reply within 0.3 s\n"

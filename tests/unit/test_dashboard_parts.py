@@ -17,7 +17,7 @@ def test_ids_sort_in_journal_order_with_pubsub_only_events_between():
 
 
 @pytest.mark.parametrize("bad", ["", "abc", "1-", "-1", "1-2-3", "1~", "<script>", "1 -2", "9" * 21,
-                                 "0-" + "9" * 20, "18446744073709551616-0"])
+                                 "0-" + "9" * 20, "18446744073709551616-0", "٣", "1-٣", "²", "1~²", "５-0"])
 def test_bad_ids_say_what_is_accepted(bad):
     with pytest.raises(ValueError, match="expected a journal id such as 1704067200123-0"):
         frames.parse_id(bad)

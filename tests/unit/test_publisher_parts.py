@@ -1,11 +1,17 @@
 """Small parts of the publisher that need no Redis: event encoding and error wording."""
+import asyncio
 import json
+import socket
+from types import SimpleNamespace
 
 import pytest
 import redis
 
+from synapticllamas.events import publisher
 from synapticllamas.events.contract import Event
-from synapticllamas.events.publisher import describe, encode
+from synapticllamas.events.observer import Observer
+from synapticllamas.events.publisher import encode
+from synapticllamas.events.redis_errors import describe
 
 
 def test_an_event_whose_details_cannot_be_encoded_still_goes_out():
@@ -32,4 +38,31 @@ def test_an_ordinary_event_is_its_compact_json():
      "invalid username-password pair or user is disabled."),
 ])
 def test_errors_are_described_in_a_few_words(exc, shown):
-    assert describe(exc) == shown
+    assert describe(exc, connect_timeout=1.5, reply_timeout=2.0) == shown
+
+
+@pytest.mark.parametrize("exc,shown", [
+    (redis.TimeoutError("Timeout connecting to server"), "no answer within 3 s"),
+    (redis.TimeoutError("Timeout reading from 127.0.0.1:6379"), "no reply within 10 s"),
+    (TimeoutError(), "no reply within 10 s"),            # asyncio.wait_for's, which says nothing
+])
+def test_a_timeout_is_named_as_the_caller_set_it(exc, shown):
+    assert describe(exc, connect_timeout=3.0, reply_timeout=10.0) == shown
+
+
+def test_the_publisher_names_the_timeout_it_really_used(monkeypatch):
+    """A server that accepts the connection and never answers: `redis on` reports the reply timeout
+    the publisher was made with, not a number from elsewhere."""
+    monkeypatch.setattr(publisher, "SOCKET_TIMEOUT", 0.3)
+    with socket.create_server(("127.0.0.1", 0)) as silent:    # listens; the kernel accepts; nobody answers
+        settings = SimpleNamespace(redis_url=f"redis://127.0.0.1:{silent.getsockname()[1]}", observer_max_events=10)
+
+        async def scenario():
+            pub = publisher.RedisPublisher(settings, Observer())
+            pub.start()
+            try:
+                return await pub.wait_first_attempt(5)
+            finally:
+                await pub.close(0.1)
+
+        assert asyncio.run(scenario()) == (False, "no reply within 0.3 s")
