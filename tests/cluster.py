@@ -9,6 +9,8 @@ and a node that finds "the interface that routes to Redis" the way it would on a
 is routed or forwarded: a host has no default route, so it reaches only the cluster subnet, and its
 loopback is its own (a server on the root's 127.0.0.1 is invisible to hosts: bind to root_address).
 Processes started in a host also get their own UTS namespace with the host's name as hostname.
+Host-to-host frames are bridged: with br_netfilter loaded and an iptables FORWARD policy that drops
+(Docker sets one), they would be dropped; host <-> root traffic is local, not forwarded, either way.
 
 Link speed (`rate_mbit`): `tc qdisc tbf` as the root qdisc of both ends of a host's veth pair, so
 the rate holds each way (root-side end: traffic to the host; eth0 in the host: traffic from it).
@@ -217,9 +219,10 @@ class SimulatedCluster:
             for proc in self._procs:
                 if proc.poll() is None:
                     proc.terminate()
+            deadline = time.monotonic() + 3           # one grace period for all of them
             for proc in self._procs:
                 try:
-                    proc.wait(3)
+                    proc.wait(max(0.0, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(5)
