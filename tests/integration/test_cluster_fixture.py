@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cluster import STATE_DIR, SimulatedCluster, _link_names, _netns_names, _pids_in
+from cluster import STATE_DIR, SimulatedCluster, _link_names, _locked, _netns_names, _pids_in
 from llama_run import LlamaServer, start_rpc_server
 from llama_support import pid_alive
 from support import wait_for
@@ -226,9 +226,10 @@ def test_parts_of_a_killed_run_are_removed_by_the_next_one():
     tag, netns = crashed.stdout.readline().split()
     wait_for(lambda: _pids_in(netns), 10, what="the sleeper in the crashed run's host")
     sleeper = _pids_in(netns)
-    crashed.kill()                            # no clean-up runs: the run is gone, its parts are not
-    crashed.wait()
-    assert netns in _netns_names() and f"slc{tag}b" in _link_names()
+    with _locked(STATE_DIR / "alloc.lock"):   # no parallel run's new cluster removes them before we look
+        crashed.kill()                        # no clean-up runs: the run is gone, its parts are not
+        crashed.wait()
+        assert netns in _netns_names() and f"slc{tag}b" in _link_names()
     with SimulatedCluster(1) as cluster:
         assert cluster.tag != tag
         assert netns not in _netns_names()
