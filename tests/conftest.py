@@ -1,4 +1,5 @@
 import pytest
+from cluster import make_cluster  # noqa: F401  (the simulated cluster's fixture, for every test)
 from support import RedisServer
 
 
