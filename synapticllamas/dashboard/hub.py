@@ -249,7 +249,7 @@ class Hub:
             self.last_id, self.fallback_n = sid, 0
             payload = frames.entry_payload(fields)
             event = frames.decode(payload) if payload is not None else None
-            if event is None:
+            if event is None or payload is None:
                 self.counters["invalid"] += 1
                 continue
             key = frames.event_key(event, payload)
@@ -351,7 +351,7 @@ class Hub:
         for raw_id, fields in entries:
             payload = frames.entry_payload(fields)
             event = frames.decode(payload) if payload is not None else None
-            if event is not None:
+            if event is not None and payload is not None:
                 out.append((raw_id.decode(), event, payload))
         return out
 

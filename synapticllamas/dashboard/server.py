@@ -82,7 +82,7 @@ def create_app(redis_url: str, token: str | None = None, replay: int = 1000,
     async def api_events(request: Request) -> Response:
         try:
             since = id_param(request.query_params.get("since"), "since")
-            limit = int_param(request, "limit", API_LIMIT_DEFAULT, 1, API_LIMIT_MAX)
+            limit = int_param(request, "limit", API_LIMIT_DEFAULT, 1, API_LIMIT_MAX) or API_LIMIT_DEFAULT
         except ValueError as exc:
             return bad_request(str(exc))
         try:

@@ -167,18 +167,35 @@ def encode(event: Event) -> bytes:
         return bare.to_json().encode()
 
 
+def _instance_of(field: Any, registration: Any) -> str:
+    """The instance a hash entry belongs to (its last_seq key is per instance): the registration's
+    `instance`, else the field itself (the apps hash is keyed by instance)."""
+    try:
+        instance = json.loads(registration).get("instance")
+    except (ValueError, AttributeError, TypeError):
+        instance = None
+    if isinstance(instance, str) and instance:
+        return instance
+    return field.decode() if isinstance(field, bytes) else str(field)
+
+
 class RedisPublisher:
-    def __init__(self, settings: Any, observer: Any, registration: dict[str, Any] | None = None) -> None:
+    def __init__(self, settings: Any, observer: Any, registration: dict[str, Any] | None = None,
+                 hash_key: str = APPS_HASH, field: str | None = None) -> None:
+        """`hash_key`/`field`: where the registration lives: the apps hash under the instance (a
+        shell), or the nodes hash under the node's HOST:PORT (`main.py node`)."""
         self.observer = observer
         self.url = settings.redis_url
         self.shown_url = redact_url(self.url)
         self.max_events = settings.observer_max_events
         self.instance = observer.source["instance"]
+        self._hash = hash_key
+        self._field = field or self.instance
         self.generation = next(_generations)
-        registration = dict(registration or {"instance": self.instance}, pid_ns=pid_namespace(),
-                            publisher={"run": RUN, "generation": self.generation})
-        self._host, self._pid_ns = registration.get("host"), registration["pid_ns"]
+        registration = self._stamped(registration or {"instance": self.instance})
+        self._host, self._pid_ns = registration.get("host") or registration.get("hostname"), registration["pid_ns"]
         self._registration = json.dumps(registration, default=str)
+        self._next_registration: str | None = None   # written on the loop by update_registration()
         self._last_seq_key = LAST_SEQ_PREFIX + self.instance
         # read here, not at import: what describe() names is what the connection really uses
         self.connect_timeout = CONNECT_TIMEOUT
@@ -400,6 +417,23 @@ class RedisPublisher:
         self.state = "closed"
         self._from_thread(self._settle_finished, unsent)
 
+    def _stamped(self, registration: dict[str, Any]) -> dict[str, Any]:
+        return dict(registration, pid_ns=pid_namespace(), publisher={"run": RUN, "generation": self.generation})
+
+    def update_registration(self, registration: dict[str, Any]) -> None:
+        """(loop) A newer registration (a node's heartbeat refreshes it): written with the next batch,
+        or at the next connection. One attribute write: the thread only reads it."""
+        self._next_registration = json.dumps(self._stamped(registration), default=str)
+
+    def _take_registration(self) -> str:
+        """(thread) The registration to write now; from here on it is the one the guards compare."""
+        pending = self._next_registration
+        if pending is not None:
+            self._registration = pending
+            if self._next_registration is pending:
+                self._next_registration = None
+        return self._registration
+
     def _pending(self) -> int:
         return len(self._inflight) + len(self._queue)
 
@@ -409,8 +443,8 @@ class RedisPublisher:
         try:
             conn.connect()
             commands: list[tuple[Any, ...]] = [
-                ("EVAL", REGISTER, 1, APPS_HASH, self.instance, self._registration, RUN, self.generation),
-                ("HGETALL", APPS_HASH)]
+                ("EVAL", REGISTER, 1, self._hash, self._field, self._take_registration(), RUN, self.generation),
+                ("HGETALL", self._hash)]
             if self._inflight_unknown:
                 commands.append(("GET", self._last_seq_key))
             replies = self._roundtrip(conn, commands)
@@ -441,7 +475,8 @@ class RedisPublisher:
                 reg = json.loads(text)
             except ValueError:   # not ours to judge
                 continue
-            if (isinstance(reg, dict) and reg.get("host") == self._host and reg.get("pid_ns") == self._pid_ns
+            if (isinstance(reg, dict) and (reg.get("host") or reg.get("hostname")) == self._host
+                    and reg.get("pid_ns") == self._pid_ns
                     and process_gone(reg.get("pid"))):
                 dead.append((instance, text))
         if dead:
@@ -453,9 +488,9 @@ class RedisPublisher:
     def _forget(self, conn: Any, entries: list[tuple[Any, Any]]) -> None:
         """Delete these (instance, registration) apps entries and their last_seq keys, each only if
         the entry still holds that registration (one script: nothing can come in between)."""
-        keys = [LAST_SEQ_PREFIX.encode() + (i if isinstance(i, bytes) else i.encode()) for i, _ in entries]
+        keys = [(LAST_SEQ_PREFIX + _instance_of(field, text)).encode() for field, text in entries]
         args = [part for entry in entries for part in entry]
-        self._roundtrip(conn, [("EVAL", FORGET, 1 + len(keys), APPS_HASH, *keys, *args)])
+        self._roundtrip(conn, [("EVAL", FORGET, 1 + len(keys), self._hash, *keys, *args)])
 
     def _roundtrip(self, conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
         from redis.exceptions import ResponseError
@@ -497,7 +532,10 @@ class RedisPublisher:
             data = encode(event)
             commands.append(("XADD", JOURNAL_STREAM, "MAXLEN", "~", maxlen, "*", JOURNAL_FIELD, data))
             commands.append(("PUBLISH", event.channel, data))
-        commands.append(("EVAL", MARK_SENT, 2, APPS_HASH, self._last_seq_key, self.instance, self._registration,
+        if self._next_registration is not None:     # a refreshed registration goes with the batch
+            commands.append(("EVAL", REGISTER, 1, self._hash, self._field, self._take_registration(), RUN,
+                             self.generation))
+        commands.append(("EVAL", MARK_SENT, 2, self._hash, self._last_seq_key, self._field, self._registration,
                          self._inflight_last_seq, LAST_SEQ_TTL))
         commands.append(("EXEC",))
         self._inflight_unknown = True
@@ -601,7 +639,7 @@ class RedisPublisher:
     def _unregister(self, conn: Any) -> None:
         """On close: take the app out of the apps hash (within the close deadline, best effort)."""
         try:
-            self._forget(conn, [(self.instance, self._registration)])
+            self._forget(conn, [(self._field, self._registration)])
         except Exception as exc:
             self.last_error = self._describe(exc)
         finally:

@@ -118,7 +118,7 @@ class NodeDirectory:
                 await self._listen(pubsub)
             except (RedisError, OSError) as exc:
                 self.connected = False
-                self.last_error = describe(exc, CONNECT_TIMEOUT, PING_EVERY)
+                self.last_error = describe(exc, connect_timeout=CONNECT_TIMEOUT, reply_timeout=PING_EVERY)
             finally:
                 try:
                     await client.aclose()
@@ -172,7 +172,8 @@ class NodeDirectory:
             return
         if not isinstance(event, dict) or event.get("component") != Component.NODE:
             return
-        details = event.get("details") if isinstance(event.get("details"), dict) else {}
+        raw_details = event.get("details")
+        details: dict[str, Any] = raw_details if isinstance(raw_details, dict) else {}
         address = details.get("address")
         if not isinstance(address, str) or not address:
             return
