@@ -130,7 +130,12 @@ class App:
         self.backlog_sent = self._start_publisher()
         self._announce_redis_on()
         self._start_discovery()
-        return True, await self.publisher.wait_first_attempt(wait)
+        started = time.monotonic()
+        outcome = await self.publisher.wait_first_attempt(wait)
+        if outcome is not None and outcome[0] and self.settings.discovery == "redis":
+            # the nodes already announced are backends when `redis on` returns
+            await self.nodes.wait_loaded(max(0.1, wait - (time.monotonic() - started)))
+        return True, outcome
 
     def _start_discovery(self) -> None:
         if self.settings.discovery == "redis":

@@ -68,6 +68,7 @@ class NodeDirectory:
         self._task: asyncio.Task[None] | None = None
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._pending: set[asyncio.Task[Any]] = set()
+        self._loaded = asyncio.Event()      # the hash was read once and its nodes are backends
 
     # ------------------------------------------------------------ lifecycle
 
@@ -78,6 +79,7 @@ class NodeDirectory:
         self._task = asyncio.get_running_loop().create_task(self._follow(url), name="node-discovery")
 
     async def close(self) -> None:
+        self._loaded.clear()
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -113,7 +115,10 @@ class NodeDirectory:
                 entries = await client.hgetall(NODES_HASH)
                 for field_, value in entries.items():
                     self._from_registration(field_, value)
+                if self._pending:
+                    await asyncio.wait(set(self._pending))
                 self.connected, self.last_error = True, None
+                self._loaded.set()
                 backoff.reset()
                 await self._listen(pubsub)
             except (RedisError, OSError) as exc:
@@ -254,6 +259,15 @@ class NodeDirectory:
                              f"{self._silence(info)}")
 
     # ------------------------------------------------------------ queries
+
+    async def wait_loaded(self, timeout: float) -> bool:
+        """Until the announced nodes are backends (the first read done), at most `timeout` s:
+        `redis on` in a script is followed at once by commands that expect them."""
+        try:
+            await asyncio.wait_for(self._loaded.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     def status(self) -> dict[str, Any]:
         return {"enabled": self._task is not None, "connected": self.connected, "nodes": len(self.nodes),

@@ -64,7 +64,7 @@ def test_odd_ports_are_named_and_checked_before_anything_starts(tmp_path):
         "Error: --port-base 65535 with 2 backends needs ports up to 65536; ports go from 1 to 65535",
         "Error: argument --port-base: port '\u00b2' is not valid; expected a number from 1 to 65535",
         "Error: argument --port-base: port ' 80' is not valid; expected a number from 1 to 65535",
-        "Error: unknown subcommand 'x\\x1b[31m'; accepted: list, add, remove, check, spawn, stop-local",
+        "Error: unknown subcommand 'x\\x1b[31m'; accepted: list, add, remove, check, spawn, stop-local, discover",
     ], proc.stderr
     assert "Starting" not in proc.stdout and "\x1b" not in proc.stdout + proc.stderr
     assert "No RPC backends configured." in proc.stdout
