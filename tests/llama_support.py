@@ -95,9 +95,9 @@ class Collector:
                 and (event_type is None or e.event_type == event_type)]
 
     def lifecycle(self) -> list[str]:
-        """Coordinator lifecycle event types in order (heartbeats and requests left out)."""
+        """Coordinator lifecycle event types in order (heartbeats and per-request events left out)."""
         return [e.event_type for e in self.events if e.component == "coordinator"
-                and e.event_type not in ("heartbeat", "request", "response")]
+                and e.event_type not in ("heartbeat", "request", "response", "inference")]
 
 
 class RpcServers:

@@ -34,6 +34,7 @@ class CoordinatorEvent:
     HEARTBEAT = "heartbeat"
     REQUEST = "request"
     RESPONSE = "response"
+    INFERENCE = "inference"
 
 
 class ModelEvent:

@@ -43,6 +43,10 @@ _ABORT = re.compile(r"^\S+\.(?:c|cpp|h):\d+: (?P<what>.+)$")   # GGML_ABORT: fil
 _RPC_ENDPOINT = re.compile(r"^\s*endpoint\s*: (?P<endpoint>\S+)")
 _RPC_ACCEPTED = re.compile(r"^Accepted client connection")
 _RPC_CLOSED = re.compile(r"^Client connection closed")
+# per request, for every client: "slot print_timing: id  3 | task 0 | prompt eval time =  40.27 ms /  4 tokens (...)"
+_TIMING = re.compile(r"print_timing: id +(?P<slot>\d+) \| task (?P<task>\d+) \| +(?P<what>prompt eval|eval|total) time "
+                     r"= +(?P<ms>[\d.]+) ms / +(?P<tokens>\d+) tokens(?: \( *[\d.]+ ms per token, +(?P<rate>[\d.]+) "
+                     r"tokens per second\))?")
 _RPC_STARTING = re.compile(r"^Starting RPC server v(?P<version>\S+)")
 _RPC_CACHE_DIR = re.compile(r"^\s*local cache\s*: (?P<dir>\S(?:.*\S)?)\s*$")
 # a device of rpc-server's banner: "  CPU: AMD EPYC (24105 MiB, 24105 MiB free)". Greedy, anchored
@@ -57,7 +61,7 @@ _RPC_BIND_FAILED = re.compile(r"Failed to create server socket|bind failed|Addre
 class LogLine:
     """One output line. `kind` says what it means to the coordinator:
 
-    load_step, model_loaded, listening, device, buffer, offloaded, rpc_connect_failed, rpc_crashed,
+    load_step, model_loaded, listening, device, buffer, offloaded, timing, rpc_connect_failed, rpc_crashed,
     abort, model_failed, bind_failed, rpc_server_started, rpc_endpoint, rpc_cache_dir, rpc_device,
     rpc_cache_saved, rpc_bind_failed, rpc_client_connected, rpc_client_closed, or log (anything
     else)."""
@@ -107,6 +111,11 @@ def parse(text: str) -> LogLine:
         return line("model_loaded", stage="model loaded", step=LOAD_STEP_COUNT, steps=LOAD_STEP_COUNT)
     if (hit := _LISTENING.search(message)):
         return line("listening", url=hit.group("url"))
+    if (hit := _TIMING.search(message)):
+        rate = hit.group("rate")
+        return line("timing", slot=int(hit.group("slot")), task=int(hit.group("task")), what=hit.group("what"),
+                    ms=float(hit.group("ms")), tokens=int(hit.group("tokens")),
+                    tokens_per_second=float(rate) if rate else None)
     if (hit := _BUFFER.search(message)):
         device = hit.group("backend") or hit.group("device")
         return line("buffer", device=device, what=hit.group("what").lower(), mib=_mib(hit.group("mib")))
@@ -169,3 +178,38 @@ class LoadReport:
         if self.file_mib is not None:
             out["file_mib"] = self.file_mib
         return out
+
+
+class RequestTimings:
+    """Joins one request's print_timing lines (prompt eval, eval, total) into one record.
+
+    llama-server prints them for every request whoever sent it, so this sees requests made with
+    curl as well as our own `ask` and `chat`."""
+
+    def __init__(self) -> None:
+        self._open: dict[tuple[int, int], dict[str, Any]] = {}
+
+    def feed(self, rec: LogLine) -> dict[str, Any] | None:
+        """The finished request's figures when `rec` is its `total time` line, else None."""
+        if rec.kind != "timing":
+            return None
+        d = rec.details
+        key = (d["slot"], d["task"])
+        if d["what"] == "prompt eval":
+            self._open[key] = {"slot": d["slot"], "task": d["task"], "prompt_tokens": d["tokens"],
+                               "prompt_ms": d["ms"]}
+        elif d["what"] == "eval":
+            self._open.setdefault(key, {"slot": d["slot"], "task": d["task"]}).update(
+                generated_tokens=d["tokens"], generation_ms=d["ms"], tokens_per_second=d["tokens_per_second"])
+        else:
+            done = self._open.pop(key, {"slot": d["slot"], "task": d["task"]})
+            done["total_ms"] = d["ms"]
+            done.setdefault("prompt_tokens", 0)
+            done.setdefault("prompt_ms", 0.0)
+            done.setdefault("generated_tokens", 0)
+            done.setdefault("generation_ms", 0.0)
+            if done.get("tokens_per_second") is None:   # llama.cpp's own figure when it printed one
+                ms = done["generation_ms"]
+                done["tokens_per_second"] = round(done["generated_tokens"] * 1000.0 / ms, 2) if ms > 0 else None
+            return done
+        return None

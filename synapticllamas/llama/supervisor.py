@@ -45,7 +45,7 @@ from synapticllamas.util.ticker import Ticker
 
 if TYPE_CHECKING:   # llama.log (its patterns) and binaries load with the first start, not at start-up
     from synapticllamas.events.observer import Observer
-    from synapticllamas.llama.log import LoadReport, LogLine
+    from synapticllamas.llama.log import LoadReport, LogLine, RequestTimings
     from synapticllamas.rpc.registry import RpcRegistry
 
 __all__ = ["ACTIVE", "CoordinatorError", "CoordinatorManager", "Notice", "Plan", "State", "StateChange",
@@ -94,6 +94,7 @@ class Hooks:
         self.on_model_progress: list[Callable[[Notice], object]] = []
         self.on_heartbeat: list[Callable[[Notice], object]] = []
         self.on_request: list[Callable[[Notice], object]] = []
+        self.on_inference: list[Callable[[Notice], object]] = []
         self.on_error: list[Callable[[Notice], object]] = []
         self.errors = 0
 
@@ -122,6 +123,7 @@ class Run:
     proc: asyncio.subprocess.Process
     auto: bool                                   # an automatic restart, not a user's start
     report: LoadReport                           # devices and buffers, from its load log
+    timings: RequestTimings                      # per-request figures, from its print_timing lines
     started: float = field(default_factory=time.monotonic)
     failures: list[LogLine] = field(default_factory=list)
     lines: deque[str] = field(default_factory=lambda: deque(maxlen=12))
@@ -318,10 +320,10 @@ class CoordinatorManager:
                 stderr=asyncio.subprocess.PIPE, limit=LINE_LIMIT)
         except OSError as exc:
             raise CoordinatorError(f"cannot run {plan.binary}: {exc.strerror or exc}") from None
-        from synapticllamas.llama.log import LoadReport
+        from synapticllamas.llama.log import LoadReport, RequestTimings
 
         keys = llama_args.api_keys(argv)
-        run = Run(plan, proc, auto, LoadReport(), hidden=llama_args.secrets(argv),
+        run = Run(plan, proc, auto, LoadReport(), RequestTimings(), hidden=llama_args.secrets(argv),
                   api_key=keys[0] if keys else None)
         self.run = run
         self.last_plan = plan
@@ -393,6 +395,13 @@ class CoordinatorManager:
         elif rec.kind == "listening":
             run.listening = True
             run.hint.set()
+        elif rec.kind == "timing" and (done := run.timings.feed(rec)) is not None:
+            rate = done["tokens_per_second"]
+            self.hooks.call("on_inference", Notice(
+                CoordinatorEvent.INFERENCE, f"request {done['task']} (slot {done['slot']}): {done['prompt_tokens']} "
+                f"prompt + {done['generated_tokens']} generated tokens in {done['total_ms']:.0f} ms"
+                + (f", {rate:g} tokens/s" if rate else ""),
+                {**done, "pid": run.pid, "port": run.plan.port, "rpc_backends": run.plan.backends}))
 
     # ------------------------------------------------------------ waiting for /health
 
@@ -735,5 +744,8 @@ def observe(manager: CoordinatorManager, observer: Observer) -> None:
                                                             n.details, n.level))
     hooks.subscribe("on_request", lambda n: observer.emit(Component.COORDINATOR, n.event_type, n.message,
                                                           n.details, n.level, sample=True))
+    # one per request, whoever sent it: never sampled (a dashboard counts them)
+    hooks.subscribe("on_inference", lambda n: observer.emit(Component.COORDINATOR, n.event_type, n.message,
+                                                            n.details, n.level))
     hooks.subscribe("on_error", lambda n: observer.emit(Component.SYSTEM, n.event_type, n.message, n.details,
                                                         n.level))

@@ -73,6 +73,13 @@ def test_start_ask_stop_in_standard_mode(tmp_path):
         result = await mgr.ask("Once upon a time", 8, tokens.append)
         assert "".join(tokens).strip(), "no text generated"
         assert result["tokens"] == len(tokens) and 1 <= result["tokens"] <= 8
+        # a request from another client, straight to llama-server's port (as curl would)
+        import httpx
+
+        async with httpx.AsyncClient() as client:
+            answer = await client.post(f"{mgr.url}/completion", json={"prompt": "The sky is", "n_predict": 5})
+        assert answer.status_code == 200
+        await until(lambda: len(events.of("coordinator", "inference")) == 2, 10, "two inference events")
         await mgr.stop()
         return pid
 
@@ -100,6 +107,11 @@ def test_start_ask_stop_in_standard_mode(tmp_path):
     assert any("listening on" in text for _, _, _, text in mgr.logs)
     assert [e.event_type for e in events.of("coordinator") if e.event_type in ("request", "response")] == \
         ["request", "response"]
+    # one `inference` event per request, ours and the other client's alike, from llama-server's log
+    ours, theirs = events.of("coordinator", "inference")
+    assert ours.details["generated_tokens"] == 8 and theirs.details["generated_tokens"] == 5
+    for e in (ours, theirs):
+        assert e.details["prompt_tokens"] > 0 and e.details["tokens_per_second"] > 0 and e.details["pid"] == pid
 
 
 def test_sigkill_is_a_crash_seen_at_once_then_backoff_and_a_new_start(tmp_path):

@@ -134,3 +134,17 @@ def test_long_lines_parse_in_linear_time(make):
 def test_any_text_parses(text):
     rec = parse(text)
     assert rec.level in ("debug", "info", "warning", "error") and rec.kind
+
+
+def test_print_timing_lines_make_one_record_per_request():
+    from synapticllamas.llama.log import RequestTimings
+
+    timings = RequestTimings()
+    done = [r for line in (FIXTURES / "server_timing.log").read_text().splitlines()
+            if (r := timings.feed(parse(line))) is not None]
+    assert done == [
+        {"slot": 3, "task": 0, "prompt_tokens": 4, "prompt_ms": 40.27, "generated_tokens": 8,
+         "generation_ms": 100.71, "tokens_per_second": 69.51, "total_ms": 140.98},
+        {"slot": 2, "task": 9, "prompt_tokens": 31, "prompt_ms": 191.12, "generated_tokens": 5,
+         "generation_ms": 45.98, "tokens_per_second": 86.99, "total_ms": 237.1},
+    ]
