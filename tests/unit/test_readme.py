@@ -16,6 +16,7 @@ from synapticllamas.commands import load_all
 from synapticllamas.config import SPEC_BY_NAME, SPECS
 from synapticllamas.dashboard.command import dashboard_server
 from synapticllamas.events.viewer import events_viewer
+from synapticllamas.node.command import node
 
 README = (ROOT / "README.md").read_text()
 OPTION = re.compile(r"(?<![\w-])--?[A-Za-z][\w-]*")
@@ -150,6 +151,16 @@ def test_the_dashboard_table_has_every_option_with_its_default():
     # without --redis-url: the shell's own setting
     redis_url = SPEC_BY_NAME["redis_url"]
     assert f"`{redis_url.env[0]}`" in rows["--redis-url"][1] and redis_url.default in rows["--redis-url"][1]
+
+
+def test_the_node_table_has_every_option_with_its_default():
+    rows = {opt: row for row in table("Cluster nodes") for opt in OPTION.findall(row[0])}
+    options = options_of(node)
+    assert set(rows) == set(options)
+    for opt, (_, default, _) in rows.items():
+        param = options[opt]
+        if param.show_default and not param.is_flag:
+            assert default == str(param.default), (opt, default, param.default)
 
 
 def test_the_subcommands_and_console_scripts_are_named():
