@@ -67,7 +67,8 @@ async def _start(app: App, args: list[str], restart: bool = False) -> Result:
         app.ui.progress(notice.message[:1].upper() + notice.message[1:])
 
     unsubscribe = [mgr.hooks.subscribe("on_state_change", on_state),
-                   mgr.hooks.subscribe("on_model_progress", on_progress)]
+                   mgr.hooks.subscribe("on_model_progress", on_progress),
+                   mgr.hooks.subscribe("on_load_progress", on_progress)]
     started = time.monotonic()
     try:
         status = await (mgr.restart() if restart else mgr.start(model, port))

@@ -134,6 +134,10 @@ class Host:
         return subprocess.run(self._argv(argv), env=env, input=input, capture_output=True, text=True,
                               timeout=timeout, check=check)
 
+    def pids(self) -> list[int]:
+        """Every process running in the host now."""
+        return _pids_in(self.netns)
+
     def link_down(self) -> None:
         """Pull the host's cable: its bridge port goes down, eth0 loses its carrier."""
         _ip("link", "set", self.veth, "down")

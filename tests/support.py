@@ -73,25 +73,27 @@ def strip_ansi(text: str) -> str:
 
 
 class RedisServer:
-    """A real redis-server on 127.0.0.1:<free port>, killable and restartable on the same port."""
+    """A real redis-server on 127.0.0.1:<free port> (or `bind`: the simulated cluster's root address),
+    killable and restartable on the same port."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, bind: str = "127.0.0.1") -> None:
         self.binary = shutil.which("redis-server")
         if self.binary is None:
             raise RuntimeError("redis-server is not installed; scripts/test installs it (apt-get install redis-server)")
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
+        self.bind = bind
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
+        return f"redis://{self.bind}:{self.port}"
 
     def start(self) -> RedisServer:
         with open(self.workdir / "redis.log", "ab") as log:      # the child has its own copy of the fd
             self.proc = subprocess.Popen(
-                [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                [self.binary, "--port", str(self.port), "--bind", self.bind, "--save", "", "--appendonly", "no",
                  "--dir", str(self.workdir), "--protected-mode", "no"],
                 stdout=log, stderr=subprocess.STDOUT)
         wait_for(self.ping, 10, what=f"redis-server on port {self.port}")
@@ -99,7 +101,7 @@ class RedisServer:
 
     def ping(self) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+            with socket.create_connection((self.bind, self.port), timeout=0.5) as s:
                 s.sendall(b"PING\r\n")
                 return s.recv(16).startswith(b"+PONG")
         except OSError:
@@ -117,7 +119,7 @@ class RedisServer:
     def client(self, **kwargs):
         import redis
 
-        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True, **kwargs)
+        return redis.Redis(host=self.bind, port=self.port, decode_responses=True, **kwargs)
 
 
 def shell_env(tmp: Path, **extra: str) -> dict[str, str]:
@@ -307,12 +309,12 @@ class RedisCliSubscriber:
 
     event_support.Subscriber is the tests' other subscriber, and stays separate: see there why."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
         from synapticllamas.events.contract import CHANNEL_PATTERN
 
         cli = shutil.which("redis-cli")
         assert cli, "redis-cli is not installed (apt-get install redis-tools / redis-server)"
-        self.proc = subprocess.Popen([cli, "-p", str(port), "psubscribe", CHANNEL_PATTERN],
+        self.proc = subprocess.Popen([cli, "-h", host, "-p", str(port), "psubscribe", CHANNEL_PATTERN],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8")
         self.raw: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()

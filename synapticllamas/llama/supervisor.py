@@ -92,6 +92,7 @@ class Hooks:
         self.on_state_change: list[Callable[[StateChange], object]] = []
         self.on_log: list[Callable[[LogLine, dict[str, Any]], object]] = []
         self.on_model_progress: list[Callable[[Notice], object]] = []
+        self.on_load_progress: list[Callable[[Notice], object]] = []   # every upload sample (a UI's line)
         self.on_heartbeat: list[Callable[[Notice], object]] = []
         self.on_request: list[Callable[[Notice], object]] = []
         self.on_inference: list[Callable[[Notice], object]] = []
@@ -129,6 +130,7 @@ class Run:
     lines: deque[str] = field(default_factory=lambda: deque(maxlen=12))
     hint: asyncio.Event = field(default_factory=asyncio.Event)   # the log says: try /health now
     listening: bool = False
+    uploading: asyncio.Task[None] | None = None       # watches the weights go to the RPC backends
     ready: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     stop_reason: str | None = None               # why we stopped it: user, exit, startup_failed, health
     error: str | None = None                     # the manager's own reason to stop it
@@ -385,6 +387,9 @@ class CoordinatorManager:
             self.hooks.call("on_model_progress", Notice(
                 ModelEvent.LOADING, f"loading model {model.name}: {d['stage']} ({d['step']}/{d['steps']})",
                 {"model_path": str(model), "pid": run.pid, **d}))
+        elif (rec.kind == "buffer" and rec.details["what"] == "model" and rec.details["device"] in run.plan.backends
+              and run.uploading is None):
+            run.uploading = self._spawn_task(self._watch_upload(run))
         elif rec.kind == "model_loaded":
             load_s = round(time.monotonic() - run.started, 3)
             self.hooks.call("on_model_progress", Notice(
@@ -402,6 +407,38 @@ class CoordinatorManager:
                 f"prompt + {done['generated_tokens']} generated tokens in {done['total_ms']:.0f} ms"
                 + (f", {rate:g} tokens/s" if rate else ""),
                 {**done, "pid": run.pid, "port": run.plan.port, "rpc_backends": run.plan.backends}))
+
+    async def _watch_upload(self, run: Run) -> None:
+        """While the weights go to the RPC backends: progress from the kernel's byte counters
+        (llama/load_progress.py), on the progress line every sample, and as a model_loading event
+        at most once per 5 %."""
+        from synapticllamas.llama import load_progress
+
+        backends = list(run.plan.backends)
+        baseline = await load_progress.bytes_sent(backends)
+        if baseline is None:
+            return
+        # the model buffer lines of all backends arrive in one burst: sum them at each sample
+        upload = load_progress.Upload(backends, 1, baseline)
+        model = run.plan.model
+        while self.run is run and self.state == State.STARTING:
+            await asyncio.sleep(load_progress.SAMPLE_EVERY)
+            sent = await load_progress.bytes_sent(backends)
+            if sent is None or self.run is not run or self.state != State.STARTING:
+                return
+            total = sum(d.get("model_mib", 0.0) for key, d in run.report.devices.items() if key in backends)
+            upload.expected = max(1, int(total * 2**20))
+            percent = upload.percent(sent)
+            details = {"model_path": str(model), "pid": run.pid, "stage": "sending weights", "percent": percent,
+                       "sent_mib": round((sent - baseline) / 2**20, 1), "total_mib": round(total, 1),
+                       "rpc_backends": backends}
+            message = (f"loading model {model.name}: sending weights to {len(backends)} RPC backend"
+                       f"{'s' if len(backends) != 1 else ''}, {percent}% ({details['sent_mib']:g} of {total:g} MiB)")
+            self.hooks.call("on_load_progress", Notice(ModelEvent.LOADING, message, details))
+            if upload.step(percent):
+                self.hooks.call("on_model_progress", Notice(ModelEvent.LOADING, message, details))
+            if percent >= 100:
+                return
 
     # ------------------------------------------------------------ waiting for /health
 

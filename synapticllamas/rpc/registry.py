@@ -183,6 +183,12 @@ class RpcRegistry:
         parsed = parse_address(address)
         key = parsed.key
         quoted = f"'{shown(address.strip())}'"     # it parsed, but may be long
+        known = self._backends.get(key)
+        if known is not None and persist and known.source == "node" and not known.persisted:
+            # a discovered node the user now wants to keep: it gets its line in the file
+            backends_file.append(self.settings.backends_file, key)
+            known.persisted = True
+            return key
         if key in self._backends:
             spelled = "" if address.strip() == key else f" as {key}"
             raise ValueError(f"backend {quoted} is already configured{spelled}")

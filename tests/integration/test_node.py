@@ -1,0 +1,172 @@
+"""`python3 main.py node` on this machine (loopback): bad input, Redis away, giving up, the cache.
+
+The real program, the real ggml-rpc-server and a real redis-server; the simulated hosts are in
+tests/e2e/test_cluster_nodes.py.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+from llama_support import TAG_VAR, tagged, tagged_processes
+from support import PYTHON, ROOT, RedisServer, free_port, wait_for
+
+pytestmark = pytest.mark.llama
+
+
+@pytest.fixture
+def tag():
+    with tagged() as value:
+        yield value
+
+
+def node_env(tmp_path, tag, **extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SOLLOL_", "SYNAPTICLLAMAS_"))}
+    env.update({TAG_VAR: tag, "XDG_CACHE_HOME": str(tmp_path / "cache"), "XDG_CONFIG_HOME": str(tmp_path / "config"),
+                "PYTHONUNBUFFERED": "1", "SOLLOL_REDIS_URL": "redis://127.0.0.1:1", **extra})
+    return env
+
+
+def run_node(tmp_path, tag, *args, timeout=30, **env):
+    return subprocess.run([PYTHON, str(ROOT / "main.py"), "node", "--host", "127.0.0.1", *args], capture_output=True,
+                          text=True, env=node_env(tmp_path, tag, **env), cwd=ROOT, timeout=timeout)
+
+
+def start_node(tmp_path, tag, *args, **env):
+    return subprocess.Popen([PYTHON, str(ROOT / "main.py"), "node", "--host", "127.0.0.1", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=node_env(tmp_path, tag, **env), cwd=ROOT)
+
+
+def accepts(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def test_bad_input_is_one_line_a_nonzero_status_and_nothing_left_running(tmp_path, tag):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    taken = busy.getsockname()[1]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    cases = [
+        (["--redis-url", "redis://:secret@host:99999"], 2,
+         "Error: --redis-url='redis://:***@host:99999' is not valid: expected redis://[:password@]host[:port][/db], "
+         "rediss://... or unix:///path"),
+        (["--port", str(taken)], 1, f"Error: port {taken} on 127.0.0.1 is in use (another rpc-server?); "
+         "choose another with --port N"),
+        (["--port", str(free_port()), "--rpc-server", str(tmp_path / "nope")], 1, "Error: "),
+        (["--port", str(free_port()), "--cache-dir", str(blocker / "sub")], 1,
+         f"Error: cache directory {blocker / 'sub'}: cannot create it (Not a directory); choose another with "
+         "--cache-dir PATH or run with --no-cache"),
+        (["--port", "²"], 2, "Error: --port='²' is not valid: expected an integer from 1 to 65535"),
+        (["--threads", "0"], 2, "Error: --threads='0' is not valid: expected an integer >= 1"),
+        (["--cache-max-gb", "-1"], 2, "Error: --cache-max-gb='-1' is not valid: expected a number greater than 0"),
+        (["--port", str(free_port()), "--no-cache", "--cache-max-gb", "1"], 2,
+         "Error: --cache-dir and --cache-max-gb need the cache; drop --no-cache"),
+    ]
+    try:
+        for args, status, first in cases:
+            proc = run_node(tmp_path, tag, *args)
+            assert proc.returncode == status, (args, proc.stdout, proc.stderr)
+            lines = proc.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith(first), (args, proc.stderr)
+            assert "Traceback" not in proc.stderr and "secret" not in proc.stdout + proc.stderr
+            assert tagged_processes(tag) == []
+        wildcard = subprocess.run([PYTHON, str(ROOT / "main.py"), "node", "--host", "0.0.0.0"], capture_output=True,
+                                  text=True, env=node_env(tmp_path, tag), cwd=ROOT, timeout=30)
+        assert wildcard.returncode == 2 and "add --listen-all" in wildcard.stderr
+        assert len(wildcard.stderr.strip().splitlines()) == 1
+    finally:
+        busy.close()
+
+
+def test_more_memory_than_the_devices_have_is_refused_after_reading_the_banner(tmp_path, tag):
+    proc = run_node(tmp_path, tag, "--port", str(free_port()), "--memory", str(10**9))
+    assert proc.returncode == 2, proc.stderr
+    [line] = [x for x in proc.stderr.splitlines() if x.startswith("Error:")]
+    assert line.startswith(f"Error: --memory {10**9} MiB is more than the devices report free (")
+    assert tagged_processes(tag) == []
+
+
+def test_without_redis_it_serves_and_announces_itself_when_redis_answers(tmp_path, tag):
+    redis_port = free_port()
+    port = free_port()
+    node = start_node(tmp_path, tag, "--port", str(port), "--redis-url", f"redis://127.0.0.1:{redis_port}",
+                      SOLLOL_RPC_BACKEND_HEARTBEAT_INTERVAL="0.5")
+    redis = None
+    try:
+        # one line says Redis is away; rpc-server serves anyway
+        line = node.stderr.readline()
+        assert "Redis unreachable at redis://127.0.0.1:" in line and "connection refused" in line, line
+        wait_for(lambda: accepts(port), 20, what="rpc-server to accept connections without Redis")
+        redis = RedisServer(tmp_path / "redis", port=redis_port).start()
+        entry = wait_for(lambda: redis.client().hget("synapticllamas:nodes", f"127.0.0.1:{port}"), 20,
+                         what="the node to register once Redis answers")
+        reg = json.loads(entry)
+        assert reg["state"] == "up" and reg["address"] == f"127.0.0.1:{port}" and reg["rpc_version"] == "7.0.0"
+        journal = [json.loads(fields["event"])["event_type"]
+                   for _, fields in redis.client().xrange("synapticllamas:events")]
+        assert "node_up" in journal          # buffered while Redis was away, sent when it came
+        node.send_signal(signal.SIGINT)
+        assert node.wait(20) == 0
+        wait_for(lambda: redis.client().hlen("synapticllamas:nodes") == 0, 10, what="the entry to be removed")
+    finally:
+        if node.poll() is None:
+            node.kill()
+            node.wait(10)
+        if redis is not None:
+            redis.kill()
+
+
+def test_it_gives_up_when_restarts_keep_failing_and_says_why(tmp_path, tag, rpc_server_binary):
+    """A crash after which rpc-server comes back resets the count (like the coordinator); restarts
+    that fail in a row do not. The binary is the real one behind a wrapper that fails once a marker
+    file exists, as a broken driver or a full disk would."""
+    marker = tmp_path / "broken"
+    wrapper = tmp_path / "rpc-server"
+    wrapper.write_text(f'#!/bin/sh\nif [ -e "{marker}" ]; then echo "simulated failure"; exit 3; fi\n'
+                       f'exec "{rpc_server_binary}" "$@"\n')
+    wrapper.chmod(0o755)
+    port = free_port()
+    node = start_node(tmp_path, tag, "--port", str(port), "--max-restarts", "2", "--rpc-server", str(wrapper))
+    try:
+        wait_for(lambda: accepts(port), 20, what="rpc-server")
+        [pid] = [pid for pid, name in tagged_processes(tag) if name.startswith("ggml-rpc")]
+        marker.touch()
+        os.kill(pid, signal.SIGKILL)
+        assert node.wait(30) == 1
+        err = node.stderr.read()
+        assert "gave up: rpc-server exited 3 times in a row (last: exit code 3)" in err, err
+        assert err.count("simulated failure") == 2 and "Traceback" not in err
+        assert tagged_processes(tag) == []
+    finally:
+        if node.poll() is None:
+            node.kill()
+            node.wait(10)
+
+
+def test_the_cache_is_pruned_to_its_limit_least_recently_used_first(tmp_path, tag):
+    files = tmp_path / "cache" / "synapticllamas" / "rpc-cache" / "rpc"
+    files.mkdir(parents=True)
+    now = time.time()
+    for i, age in enumerate((300, 200, 100)):          # 3 files of 1 MiB, oldest first
+        path = files / f"tensor{i}"
+        path.write_bytes(b"x" * 2**20)
+        os.utime(path, (now - age, now - age))
+    port = free_port()
+    node = start_node(tmp_path, tag, "--port", str(port), "--cache-max-gb", str(1.5 / 1024))   # 1.5 MiB
+    try:
+        line = node.stdout.readline() + node.stdout.readline()
+        assert "cache over" in line and "removed the 2 least recently used files (2 MiB)" in line, line
+        assert sorted(p.name for p in files.iterdir()) == ["tensor2"]
+    finally:
+        node.send_signal(signal.SIGTERM)
+        assert node.wait(20) == 0
