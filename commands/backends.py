@@ -12,24 +12,38 @@ from synapticllamas.util.text import shown
 if TYPE_CHECKING:
     from synapticllamas.app import App
 
-USAGE = ("backends [list] | add HOST[:PORT] | remove HOST[:PORT] | check | spawn N [--port-base P] | "
-         "stop-local | discover")
+USAGE = ("backends [list] | add HOST[:PORT] | remove HOST[:PORT] | check | spawn N [--port-base P] "
+         "[--memory MiB[,MiB...]] | stop-local | discover")
 SUBCOMMANDS = {
     "list": "the backends: address, state, last check, latency, failures, local/remote",
     "add": "add HOST[:PORT] (default port 50052) and save it to the backends file",
     "remove": "remove HOST[:PORT] and its line in the backends file",
     "check": "probe every backend now (a TCP connect each, all at once) and list them",
-    "spawn": "start N local ggml-rpc-server processes on 127.0.0.1 (not saved)",
+    "spawn": "start N local ggml-rpc-server processes on 127.0.0.1 (not saved); --memory: what each offers to "
+             "placements",
     "stop-local": "stop the local backends this shell started",
     "discover": "the nodes announced on Redis (`main.py node`): age, version, devices, memory",
 }
 MAX_LOCAL = 32
 
 
+def memory_list(text: str) -> list[int]:
+    """argparse type: MiB, or MiB,MiB,... (ASCII digits, each 1 or more)."""
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        if not (part.isascii() and part.isdecimal()) or int(part) < 1:
+            raise argparse.ArgumentTypeError(f"{text!r} is not valid; expected MiB (a whole number, 1 or more) "
+                                             "or one per backend, comma-separated, e.g. 200,100,100")
+        values.append(int(part))
+    return values
+
+
 def _kind(app: App, backend: Any) -> str:
     if backend.local:
         local = {b.key: b for b in app.local_backends.entries()}.get(backend.key)
-        return f"local, pid {local.pid}" if local and local.running else "local"
+        memory = f", offers {local.memory_mib} MiB" if local and local.memory_mib else ""
+        return (f"local, pid {local.pid}" if local and local.running else "local") + memory
     node = app.nodes.nodes.get(backend.key)
     if node is not None:
         version = f" rpc v{node.rpc_version}" if node.rpc_version else ""
@@ -142,15 +156,21 @@ async def _spawn(app: App, args: list[str]) -> Result:
     p = parser("backends spawn")
     p.add_argument("n", type=positive_int, metavar="N")
     p.add_argument("--port-base", type=port_arg, metavar="P")
+    p.add_argument("--memory", type=memory_list, metavar="MiB[,MiB...]")
     ns = parse_args(p, args)
     if ns.n > MAX_LOCAL:
         raise UsageError(f"N={ns.n} is too many; spawn starts 1 to {MAX_LOCAL} local backends")
+    memory = ns.memory
+    if memory is not None and len(memory) not in (1, ns.n):
+        raise UsageError(f"--memory has {len(memory)} values for {ns.n} backends; give one for all, or one each")
+    if memory is not None and len(memory) == 1:
+        memory = memory * ns.n
 
     def starting(ports: list[int]) -> None:     # after the checks: no "Starting" for a refused spawn
         app.ui.progress(f"Starting {len(ports)} ggml-rpc-server on 127.0.0.1 ...")
 
     try:
-        keys = await app.local_backends.spawn(ns.n, ns.port_base, starting)
+        keys = await app.local_backends.spawn(ns.n, ns.port_base, starting, memory)
     except LocalBackendError as exc:
         raise CommandError(str(exc)) from None
     finally:
@@ -214,7 +234,7 @@ HANDLERS = {"list": _list, "add": _add, "remove": _remove, "check": _check, "spa
 
 
 @command("backends", "The RPC backends: list, add, remove, check; spawn/stop local ones", USAGE,
-         subcommands=SUBCOMMANDS, options=("--port-base",))
+         subcommands=SUBCOMMANDS, options=("--port-base", "--memory"))
 async def backends_command(app: App, args: list[str]) -> Result:
     sub, rest = (args[0], args[1:]) if args else ("list", [])
     handler = HANDLERS.get(sub)

@@ -15,12 +15,14 @@ from synapticllamas.util.text import shown
 if TYPE_CHECKING:
     from synapticllamas.app import App
 
-USAGE = ('coordinator start [--model PATH] [--port N] | stop | restart | status | logs [N] | attach URL [--api-key K] | '
-         'detach | ask "PROMPT" [--n N]')
+USAGE = ('coordinator start [--model PATH] [--port N] [--force] | stop | restart | rebalance | status | logs [N] | '
+         'attach URL [--api-key K] | detach | ask "PROMPT" [--n N]')
 SUBCOMMANDS = {
-    "start": "start llama-server over the healthy backends; returns when /health is ok (Ctrl-C aborts)",
+    "start": "start llama-server over the healthy backends, split by the memory each offers; a model that "
+             "cannot fit is refused (--force tries anyway); returns when /health is ok (Ctrl-C aborts)",
     "stop": "stop it (SIGTERM to its process group, SIGKILL after the stop timeout)",
     "restart": "stop, then start again with the same model and port",
+    "rebalance": "restart over every healthy backend, taking back the ones lost earlier (not while a request runs)",
     "status": "state, pid, URL, model, backends, uptime, restarts, last exit",
     "logs": "the last N raw llama-server lines (default 20)",
     "attach": "watch an external llama-server at URL (http or https; a /health check every 60 s); "
@@ -42,12 +44,14 @@ async def _start(app: App, args: list[str], restart: bool = False) -> Result:
     mgr = app.coordinator
     model: str | None = None
     port: int | None = None
+    force = False
     if not restart:
         p = parser("coordinator start")
         p.add_argument("--model", metavar="PATH")
         p.add_argument("--port", type=port_arg)
+        p.add_argument("--force", action="store_true")
         ns = parse_args(p, args)
-        model, port = ns.model, ns.port
+        model, port, force = ns.model, ns.port, ns.force
         if model is None and not app.settings.model:
             from synapticllamas.llama import binaries
 
@@ -71,7 +75,7 @@ async def _start(app: App, args: list[str], restart: bool = False) -> Result:
                    mgr.hooks.subscribe("on_load_progress", on_progress)]
     started = time.monotonic()
     try:
-        status = await (mgr.restart() if restart else mgr.start(model, port))
+        status = await (mgr.restart() if restart else mgr.start(model, port, force))
     except CoordinatorError as exc:
         raise CommandError(str(exc)) from None
     finally:
@@ -106,7 +110,46 @@ async def _status(app: App, args: list[str]) -> Result:
         ("restarts", f"{s['restarts']} in total, {s['tries']} since it last ran"),
         ("last exit", last["message"] if last else "-"),
     ]
-    return Result.table("Coordinator", ("item", "value"), rows)
+    if s.get("waiting"):
+        rows.append(("waiting for", s["waiting"]))
+    failover = s.get("last_failover")
+    if failover:
+        rows.append(("last failover", f"lost {', '.join(failover['lost'])}; serving again on "
+                     f"{', '.join(failover['survivors'])} after {failover['downtime_s']:g}s"))
+    for b in s.get("placement") or []:
+        rows.append((b["address"], _placement_line(b)))
+    footer = None
+    if s.get("unused_backends"):
+        footer = (f"Running on {len(s['backends'])} backends while {len(s['backends']) + len(s['unused_backends'])} "
+                  f"are up ({', '.join(s['unused_backends'])} came back): `coordinator rebalance` restarts it over all")
+    return Result.table("Coordinator", ("item", "value"), rows, footer=footer)
+
+
+def _placement_line(b: dict[str, Any]) -> str:
+    """`layers 0-15 (+ output); model 33.8 / 33.8 MiB, KV 24 / 24, compute 35 / 35 (planned / actual); offers ...`"""
+    def pair(planned: float, actual: float | None) -> str:
+        return f"{planned:.1f} / {actual:.1f}" if actual is not None else f"{planned:.1f} / -"
+
+    layers = f"layers {b['layers'][0]}-{b['layers'][1]}" if b["layers"] else "no layers"
+    if b["output_layer"]:
+        layers += " + output"
+    offer = f"offers {b['offered_mib']} MiB ({b['offer_source']})" if b["offered_mib"] is not None else \
+        "offer unknown"
+    return (f"{layers}; model {pair(b['planned_model_mib'], b['model_mib'])} MiB, KV "
+            f"{pair(b['planned_kv_mib'], b['kv_mib'])}, compute {pair(b['planned_compute_mib'], b['compute_mib'])} "
+            f"(planned / actual); {offer}")
+
+
+async def _rebalance(app: App, args: list[str]) -> Result:
+    if args:
+        raise UsageError("coordinator rebalance takes no arguments")
+    before = list(app.coordinator.status()["backends"])
+    try:
+        status = await app.coordinator.rebalance()
+    except CoordinatorError as exc:
+        raise CommandError(str(exc)) from None
+    return Result.success(f"Rebalanced: {len(before)} -> {len(status['backends'])} backends. "
+                          + _running_line(status))
 
 
 async def _logs(app: App, args: list[str]) -> Result:
@@ -173,11 +216,11 @@ async def _ask(app: App, args: list[str]) -> Result:
 
 
 HANDLERS = {"start": _start, "stop": _stop, "status": _status, "logs": _logs, "attach": _attach,
-            "detach": _detach, "ask": _ask}
+            "detach": _detach, "ask": _ask, "rebalance": _rebalance}
 
 
 @command("coordinator", "Start and supervise the llama.cpp coordinator (llama-server)", USAGE,
-         subcommands=SUBCOMMANDS, options=("--model", "--port", "--n", "--api-key"))
+         subcommands=SUBCOMMANDS, options=("--model", "--port", "--force", "--n", "--api-key"))
 async def coordinator_command(app: App, args: list[str]) -> Result:
     if not args:
         return await _status(app, [])

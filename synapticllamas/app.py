@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from synapticllamas import __version__
 from synapticllamas.config import Settings, redact_url
@@ -18,6 +18,9 @@ from synapticllamas.rpc.discovery import NodeDirectory
 from synapticllamas.rpc.local import LocalBackends
 from synapticllamas.rpc.registry import RpcRegistry
 from synapticllamas.ui import PlainUI
+
+if TYPE_CHECKING:
+    from synapticllamas.llama.placement import Offer
 
 
 class App:
@@ -36,6 +39,24 @@ class App:
         self.local_backends = LocalBackends(settings, self.observer, self.registry)
         self.coordinator = CoordinatorManager(settings, self.observer, self.registry)
         self.nodes = NodeDirectory(self.observer, self.registry)   # follows Redis while publishing
+        self.coordinator.offers_for = self.offers
+
+    def offers(self, backends: list[str]) -> dict[str, Offer]:
+        """What each backend offers to placements, where we know it: a local backend's `--memory`
+        or its banner's free memory; a node's `--memory` or free memory, as it announced."""
+        from synapticllamas.llama.placement import Offer
+
+        out: dict[str, Offer] = {}
+        for address in backends:
+            local = self.local_backends.get(address)
+            node = self.nodes.nodes.get(address)
+            if local is not None and local.memory_mib:
+                out[address] = Offer(local.memory_mib, "local --memory")
+            elif local is not None and local.server.banner.free_mib:
+                out[address] = Offer(local.server.banner.free_mib, "local rpc-server free memory")
+            elif node is not None and node.memory_offered_mib:
+                out[address] = Offer(node.memory_offered_mib, "node")
+        return out
 
     @property
     def mode(self) -> str:

@@ -237,6 +237,8 @@ SPECS: tuple[Spec, ...] = (
          "llama-server's context size (-c); 0 = the model's own, which can take much more memory"),
     Spec("coordinator_args", "", parse_arguments, ("SYNAPTICLLAMAS_COORDINATOR_ARGS",), None,
          "extra llama-server arguments, appended as given (e.g. \"-t 2\")", redact=redact_args),
+    Spec("coordinator_rebalance", "manual", choice("manual", "auto"), ("SYNAPTICLLAMAS_COORDINATOR_REBALANCE",),
+         None, "manual: `coordinator rebalance` re-includes backends that came back; auto: when no request runs"),
     Spec("attach_check_interval", 60.0, interval, ("SYNAPTICLLAMAS_ATTACH_CHECK_INTERVAL",), None,
          "seconds between state checks of an attached external coordinator"),
     Spec("probe_timeout", 1.0, positive_float, ("SYNAPTICLLAMAS_PROBE_TIMEOUT",), None,

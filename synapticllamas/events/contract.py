@@ -35,6 +35,9 @@ class CoordinatorEvent:
     REQUEST = "request"
     RESPONSE = "response"
     INFERENCE = "inference"
+    WAITING = "waiting"
+    FAILOVER = "failover"
+    REBALANCE = "rebalance"
 
 
 class ModelEvent:

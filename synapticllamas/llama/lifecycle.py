@@ -24,6 +24,8 @@ class State(StrEnum):
     STOPPING = "stopping"    # SIGTERM (or SIGKILL) sent by us; waiting for the exit
     EXITED = "exited"        # it ended unexpectedly, or a user's start failed
     FATAL = "fatal"          # the automatic restarts ran out
+    WAITING = "waiting"      # its backends were lost and the survivors cannot hold the model:
+                             # it starts again as soon as enough memory is back
 
 
 S = State
@@ -35,10 +37,12 @@ SUPERVISED: Mapping[State, frozenset[State]] = {
     S.STARTING: frozenset({S.RUNNING, S.STOPPING, S.EXITED}),
     S.RUNNING: frozenset({S.STOPPING, S.EXITED}),
     S.STOPPING: frozenset({S.STOPPED, S.EXITED}),
-    S.EXITED: frozenset({S.STARTING, S.BACKOFF, S.FATAL}),
-    # a restart whose pre-flight fails (no healthy backend yet) backs off again, or gives up
-    S.BACKOFF: frozenset({S.STARTING, S.BACKOFF, S.STOPPED, S.FATAL}),
+    S.EXITED: frozenset({S.STARTING, S.BACKOFF, S.FATAL, S.WAITING}),
+    # a restart whose pre-flight fails (no healthy backend yet) backs off again, or gives up; one
+    # whose backends cannot hold the model waits for memory
+    S.BACKOFF: frozenset({S.STARTING, S.BACKOFF, S.STOPPED, S.FATAL, S.WAITING}),
     S.FATAL: frozenset({S.STARTING}),
+    S.WAITING: frozenset({S.STARTING, S.STOPPED}),
 }
 
 # An external llama-server we only watch (`coordinator attach`): up, down, and detached.
@@ -48,13 +52,13 @@ ATTACHED: Mapping[State, frozenset[State]] = {
     S.EXITED: frozenset({S.RUNNING, S.STOPPED}),
 }
 
-ACTIVE = frozenset({S.STARTING, S.RUNNING, S.BACKOFF, S.STOPPING})   # a user's start is refused
+ACTIVE = frozenset({S.STARTING, S.RUNNING, S.BACKOFF, S.STOPPING, S.WAITING})   # a user's start is refused
 
 # The coordinator event a state change is announced as.
 EVENT_TYPE: Mapping[State, str] = {
     S.STARTING: CoordinatorEvent.STARTING, S.RUNNING: CoordinatorEvent.START,
     S.STOPPING: CoordinatorEvent.STOPPING, S.STOPPED: CoordinatorEvent.STOP, S.EXITED: CoordinatorEvent.STOP,
-    S.BACKOFF: CoordinatorEvent.BACKOFF, S.FATAL: CoordinatorEvent.FATAL,
+    S.BACKOFF: CoordinatorEvent.BACKOFF, S.FATAL: CoordinatorEvent.FATAL, S.WAITING: CoordinatorEvent.WAITING,
 }
 
 log = logging.getLogger("synapticllamas")
@@ -101,7 +105,7 @@ class StateChange:
 def default_level(to: State, reason: str | None) -> str:
     if to == S.FATAL:
         return "critical"
-    if to == S.BACKOFF:
+    if to in (S.BACKOFF, S.WAITING):
         return "warning"
     if to == S.EXITED and reason in ("crash", "startup_failed", "health"):
         return "error"

@@ -7,16 +7,34 @@ from __future__ import annotations
 
 import shlex
 import socket
+import subprocess
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from synapticllamas.util.text import shown
+
+if TYPE_CHECKING:
+    from synapticllamas.llama.placement import Placement
 
 GGUF_MAGIC = b"GGUF"
 
 
 class CoordinatorError(Exception):
     """A coordinator action failed; the message is one line for the user."""
+
+
+class NoFit(CoordinatorError):
+    """The model does not fit on the backends there are (placement.py says why)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the user asked `coordinator start` for; restarts keep it."""
+    model: Path | None = None
+    port: int | None = None
+    force: bool = False
 
 
 @dataclass
@@ -28,13 +46,37 @@ class Plan:
     port: int
     backends: list[str]
     left_out: dict[str, str] = field(default_factory=dict)   # backend -> why it is not used
+    placement: Placement | None = None
+    fit_flag: bool = False                                     # this llama-server knows --fit
 
     def argv(self, ctx_size: int, extra: str) -> list[str]:
+        ngl = str(self.placement.ngl) if self.placement else "99"
         argv = [str(self.binary), "--model", str(self.model), "--host", self.host, "--port", str(self.port),
-                "-ngl", "99", "-c", str(ctx_size), "-lv", "4", "--no-webui"]
+                "-ngl", ngl, "-c", str(ctx_size), "-lv", "4", "--no-webui"]
         if self.backends:
             argv += ["--rpc", ",".join(self.backends)]
+        if self.placement is not None and len(self.backends) > 1:
+            argv += ["--tensor-split", self.placement.tensor_split()]
+        if self.placement is not None and self.fit_flag:
+            argv += ["--fit", "off"]     # the placement is ours: no second guess, and no probe connections
         return argv + shlex.split(extra)
+
+
+@lru_cache(maxsize=4)
+def _help_text(binary: str, mtime_ns: int) -> str:
+    try:
+        return subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def supports_flag(binary: Path, flag: str) -> bool:
+    """Does this llama-server build know `flag`? (Its --help, read once per binary.)"""
+    try:
+        mtime = binary.stat().st_mtime_ns
+    except OSError:
+        return False
+    return f"{flag} " in _help_text(str(binary), mtime) or f"{flag}," in _help_text(str(binary), mtime)
 
 
 def check_model(path: Path) -> None:

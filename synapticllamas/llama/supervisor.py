@@ -39,13 +39,14 @@ from synapticllamas.llama.lifecycle import (
     StateChange,
     default_level,
 )
-from synapticllamas.llama.preflight import CoordinatorError, Plan, check_model, port_in_use
+from synapticllamas.llama.preflight import CoordinatorError, NoFit, Plan, Target, check_model, port_in_use
 from synapticllamas.util.processes import exit_details, signal_group, spawn, terminate
 from synapticllamas.util.ticker import Ticker
 
 if TYPE_CHECKING:   # llama.log (its patterns) and binaries load with the first start, not at start-up
     from synapticllamas.events.observer import Observer
     from synapticllamas.llama.log import LoadReport, LogLine, RequestTimings
+    from synapticllamas.llama.placement import Offer
     from synapticllamas.rpc.registry import RpcRegistry
 
 __all__ = ["ACTIVE", "CoordinatorError", "CoordinatorManager", "Notice", "Plan", "State", "StateChange",
@@ -96,6 +97,7 @@ class Hooks:
         self.on_heartbeat: list[Callable[[Notice], object]] = []
         self.on_request: list[Callable[[Notice], object]] = []
         self.on_inference: list[Callable[[Notice], object]] = []
+        self.on_failover: list[Callable[[Notice], object]] = []
         self.on_error: list[Callable[[Notice], object]] = []
         self.errors = 0
 
@@ -162,14 +164,23 @@ class CoordinatorManager:
         self.running_since: float | None = None
         self.last_exit: dict[str, Any] | None = None
         self.logs: deque[tuple[float, int, str, str]] = deque(maxlen=LOG_LINES)
-        self.target: tuple[Path | None, int | None] = (None, None)   # the user's --model / --port
+        self.target = Target()            # the user's --model / --port / --force, kept by restarts
         self.last_plan: Plan | None = None
+        # what each backend offers to placements (App wires nodes and local backends in), and the
+        # free memory llama-server reported for plain rpc-servers at its last load
+        self.offers_for: Callable[[list[str]], dict[str, Offer]] | None = None
+        self.reported_free: dict[str, int] = {}
+        self.last_failover: dict[str, Any] | None = None
+        self._recovery: dict[str, Any] | None = None   # a failover under way: lost, survivors, since
+        self.requests = 0                  # our own requests (ask, chat) in flight
         self.suspects: set[str] = set()   # backends an RPC failure pointed at: not in the next --rpc
         self.external: ExternalWatcher | None = None                 # `coordinator attach`
         self._settling: asyncio.Task[None] | None = None            # the last run's exit handling
         self._backoff_task: asyncio.Task[None] | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        if registry is not None:
+            registry.on_change.append(self._backend_changed)
         if observer is not None:
             observe(self, observer)
 
@@ -241,18 +252,43 @@ class CoordinatorManager:
             "tries": self.tries,
             "attached": False,
             "last_exit": self.last_exit,
+            "placement": self._placement_status(plan),
+            "unused_backends": self.unused_backends(),
+            "last_failover": self.last_failover,
+            "waiting": self._recovery.get("waiting") if self._recovery and self.state == State.WAITING else None,
         }
+
+    def _placement_status(self, plan: Plan | None) -> list[dict[str, Any]] | None:
+        """Per backend: the plan, and what llama-server really allocated (once it loaded)."""
+        if plan is None or plan.placement is None:
+            return None
+        actual = self.run.report.devices if self.run else {}
+        out = []
+        for b in plan.placement.backends:
+            used = actual.get(b.address, {})
+            out.append({**b.summary(), "model_mib": used.get("model_mib"), "kv_mib": used.get("kv_mib"),
+                        "compute_mib": used.get("compute_mib")})
+        return out
+
+    def unused_backends(self) -> list[str]:
+        """Healthy backends the running coordinator does not use (lost earlier, back now)."""
+        if self.registry is None or not self.settings.distributed or self.state != State.RUNNING or not self.run:
+            return []
+        used = set(self.run.plan.backends)
+        return [b for b in self.registry.healthy() if b not in used]
 
     # ------------------------------------------------------------ pre-flight
 
-    async def _plan(self, model: Path | None, port: int | None, auto: bool) -> Plan:
-        """Every check that can fail before anything is started; raises CoordinatorError."""
+    async def _plan(self, target: Target, auto: bool, lost: frozenset[str] = frozenset()) -> Plan:
+        """Every check that can fail before anything is started; raises CoordinatorError (NoFit
+        when the model does not fit on the backends there are)."""
         from synapticllamas.llama import binaries
 
         s = self.settings
+        port = target.port
         try:
             binary = binaries.llama_server(s.llama_server)
-            model_path = model or (Path(s.model) if s.model else binaries.demo_model())
+            model_path = target.model or (Path(s.model) if s.model else binaries.demo_model())
         except binaries.NotFound as exc:
             raise CoordinatorError(str(exc)) from None
         check_model(model_path)
@@ -270,6 +306,8 @@ class CoordinatorManager:
             for key in self.registry.addresses():
                 if key not in healthy:
                     left_out[key] = "down"
+                elif key in lost:
+                    left_out[key] = "lost"
                 elif auto and key in self.suspects:
                     left_out[key] = "unreachable after the last failure"
                 else:
@@ -280,12 +318,42 @@ class CoordinatorManager:
                     (f"no healthy RPC backend ({known})" if known else "no RPC backend is configured")
                     + " in distributed mode; start two local ones with `backends spawn 2`, or add one with "
                     "`backends add HOST:PORT`")
-        return Plan(binary, model_path, host, port, backends, left_out)
+        plan = Plan(binary, model_path, host, port, backends, left_out)
+        if backends:
+            await self._place(plan, target.force)
+        return plan
+
+    async def _place(self, plan: Plan, force: bool) -> None:
+        """Work out what the model needs on each backend; refuse (NoFit) what cannot fit."""
+        from synapticllamas.llama import placement
+        from synapticllamas.llama.gguf_layout import GGUFError, read_layout
+        from synapticllamas.llama.preflight import supports_flag
+
+        try:
+            layout = await asyncio.to_thread(read_layout, plan.model)
+        except (GGUFError, OSError) as exc:
+            # llama.cpp may still load what we cannot size: start without a plan, and say so
+            self.hooks.call("on_error", Notice(SystemEvent.ERROR, f"placement skipped: {exc}",
+                                               {"model_path": str(plan.model)}, "warning"))
+            return
+        offers = self.offers_for(plan.backends) if self.offers_for else {}
+        for address in plan.backends:
+            if (address not in offers or offers[address].mib is None) and address in self.reported_free:
+                offers[address] = placement.Offer(self.reported_free[address], "free at the last load")
+        placed = placement.plan(layout, plan.backends, offers, self.settings.coordinator_ctx_size)
+        if not placed.fits and not force:
+            raise NoFit(placed.refusal())
+        if not placed.fits:
+            placed.notes.append("it does not fit by the plan; started anyway (--force)")
+        plan.placement = placed
+        plan.fit_flag = await asyncio.to_thread(supports_flag, plan.binary, "--fit")
 
     # ------------------------------------------------------------ start
 
-    async def start(self, model: Path | str | None = None, port: int | None = None) -> dict[str, Any]:
+    async def start(self, model: Path | str | None = None, port: int | None = None,
+                    force: bool = False) -> dict[str, Any]:
         """Start llama-server and return once /health says ok; raise CoordinatorError otherwise.
+        `force`: start even when placement says the model does not fit.
 
         Cancelling the caller (Ctrl-C) kills the child before the cancellation goes on."""
         if self.external:
@@ -296,10 +364,11 @@ class CoordinatorManager:
                                    + (f" at {self.url} (pid {self.run.pid})" if self.run else "")
                                    + "; use `coordinator stop` or `coordinator restart`")
         await self._settled()
-        model_path = user_path(model) if model else None
+        target = Target(user_path(model) if model else None, port, force)
         self.suspects.clear()      # the user's own start trusts the registry again
-        plan = await self._plan(model_path, port, auto=False)
-        self.target = (model_path, port)
+        self._recovery = None
+        plan = await self._plan(target, auto=False)
+        self.target = target
         self.tries = 0
         run = await self._launch(plan, auto=False)
         try:
@@ -314,7 +383,7 @@ class CoordinatorManager:
         if self._settling is not None and not self._settling.done():
             await asyncio.wait({self._settling}, timeout=SETTLE_TIMEOUT)
 
-    async def _launch(self, plan: Plan, auto: bool) -> Run:
+    async def _launch(self, plan: Plan, auto: bool, why: str | None = None) -> Run:
         argv = plan.argv(self.settings.coordinator_ctx_size, self.settings.coordinator_args)
         try:
             proc = await self.ops.spawn(
@@ -334,10 +403,11 @@ class CoordinatorManager:
         n = len(plan.backends)
         where = f"{n} RPC backend{'s' if n != 1 else ''}" if self.settings.distributed else "standard mode"
         left = "; left out " + ", ".join(f"{k} ({why})" for k, why in plan.left_out.items()) if plan.left_out else ""
+        placed: dict[str, Any] = {"placement": plan.placement.summary()} if plan.placement else {}
         self._change_state(
             State.STARTING, f"starting llama.cpp coordinator on {plan.host}:{plan.port} ({where}){left}",
-            reason="restart" if auto else "user", port=plan.port, host=plan.host, rpc_backends=plan.backends,
-            left_out=plan.left_out, model_path=str(plan.model), argv=llama_args.redact_args(argv))
+            reason=why or ("restart" if auto else "user"), port=plan.port, host=plan.host, rpc_backends=plan.backends,
+            left_out=plan.left_out, model_path=str(plan.model), argv=llama_args.redact_args(argv), **placed)
         assert proc.stdout is not None and proc.stderr is not None
         run.tasks = [self._spawn_task(self._read(run, proc.stdout, "stdout")),
                      self._spawn_task(self._read(run, proc.stderr, "stderr"))]
@@ -467,10 +537,15 @@ class CoordinatorManager:
             self.tries = 0
             load_s = round(time.monotonic() - run.started, 3)
             plan = run.plan
+            for address, device in run.report.devices.items():
+                if address in plan.backends and device.get("free_mib") is not None:
+                    self.reported_free[address] = device["free_mib"]   # for the next plan, when nothing else says
+            extra: dict[str, Any] = {"placement": self._placement_status(plan)} if plan.placement else {}
             self._change_state(State.RUNNING, "llama.cpp coordinator started", port=plan.port, host=plan.host,
                                url=f"http://{plan.host}:{plan.port}", rpc_backends=plan.backends,
                                model_path=str(plan.model), load_s=load_s, restarts=self.restarts,
-                               **run.report.summary())
+                               **run.report.summary(), **extra)
+            self._recovered(run)
             if not run.ready.done():
                 run.ready.set_result(None)
 
@@ -492,10 +567,11 @@ class CoordinatorManager:
         if self.registry is not None:
             self.registry.hold(())
         reason = run.stop_reason
-        if reason in ("user", "exit"):
+        if reason in ("user", "exit", "rebalance"):
             return self._change_state(State.STOPPED, "", reason=reason, announce=False, pid=run.pid)
         if reason == "health" and returncode not in STOPPED_BY_US:
             reason = "crash"          # it died of something else while we were stopping it
+        # (a failover stop stays a failover however it ended: the lost backend may abort it first)
         elif reason is None:
             reason = "startup_failed" if self.state == State.STARTING else "crash"
         return self._change_state(State.EXITED, "", reason=reason, announce=False, pid=run.pid)
@@ -536,7 +612,8 @@ class CoordinatorManager:
             change.message = f"llama.cpp coordinator stopped ({reason})"
         else:
             verb = {"crash": "crashed", "startup_failed": "failed to start",
-                    "health": "stopped answering /health and was stopped"}[reason]
+                    "health": "stopped answering /health and was stopped",
+                    "failover": "was stopped: an RPC backend it used is lost"}[reason]
             change.message = f"llama.cpp coordinator {verb} ({how})" + (f": {why}" if why else "")
         change.details.update(code, port=run.plan.port, rpc_backends=run.plan.backends,
                               model_path=str(run.plan.model), last_lines=list(run.lines))
@@ -549,7 +626,9 @@ class CoordinatorManager:
         if not run.ready.done():
             run.ready.set_exception(CoordinatorError(change.message))
             run.ready.exception()   # retrieved: a cancelled start() must not log "never retrieved"
-        if self.state == State.EXITED and (reason in ("crash", "health") or (reason == "startup_failed" and run.auto)):
+        if self.state == State.EXITED and reason == "failover":
+            self._spawn_task(self._recover())
+        elif self.state == State.EXITED and (reason in ("crash", "health") or (reason == "startup_failed" and run.auto)):
             self._schedule_restart(change.message)
 
     # ------------------------------------------------------------ restart policy
@@ -571,16 +650,108 @@ class CoordinatorManager:
         await asyncio.sleep(delay)
         if self.state != State.BACKOFF:
             return
-        model, port = self.target
         try:
-            plan = await self._plan(model, port, auto=True)
+            plan = await self._plan(self.target, auto=True)
             if self.state != State.BACKOFF:     # stopped while the pre-flight probed
                 return
             self.restarts += 1
             await self._launch(plan, auto=True)
+        except NoFit as exc:
+            if self.state == State.BACKOFF:
+                self._wait_for_memory(str(exc))
         except CoordinatorError as exc:
             if self.state == State.BACKOFF:
                 self._schedule_restart(str(exc))
+
+    # ------------------------------------------------------------ failover
+
+    def _backend_changed(self, address: str, old: str, new: str, reason: str) -> None:
+        """Registry hook: a backend changed state (its process exited, its node said so or went
+        silent, a probe failed, or it came back)."""
+        if self.external:
+            return
+        run = self.run
+        if new == "down" and run is not None and address in run.plan.backends \
+                and self.state in (State.STARTING, State.RUNNING):
+            self._begin_failover(run, address, reason)
+        elif new == "up" and self.state == State.WAITING:
+            self._spawn_task(self._recover())
+        elif new == "up" and self.state == State.RUNNING and self.settings.coordinator_rebalance == "auto" \
+                and self.requests == 0 and self.unused_backends():
+            self._spawn_task(self.rebalance(auto=True))
+
+    def _begin_failover(self, run: Run, lost: str, reason: str) -> None:
+        """A backend llama-server holds is gone: do not wait for the next request to crash it.
+        Stop it now; _recover() restarts it on the survivors (or waits for memory)."""
+        rec = self._recovery or {"lost": [], "since": time.monotonic(), "before": list(run.plan.backends)}
+        if lost not in rec["lost"]:
+            rec["lost"].append(lost)
+        rec["reason"] = reason
+        self._recovery = rec
+        self._begin_stop(run, "failover", f"stopping llama.cpp coordinator: RPC backend {lost} lost ({reason}); "
+                         "restarting it on the others")
+        self._spawn_task(self._terminate(run))
+
+    async def _recover(self) -> None:
+        """After a failover stop, or in `waiting` when a backend came back: start again at once on
+        what is healthy, or wait (state `waiting`) when that cannot hold the model."""
+        if self.state not in (State.EXITED, State.WAITING):
+            return
+        try:
+            plan = await self._plan(self.target, auto=True)
+        except CoordinatorError as exc:           # NoFit, or no healthy backend left at all
+            if self.state in (State.EXITED, State.WAITING):
+                self._wait_for_memory(str(exc))
+            return
+        if self.state not in (State.EXITED, State.WAITING):    # stopped meanwhile
+            return
+        self.restarts += 1
+        await self._launch(plan, auto=True, why="failover")
+
+    def _wait_for_memory(self, why: str) -> None:
+        rec = self._recovery or {"lost": [], "since": time.monotonic(), "before": []}
+        rec["waiting"] = why
+        self._recovery = rec
+        if self.state != State.WAITING:
+            self._change_state(State.WAITING, f"llama.cpp coordinator waiting: {why}; it starts again as soon "
+                               "as enough backends are up", reason="no_fit", cause=why, lost=list(rec["lost"]))
+
+    def _recovered(self, run: Run) -> None:
+        """Serving again after a failover: say what it cost."""
+        rec, self._recovery = self._recovery, None
+        if not rec or not rec["lost"]:
+            return
+        downtime = round(time.monotonic() - rec["since"], 3)
+        self.last_failover = {"lost": rec["lost"], "survivors": list(run.plan.backends), "before": rec["before"],
+                              "downtime_s": downtime, "at": time.time()}
+        self.hooks.call("on_failover", Notice(
+            CoordinatorEvent.FAILOVER, f"llama.cpp coordinator serving again on {', '.join(run.plan.backends)} "
+            f"{downtime:g}s after losing {', '.join(rec['lost'])}",
+            {**self.last_failover, "reason": rec.get("reason"), "pid": run.pid}, "warning"))
+
+    async def rebalance(self, auto: bool = False) -> dict[str, Any]:
+        """Restart over every healthy backend (the lost ones are back). Refused while one of our
+        requests runs; `auto` is the SYNAPTICLLAMAS_COORDINATOR_REBALANCE=auto path."""
+        if self.external:
+            raise CoordinatorError(f"watching the external coordinator {self.external.url}; it is not ours")
+        if self.state != State.RUNNING or self.run is None:
+            raise CoordinatorError(f"the coordinator is not running (state: {self.state})")
+        more = self.unused_backends()
+        if not more:
+            raise CoordinatorError(f"the coordinator already uses every healthy backend "
+                                   f"({', '.join(self.run.plan.backends) or 'none'})")
+        if self.requests:
+            raise CoordinatorError(f"{self.requests} request{'s are' if self.requests != 1 else ' is'} running; "
+                                   "rebalance when it is done")
+        before = list(self.run.plan.backends)
+        await self.stop("rebalance")
+        status = await self.start(self.target.model, self.target.port, self.target.force)
+        after = status["backends"]
+        self.hooks.call("on_failover", Notice(
+            CoordinatorEvent.REBALANCE, f"llama.cpp coordinator rebalanced over {len(after)} backends "
+            f"({', '.join(after)}; before: {', '.join(before)})",
+            {"before": before, "after": after, "added": [b for b in after if b not in before], "auto": auto}))
+        return status
 
     # ------------------------------------------------------------ stop
 
@@ -599,9 +770,10 @@ class CoordinatorManager:
         if self.external:
             raise CoordinatorError(f"watching the external coordinator {self.external.url}; it is not ours "
                                    "to stop (`coordinator detach` stops watching)")
-        if self.state == State.BACKOFF:
+        if self.state in (State.BACKOFF, State.WAITING):
             if self._backoff_task is not None:
                 self._backoff_task.cancel()
+            self._recovery = None
             self._change_state(State.STOPPED, f"llama.cpp coordinator restart cancelled ({reason})", reason=reason)
             return
         run = self.run
@@ -612,10 +784,10 @@ class CoordinatorManager:
         await self._settled()
 
     async def restart(self) -> dict[str, Any]:
-        model, port = self.target
+        target = self.target
         if self.state in ACTIVE:
             await self.stop("user")
-        return await self.start(model, port)
+        return await self.start(target.model, target.port, target.force)
 
     async def close(self) -> None:
         """App exit: stop what we started, end every timer. Bounded by the stop timeout."""
@@ -781,6 +953,8 @@ def observe(manager: CoordinatorManager, observer: Observer) -> None:
                                                             n.details, n.level))
     hooks.subscribe("on_request", lambda n: observer.emit(Component.COORDINATOR, n.event_type, n.message,
                                                           n.details, n.level, sample=True))
+    hooks.subscribe("on_failover", lambda n: observer.emit(Component.COORDINATOR, n.event_type, n.message,
+                                                           n.details, n.level))
     # one per request, whoever sent it: never sampled (a dashboard counts them)
     hooks.subscribe("on_inference", lambda n: observer.emit(Component.COORDINATOR, n.event_type, n.message,
                                                             n.details, n.level))

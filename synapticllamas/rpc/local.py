@@ -38,6 +38,7 @@ class LocalBackend:
     server: RpcServerProcess
     watcher: asyncio.Task[None] | None = None      # tells the registry when it dies
     ready_ms: float | None = None
+    memory_mib: int | None = None                  # what it offers to placements (`spawn --memory`)
 
     @property
     def pid(self) -> int:
@@ -86,13 +87,17 @@ class LocalBackends:
     def owns(self, address: str) -> bool:
         return address in self._backends
 
+    def get(self, address: str) -> LocalBackend | None:
+        return self._backends.get(address)
+
     def entries(self) -> list[LocalBackend]:
         return list(self._backends.values())
 
     # ------------------------------------------------------------ spawn
 
     async def spawn(self, n: int, port_base: int | None = None,
-                    starting: Callable[[list[int]], None] | None = None) -> list[str]:
+                    starting: Callable[[list[int]], None] | None = None,
+                    memory: list[int] | None = None) -> list[str]:
         """Start n servers, wait until each accepts TCP connections, add them to the registry (not
         persisted). All or nothing: if one fails, the others of this call are stopped again.
         `starting(ports)` is called once every check has passed, just before the first start."""
@@ -120,7 +125,9 @@ class LocalBackends:
             started = await asyncio.gather(
                 *(self._start_ready(str(binary), port, port_base is None, mine, threads, cache_dir)
                   for port in ports))
-            for backend in started:
+            for i, backend in enumerate(started):
+                if memory is not None:
+                    backend.memory_mib = memory[i]
                 await self.registry.add(backend.key, persist=False, source="local")
                 self.registry.report(backend.key, up=True, latency_ms=backend.ready_ms,
                                      reason=f"local ggml-rpc-server started (pid {backend.pid})")

@@ -77,6 +77,9 @@ class RpcRegistry:
         self._task: asyncio.Task | None = None
         self._held: frozenset[str] = frozenset()     # in use by the coordinator: not probed
         self.file_errors: list[str] = []
+        # called with (address, old state, new state, reason) after each change: the coordinator
+        # follows the backends it holds this way (a failover), not through event strings
+        self.on_change: list[Callable[[str, str, str, str], object]] = []
 
     # ------------------------------------------------------------ lifecycle
 
@@ -299,6 +302,12 @@ class RpcRegistry:
             verb = "disconnected" if old == "up" else "unreachable"
             self.observer.emit("rpc_backend", "disconnect", f"RPC backend {backend.key} {verb}: {reason}",
                                details, level="warning")
+        for fn in list(self.on_change):
+            try:
+                fn(backend.key, old, state, reason)
+            except Exception as exc:   # a watcher's bug must not stop the registry; it is reported
+                self.observer.emit("system", "error", f"a backend watcher failed: {exc!r}", {"error": repr(exc)},
+                                   level="error")
 
     def _note_duplicate(self, backend: Backend) -> None:
         for other in self._backends.values():
