@@ -192,6 +192,37 @@ async def _detach(app: App, args: list[str]) -> Result:
     return Result.success(f"Stopped watching {url}.")
 
 
+class Stream:
+    """Streamed text on the terminal, and the one-line notices (waiting, retrying) between it: a
+    notice starts on a line of its own, the text goes on after it."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.inline = False
+
+    def text(self, chunk: str) -> None:
+        self.app.ui.write(chunk, end="")
+        self.inline = True
+
+    def say(self, line: str) -> None:
+        if self.inline:
+            self.app.ui.write("")
+        self.app.ui.write(line)
+        self.inline = False
+
+    def end(self) -> None:
+        if self.inline:
+            self.app.ui.write("")
+        self.inline = False
+
+
+def failure(app: App, exc: CoordinatorError) -> CommandError:
+    state = app.coordinator.state
+    after = {"backoff": "; it is being restarted", "fatal": "; it will not be restarted (fatal)",
+             "waiting": "; it waits for enough backends"}.get(state, "")
+    return CommandError(f"{exc}{after}")
+
+
 async def _ask(app: App, args: list[str]) -> Result:
     p = parser("coordinator ask")
     p.add_argument("prompt", nargs="+")
@@ -202,15 +233,14 @@ async def _ask(app: App, args: list[str]) -> Result:
         app.coordinator.require_running()      # before the prompt is echoed
     except CoordinatorError as exc:
         raise CommandError(str(exc)) from None
-    app.ui.write(prompt, end="")
+    out = Stream(app)
+    out.text(prompt)
     try:
-        result = await app.coordinator.ask(prompt, ns.n, lambda text: app.ui.write(text, end=""))
+        result = await app.coordinator.client.ask(prompt, ns.n, out.text, out.say)
     except CoordinatorError as exc:
-        app.ui.write("")
-        state = app.coordinator.state
-        after = {"backoff": "; it is being restarted", "fatal": "; it will not be restarted (fatal)"}.get(state, "")
-        raise CommandError(f"{exc}{after}") from None
-    app.ui.write("")
+        out.end()
+        raise failure(app, exc) from None
+    out.end()
     return Result.text(f"[{result['tokens']} tokens in {result['seconds']:g}s, "
                        f"{result['tokens_per_s']:g} tokens/s]")
 

@@ -109,4 +109,6 @@ def default_level(to: State, reason: str | None) -> str:
         return "warning"
     if to == S.EXITED and reason in ("crash", "startup_failed", "health"):
         return "error"
+    if to == S.EXITED and reason == "failover":
+        return "warning"
     return "info"

@@ -173,6 +173,11 @@ class CoordinatorManager:
         self.last_failover: dict[str, Any] | None = None
         self._recovery: dict[str, Any] | None = None   # a failover under way: lost, survivors, since
         self.requests = 0                  # our own requests (ask, chat) in flight
+        self._state_changed = asyncio.Event()        # set (and replaced) at each change: wait_running()
+        self._exit_reason: str | None = None         # why the last run ended, from the instant it did
+        from synapticllamas.llama.client import CoordinatorClient
+
+        self.client = CoordinatorClient(self)
         self.suspects: set[str] = set()   # backends an RPC failure pointed at: not in the next --rpc
         self.external: ExternalWatcher | None = None                 # `coordinator attach`
         self._settling: asyncio.Task[None] | None = None            # the last run's exit handling
@@ -212,6 +217,8 @@ class CoordinatorManager:
             if self._heartbeat_task is not None:
                 self._heartbeat_task.cancel()
                 self._heartbeat_task = None
+        changed, self._state_changed = self._state_changed, asyncio.Event()
+        changed.set()
         if announce:
             self._announce(change)
         return change
@@ -568,12 +575,14 @@ class CoordinatorManager:
             self.registry.hold(())
         reason = run.stop_reason
         if reason in ("user", "exit", "rebalance"):
+            self._exit_reason = reason
             return self._change_state(State.STOPPED, "", reason=reason, announce=False, pid=run.pid)
         if reason == "health" and returncode not in STOPPED_BY_US:
             reason = "crash"          # it died of something else while we were stopping it
         # (a failover stop stays a failover however it ended: the lost backend may abort it first)
         elif reason is None:
             reason = "startup_failed" if self.state == State.STARTING else "crash"
+        self._exit_reason = "auto_startup_failed" if reason == "startup_failed" and run.auto else reason
         return self._change_state(State.EXITED, "", reason=reason, announce=False, pid=run.pid)
 
     def _diagnose(self, run: Run, dead: list[str]) -> str:
@@ -859,60 +868,61 @@ class CoordinatorManager:
         self.external = None
         return url
 
-    # ------------------------------------------------------------ one completion
+    # ------------------------------------------------------------ serving requests
 
-    def require_running(self) -> None:
-        """Raise CoordinatorError unless there is a coordinator to ask."""
-        if self.state != State.RUNNING:
-            raise CoordinatorError(f"no running coordinator (state: {self.state}); `coordinator start` first")
+    @property
+    def recovering(self) -> bool:
+        """Is a restart under way that a request may wait for (crash, health, failover, waiting)?"""
+        if self.external:
+            return False
+        state, run = self.state, self.run
+        if state in (State.BACKOFF, State.WAITING):
+            return True
+        if state == State.STARTING:
+            return run is not None and run.auto
+        if state == State.STOPPING:
+            return run is not None and run.stop_reason in ("failover", "health", "rebalance")
+        if state == State.EXITED:
+            return self._exit_reason in ("crash", "health", "failover", "auto_startup_failed")
+        return False
 
-    def _serving(self) -> tuple[llama_http.Endpoint, Run | None]:
+    def recovery_reason(self) -> str:
+        if self._recovery and self._recovery.get("waiting"):
+            return f"waiting for memory: {self._recovery['waiting']}"
+        if self._recovery and self._recovery.get("lost"):
+            return f"failing over: lost {', '.join(self._recovery['lost'])}"
+        if self.last_exit:
+            return f"restarting after: {self.last_exit['message']}"
+        return "restarting"
+
+    async def wait_running(self, timeout: float) -> None:
+        """Until the coordinator runs again; CoordinatorError if it will not (stopped, fatal) or
+        does not within `timeout` seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                while self.state != State.RUNNING:
+                    if not self.recovering:
+                        raise CoordinatorError(f"the coordinator did not come back (state: {self.state})")
+                    await self._state_changed.wait()
+        except TimeoutError:
+            raise CoordinatorError(f"the coordinator did not come back within {timeout:g}s "
+                                   f"(state: {self.state}; {self.recovery_reason()})") from None
+
+    def serving_endpoint(self) -> tuple[llama_http.Endpoint, Run | None]:
         if self.external:
             return self.external.endpoint, None
-        assert self.run is not None
+        if self.run is None or self.state != State.RUNNING:
+            raise CoordinatorError(f"no running coordinator (state: {self.state}); `coordinator start` first")
         return self.run.endpoint, self.run
 
-    async def ask(self, prompt: str, n_predict: int, on_token: Callable[[str], None]) -> dict[str, Any]:
-        """Stream one /completion; returns counts and timings. Raises CoordinatorError (one line)."""
-        self.require_running()
-        endpoint, run = self._serving()
-        url = endpoint.url
-        self.hooks.call("on_request", Notice(CoordinatorEvent.REQUEST, f"completion request to {url} "
-                                             f"({n_predict} tokens)",
-                                             {"url": url, "prompt_chars": len(prompt), "n_predict": n_predict}))
-        started = time.monotonic()
-        tokens, final = 0, None
-        try:
-            async for event in llama_http.stream(endpoint, "/completion",
-                                                 {"prompt": prompt, "n_predict": n_predict, "stream": True}):
-                if event.get("content"):
-                    tokens += 1
-                    on_token(event["content"])
-                if event.get("stop"):
-                    final = event
-                    break
-        except (OSError, ValueError) as exc:
-            final = None
-            error = str(exc) or type(exc).__name__
-        else:
-            error = "the stream ended before the last token"
-        if final is None:
-            if run is not None and run.watcher is not None:
-                # it probably died under us: wait (bounded) for the exit, whose diagnosis says why
-                await asyncio.wait({run.watcher}, timeout=3.0)
-                if run.watcher.done() and self.last_exit:
-                    error = self.last_exit["message"]
-            self.hooks.call("on_request", Notice(CoordinatorEvent.RESPONSE, f"completion failed: {error}",
-                                                 {"url": url, "tokens": tokens, "error": error}, "error"))
-            raise CoordinatorError(f"the completion failed: {error}")
-        seconds = round(time.monotonic() - started, 3)
-        timings = final.get("timings", {})
-        result = {"tokens": tokens, "seconds": seconds, "stop_type": final.get("stop_type"),
-                  "tokens_per_s": round(timings.get("predicted_per_second", 0.0), 1),
-                  "prompt_tokens": final.get("tokens_evaluated")}
-        self.hooks.call("on_request", Notice(CoordinatorEvent.RESPONSE, f"completion: {tokens} tokens in {seconds:g}s",
-                                             {"url": url, **result}))
-        return result
+    def require_running(self) -> None:
+        """Raise CoordinatorError unless a request can be sent (now, or once a recovery is done)."""
+        self.client.check()
+
+    async def ask(self, prompt: str, n_predict: int, on_token: Callable[[str], None],
+                  say: Callable[[str], object] = lambda _: None) -> dict[str, Any]:
+        """One streamed /completion; see llama/client.py (it waits for, and retries once after, a recovery)."""
+        return await self.client.ask(prompt, n_predict, on_token, say)
 
     # ------------------------------------------------------------ helpers
 

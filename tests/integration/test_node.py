@@ -138,7 +138,8 @@ def test_it_gives_up_when_restarts_keep_failing_and_says_why(tmp_path, tag, rpc_
     port = free_port()
     node = start_node(tmp_path, tag, "--port", str(port), "--max-restarts", "2", "--rpc-server", str(wrapper))
     try:
-        wait_for(lambda: accepts(port), 20, what="rpc-server")
+        while "serving on" not in (line := node.stdout.readline()):    # the node has seen it up
+            assert line, "the node ended before serving"
         [pid] = [pid for pid, name in tagged_processes(tag) if name.startswith("ggml-rpc")]
         marker.touch()
         os.kill(pid, signal.SIGKILL)
