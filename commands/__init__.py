@@ -11,7 +11,7 @@ from synapticllamas.commands.registry import (
 )
 
 # Each module registers its commands when imported; the order is the order of `help`.
-COMMAND_MODULES = ("core", "publishing", "events", "backends", "coordinator")
+COMMAND_MODULES = ("core", "publishing", "events", "backends", "coordinator", "chat")
 
 
 def load_all() -> dict[str, Command]:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from synapticllamas import __version__
 from synapticllamas.config import Settings, redact_url
 from synapticllamas.events.observer import Observer
+from synapticllamas.llama.conversation import Conversation
 from synapticllamas.llama.supervisor import CoordinatorManager
 from synapticllamas.rpc.discovery import NodeDirectory
 from synapticllamas.rpc.local import LocalBackends
@@ -40,6 +41,7 @@ class App:
         self.coordinator = CoordinatorManager(settings, self.observer, self.registry)
         self.nodes = NodeDirectory(self.observer, self.registry)   # follows Redis while publishing
         self.coordinator.offers_for = self.offers
+        self.conversation = Conversation()     # `chat`'s turns, kept from one `chat` to the next
 
     def offers(self, backends: list[str]) -> dict[str, Offer]:
         """What each backend offers to placements, where we know it: a local backend's `--memory`

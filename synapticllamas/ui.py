@@ -6,16 +6,23 @@ The default writes plain text to stdout, which is what piped mode and tests want
 from __future__ import annotations
 
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Protocol, TextIO
 
 
 class UI(Protocol):
     """What the engine may do with the person at the shell while a command runs."""
 
+    # a command that handles Ctrl-C itself (chat: stop the answer, keep the conversation) sets this
+    # while it runs; the shell calls it instead of cancelling the command
+    on_interrupt: Callable[[], None] | None
+
     def write(self, text: str = "", end: str = "\n") -> None: ...
     def progress(self, text: str) -> None: ...
     def end_progress(self) -> None: ...
     def notice(self, text: str, level: str = "info") -> None: ...
+    def can_read_lines(self) -> bool: ...
+    async def read_line(self, prompt: str) -> str: ...
 
 
 class Streams:
@@ -39,6 +46,18 @@ class PlainUI(Streams):
     def __init__(self, out: TextIO | None = None, err: TextIO | None = None) -> None:
         super().__init__(out, err)
         self._last_progress: str | None = None
+        self.on_interrupt: Callable[[], None] | None = None
+        # set by the interactive shell: reads one line at a prompt of the command's own (chat> )
+        self.line_reader: Callable[[str], Awaitable[str]] | None = None
+
+    def can_read_lines(self) -> bool:
+        return self.line_reader is not None
+
+    async def read_line(self, prompt: str) -> str:
+        """One line typed at `prompt`; EOFError for Ctrl-D, KeyboardInterrupt for Ctrl-C."""
+        if self.line_reader is None:
+            raise EOFError
+        return await self.line_reader(prompt)
 
     def write(self, text: str = "", end: str = "\n") -> None:
         """Streamed output of the running command (a generated token, a line of a live view)."""

@@ -57,6 +57,7 @@ class Shell:
         self._lines: asyncio.Queue | None = None      # piped mode's input lines (None = end)
         self._slots: threading.Semaphore | None = None  # bounds how far the stdin reader reads ahead
         self._log_ready = False
+        self._chat_session: Any = None                 # the `chat> ` prompt, made on first use
         load_all()
         app.observer.add_sink(self._on_event)
 
@@ -163,6 +164,7 @@ class Shell:
             history=self._history(), auto_suggest=AutoSuggestFromHistory(), completer=RegistryCompleter(),
             bottom_toolbar=self.toolbar, complete_while_typing=False, enable_history_search=False)
         self._install_signals(interactive=True)
+        self.app.ui.line_reader = self._read_line
         try:
             while self.terminating is None:
                 try:
@@ -188,6 +190,22 @@ class Shell:
         return self._exit_status()
 
     # ------------------------------------------------------------ pieces
+
+    async def _read_line(self, prompt: str) -> str:
+        """A line at a command's own prompt (`chat> `), with its own history; Ctrl-C raises
+        KeyboardInterrupt, Ctrl-D EOFError, as at the shell's prompt."""
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.patch_stdout import patch_stdout
+
+        if self._chat_session is None:
+            self._chat_session = PromptSession(history=self._history("chat_history"))
+        try:
+            with patch_stdout(raw=True):
+                self._prompt_app = self._chat_session.app
+                return await self._chat_session.prompt_async(prompt)
+        finally:
+            self._prompt_app = None
+            self._install_sigint()           # prompt_toolkit took SIGINT while it prompted
 
     def toolbar(self) -> str:
         try:
@@ -220,10 +238,12 @@ class Shell:
         if self._prompt_app is not None:
             self._prompt_app.invalidate()
 
-    def _history(self) -> Any:
+    def _history(self, name: str | None = None) -> Any:
         from prompt_toolkit.history import FileHistory, InMemoryHistory
 
         path = Path(self.app.settings.history_file)
+        if name is not None:            # a command's own prompt keeps its history beside the shell's
+            path = path.with_name(name)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.touch(exist_ok=True)
@@ -270,7 +290,10 @@ class Shell:
         """Interactive: Ctrl-C cancels the running command, the shell goes on. Piped or -c: like
         a shell script, Ctrl-C cancels the running command and ends the run (exit status 130)."""
         if self._interactive:
-            if self.current is not None:
+            interrupt = self.app.ui.on_interrupt
+            if interrupt is not None:
+                interrupt()              # the command handles Ctrl-C itself (chat: stop the answer only)
+            elif self.current is not None:
                 self.current.cancel()
         else:
             self._terminate(signal.SIGINT)
