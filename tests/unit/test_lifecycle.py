@@ -21,6 +21,20 @@ from synapticllamas.llama.supervisor import ChildOps, CoordinatorError, Coordina
 STATES = list(State)
 
 
+@pytest.fixture(scope="module")
+def small_gguf(tmp_path_factory):
+    """A real (tiny) GGUF, so placement has something to size."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from big_model import write_model
+
+    path = tmp_path_factory.mktemp("model") / "small.gguf"
+    write_model(path, n_layers=12, width=256, ffn=512, dtype="f16", seed=3)
+    return path
+
+
 class FakeProcess:
     """What the manager sees of a child: pid, stdout/stderr streams, wait(), returncode."""
 
@@ -67,6 +81,7 @@ class FakeLlama(ChildOps):
 
     async def _spawn(self, argv, **_):
         proc = FakeProcess(next(self.pids))
+        proc.argv = list(argv)
         self.procs.append(proc)
         if self.fail_starts:
             self.fail_starts -= 1
@@ -100,6 +115,7 @@ def make(tmp_path, **values):
     settings = settings_for(tmp_path, llama_server=shutil.which("true"), model=str(model), **values)
     observer = Observer(sampling=False)
     events = Collector(observer)
+    events.observer = observer
     fake = FakeLlama()
     return CoordinatorManager(settings, observer, None, ops=fake), fake, events
 
@@ -339,3 +355,124 @@ def test_a_start_from_exited_or_fatal_is_allowed_and_resets_tries(tmp_path):
     asyncio.run(main())
     assert [t for t, _ in lifecycle(events)] == ["starting", "start", "stop", "fatal", "starting", "start",
                                                  "stopping", "stop"]
+
+
+# ---------------------------------------------------------------- failover, with a fake llama-server
+
+class FakeNetwork:
+    """The registry's probe: backends in `up` answer, the others refuse."""
+
+    def __init__(self, addresses):
+        self.up = set(addresses)
+
+    async def probe(self, host, port, timeout):
+        from synapticllamas.rpc.probe import ProbeFailure, ProbeResult
+
+        if f"{host}:{port}" in self.up:
+            return ProbeResult(0.1, f"{host}:{port}")
+        raise ProbeFailure("connection refused", definitive=True)
+
+
+def make_cluster_manager(tmp_path, model=None, **values):
+    from synapticllamas.rpc.registry import RpcRegistry
+
+    backends = ("10.9.0.1:50052", "10.9.0.2:50052", "10.9.0.3:50052")
+    mgr, fake, events = make(tmp_path, distributed=True, rpc_backends=backends, **values)
+    if model is not None:
+        mgr.settings = mgr.settings.replace(model=str(model))
+    net = FakeNetwork(backends)
+    registry = RpcRegistry(mgr.settings, events.observer, probe_fn=net.probe)
+    registry.on_change.append(mgr._backend_changed)
+    mgr.registry = registry
+    return mgr, fake, events, registry, net, list(backends)
+
+
+def rpc_of(argv):
+    return argv[argv.index("--rpc") + 1].split(",")
+
+
+def test_a_lost_backend_fails_over_at_once_to_the_survivors(tmp_path):
+    mgr, fake, events, registry, net, (a, b, c) = make_cluster_manager(tmp_path)
+
+    async def main():
+        await registry.start()
+        await mgr.start()
+        first = fake.last
+        net.up.discard(b)
+        registry.report(b, up=False, reason="local ggml-rpc-server exited (killed by SIGKILL)")
+        await wait(lambda: events.of("coordinator", "failover"), "the failover")
+        assert fake.last is not first and first.signals[0] == signal.SIGTERM
+        await mgr.stop()
+
+    asyncio.run(main())
+    assert lifecycle(events) == [("starting", "user"), ("start", None), ("stopping", "failover"),
+                                 ("stop", "failover"), ("starting", "failover"), ("start", None),
+                                 ("failover", "local ggml-rpc-server exited (killed by SIGKILL)"), ("stopping", "user"),
+                                 ("stop", "user")]
+    starting = events.of("coordinator", "starting")[1]
+    assert starting.details["rpc_backends"] == [a, c] and starting.details["left_out"] == {b: "down"}
+    failover = events.of("coordinator", "failover")[0]
+    assert failover.details["lost"] == [b] and failover.details["survivors"] == [a, c]
+    assert failover.details["before"] == [a, b, c] and failover.details["downtime_s"] > 0
+    assert mgr.tries == 0 and mgr.restarts == 1
+
+
+def test_survivors_that_cannot_hold_the_model_wait_until_a_backend_is_back(tmp_path, small_gguf):
+    from synapticllamas.llama.placement import Offer
+
+    mgr, fake, events, registry, net, (a, b, c) = make_cluster_manager(tmp_path, model=small_gguf)
+    need = {}
+
+    def offers(backends):
+        return {x: Offer(need["each"], "test") for x in backends}
+
+    mgr.offers_for = offers
+
+    async def main():
+        from synapticllamas.llama.gguf_layout import read_layout
+        from synapticllamas.llama.placement import plan
+
+        layout = read_layout(small_gguf)
+        # enough for a third of the model each, not for half
+        third = plan(layout, [a, b, c], {x: Offer(10**6, "t") for x in (a, b, c)}, mgr.settings.coordinator_ctx_size)
+        need["each"] = int(max(p.need_mib for p in third.backends)) + 1
+        two = plan(layout, [a, c], {x: Offer(need["each"], "t") for x in (a, c)}, mgr.settings.coordinator_ctx_size)
+        assert not two.fits, "the test model must not fit on two of the three"
+        await registry.start()
+        await mgr.start()
+        net.up.discard(b)
+        registry.report(b, up=False, reason="node 10.9.0.2:50052 heartbeat overdue")
+        await wait(lambda: mgr.state == "waiting", "waiting")
+        status = mgr.status()
+        assert status["state"] == "waiting" and status["waiting"].startswith("the model does not fit")
+        net.up.add(b)
+        registry.report(b, up=True, reason="node 10.9.0.2:50052 up")
+        await wait(lambda: events.of("coordinator", "failover"), "the restart once memory is back")
+        await mgr.stop()
+
+    asyncio.run(main())
+    kinds = [t for t, _ in lifecycle(events)]
+    assert kinds[:6] == ["starting", "start", "stopping", "stop", "waiting", "starting"]
+    waiting = events.of("coordinator", "waiting")[0]
+    assert waiting.level == "warning" and waiting.details["lost"] == [b] and "does not fit" in waiting.message
+    assert rpc_of(fake.procs[-1].argv) == [a, b, c]
+
+
+def test_stop_while_waiting_cancels_the_wait(tmp_path):
+    mgr, fake, events, registry, net, (a, b, c) = make_cluster_manager(tmp_path)
+
+    async def main():
+        await registry.start()
+        await mgr.start()
+        net.up.clear()
+        for x in (a, b, c):
+            registry.report(x, up=False, reason="gone")
+        await wait(lambda: mgr.state == "waiting", "waiting")       # no backend left at all
+        await mgr.stop()
+        assert mgr.state == "stopped"
+        net.up.add(a)
+        registry.report(a, up=True, reason="back")
+
+    asyncio.run(main())
+    assert [t for t, _ in lifecycle(events)][-2:] == ["waiting", "stop"]
+    assert len(fake.procs) == 1
