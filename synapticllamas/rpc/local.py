@@ -126,8 +126,8 @@ class LocalBackends:
                 *(self._start_ready(str(binary), port, port_base is None, mine, threads, cache_dir)
                   for port in ports))
             for i, backend in enumerate(started):
-                if memory is not None:
-                    backend.memory_mib = memory[i]
+                if memory is not None:                   # one value for all, or one each
+                    backend.memory_mib = memory[i] if len(memory) > 1 else memory[0]
                 await self.registry.add(backend.key, persist=False, source="local")
                 self.registry.report(backend.key, up=True, latency_ms=backend.ready_ms,
                                      reason=f"local ggml-rpc-server started (pid {backend.pid})")
