@@ -131,7 +131,7 @@ def test_a_request_in_flight_when_a_backend_is_lost_is_answered_after_the_failov
     assert failover.details["lost"] == [doomed] and doomed not in failover.details["survivors"]
     responses = [e.details for e in events.of("coordinator", "response")]
     assert [("error" in r) for r in responses] == [True, False]
-    assert [e.details["reason"] for e in events.of("coordinator", "stopping")][0] == "failover"
+    assert events.of("coordinator", "stopping")[0].details["reason"] == "failover"
 
 
 def test_a_lost_backend_that_comes_back_is_taken_back_by_rebalance(tmp_path):
