@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import sys
 import tempfile
 from pathlib import Path
@@ -33,7 +34,7 @@ async def measure(tmp: Path, memory: list[int], ctx: int) -> list[dict]:
         distributed=True, backends_file=str(tmp / "backends.conf"), coordinator_port=free_port(),
         coordinator_args="-t 1", coordinator_ctx_size=ctx, rpc_backend_heartbeat=False,
         history_file=str(tmp / "history"), log_file=str(tmp / "log"))
-    app = App(settings, PlainUI(open("/dev/null", "w")))     # noqa: SIM115 - closed with the process
+    app = App(settings, PlainUI(io.StringIO()))      # what the commands would print is not measured
     await app.start()
     try:
         await app.local_backends.spawn(3, memory=memory)
