@@ -247,6 +247,12 @@ class RedisPublisher:
         max_events of them), so a subscriber sees the app's history from `register` on."""
         if self.enabled:
             return
+        # Import redis here, on the loop's thread, before the sender thread exists: two threads
+        # importing redis and redis.asyncio at once (node discovery starts with `redis on` too)
+        # can hit CPython's import-lock deadlock detection and kill one of them.
+        import redis.backoff
+        import redis.exceptions
+        import redis.retry  # noqa: F401
         self._queue.extend(list(backlog)[-self.max_events:])
         self._loop = asyncio.get_running_loop()
         self._first = self._loop.create_future()

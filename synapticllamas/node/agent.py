@@ -119,10 +119,12 @@ class NodeAgent:
         }
 
     def _emit(self, event_type: str, message: str, level: str = "info", **details: Any) -> None:
-        self.observer.emit(Component.NODE, event_type, message,
-                           {"address": self.options.address, "state": self.state, **details}, level)
+        # the registration first: the batch that carries this event then carries it too, so a
+        # reader who sees the event finds the hash entry saying the same
         if self.publisher is not None:
             self.publisher.update_registration(self.registration())
+        self.observer.emit(Component.NODE, event_type, message,
+                           {"address": self.options.address, "state": self.state, **details}, level)
 
     def _print_notices(self, event: Event) -> None:
         # Redis comes and goes by itself: say so, once per change (the publisher's own notices)
