@@ -699,7 +699,9 @@ class CoordinatorManager:
         self._recovery = rec
         self._begin_stop(run, "failover", f"stopping llama.cpp coordinator: RPC backend {lost} lost ({reason}); "
                          "restarting it on the others")
-        self._spawn_task(self._terminate(run))
+        # SIGKILL, not SIGTERM: a llama-server blocked sending to the dead backend would sit out the
+        # whole stop timeout, and nothing in it is worth a graceful shutdown (the model reloads anyway)
+        self.ops.signal(run.pid, signal.SIGKILL)
 
     async def _recover(self) -> None:
         """After a failover stop, or in `waiting` when a backend came back: start again at once on

@@ -401,7 +401,7 @@ def test_a_lost_backend_fails_over_at_once_to_the_survivors(tmp_path):
         net.up.discard(b)
         registry.report(b, up=False, reason="local ggml-rpc-server exited (killed by SIGKILL)")
         await wait(lambda: events.of("coordinator", "failover"), "the failover")
-        assert fake.last is not first and first.signals[0] == signal.SIGTERM
+        assert fake.last is not first and first.signals[0] == signal.SIGKILL
         await mgr.stop()
 
     asyncio.run(main())
