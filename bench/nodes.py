@@ -172,11 +172,15 @@ def close_shell(shell: PipedShell) -> None:
         shell.kill()
 
 
-def wait_listed(listener: Listener, after: int, nodes: Nodes, index: int, timeout: float = 30) -> tuple[float, dict]:
+def wait_listed(listener: Listener, after: int, nodes: Nodes, index: int, shell: PipedShell,
+                timeout: float = 30) -> tuple[float, dict]:
     try:
         return listener.wait(after, "rpc_backend", "connect", timeout, address=nodes.address(index))
     except AssertionError as exc:
-        raise AssertionError(f"{exc}\nthe node's output:\n{nodes.log(index)}") from None
+        shell.send("redis status", "backends discover", "events 40", "status")
+        time.sleep(2)
+        raise AssertionError(f"{exc}\nthe node's output:\n{nodes.log(index)}\nthe shell's:\n{shell.output()}\n"
+                             f"Redis clients: {nodes.redis.client().client_list()}") from None
 
 
 # ---------------------------------------------------------------- 1. discovery
@@ -193,7 +197,7 @@ def discovery(cluster: SimulatedCluster, redis: RedisServer, tmp: Path, starts: 
             mark = listener.mark()
             launched = time.time()
             nodes.start(index)
-            _, listed = wait_listed(listener, mark, nodes, index)
+            _, listed = wait_listed(listener, mark, nodes, index, shell)
             received, up = listener.wait(mark, "node", "node_up", address=address)
             rows.append({"address": address, "first": i < len(cluster.hosts),
                          "launch_up": up["timestamp"] - launched,
@@ -238,7 +242,7 @@ def traffic(cluster: SimulatedCluster, redis: RedisServer, tmp: Path, idle: floa
             nodes.start(index)
         shell = open_shell(tmp, redis, "shell-traffic")
         for index in range(3):
-            wait_listed(listener, mark, nodes, index)
+            wait_listed(listener, mark, nodes, index, shell)
         time.sleep(2)           # the start-up transactions are over
         monitor = subprocess.Popen([shutil.which("redis-cli"), "-h", redis.bind, "-p", str(redis.port), "monitor"],
                                    stdout=subprocess.PIPE, text=True, errors="replace")
@@ -347,7 +351,7 @@ def loads(cluster: SimulatedCluster, redis: RedisServer, tmp: Path, models: list
                 for i in range(3):
                     nodes.start(i, caches[i])
                 for i in range(3):
-                    wait_listed(listener, mark, nodes, i)
+                    wait_listed(listener, mark, nodes, i, shell)
                 cold = one_load(shell, listener, cluster, model)
                 cold["cache"] = [cache_size(c) for c in caches]
                 warm = one_load(shell, listener, cluster, model)

@@ -247,6 +247,14 @@ class RedisPublisher:
         max_events of them), so a subscriber sees the app's history from `register` on."""
         if self.enabled:
             return
+        # The sender thread's imports, done here first so that there they are only lookups: the redis
+        # package imported on two threads at once (the sender here, `redis.asyncio` for the node
+        # discovery on the loop) can fail in one of them with _DeadlockError (redis.client and
+        # redis._parsers import each other's modules), and the sender thread would die with it.
+        import redis.backoff
+        import redis.exceptions
+        import redis.retry  # noqa: F401
+
         self._queue.extend(list(backlog)[-self.max_events:])
         self._loop = asyncio.get_running_loop()
         self._first = self._loop.create_future()
