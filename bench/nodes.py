@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
-from big_model import write_model  # noqa: E402
+from big_model import RPC_CACHE_THRESHOLD, write_model  # noqa: E402
 from cluster import SimulatedCluster  # noqa: E402
 from support import PYTHON, PipedShell, RedisServer, cpu_seconds, free_port, wait_for  # noqa: E402
 
@@ -220,9 +220,9 @@ def discovery(cluster: SimulatedCluster, redis: RedisServer, tmp: Path, starts: 
 MONITOR_LINE = re.compile(r'^\d+\.\d+ \[\d+ ([^\]]+)\] "([^"]+)"')
 
 
-def client_list(admin) -> dict[str, str]:
-    """addr -> name of every connection now."""
-    return {c["addr"]: "bench-monitor" if "O" in c["flags"] else c["name"] or "(no name)" for c in admin.client_list()}
+def client_list(admin) -> dict[str, dict]:
+    """addr -> CLIENT LIST entry of every connection now."""
+    return {c["addr"]: c for c in admin.client_list()}
 
 
 def commandstats(admin) -> dict[str, int]:
@@ -255,13 +255,15 @@ def traffic(cluster: SimulatedCluster, redis: RedisServer, tmp: Path, idle: floa
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
         wait_for(lambda: lines and lines[0].strip() == "OK", 10, what="MONITOR to start")
-        names = client_list(admin)
+        clients = client_list(admin)
         stats0 = commandstats(admin)
+        window = listener.mark()
         cpu0, t0 = cpu_seconds(shell.pid), time.monotonic()
         time.sleep(idle)
         cpu1, t1 = cpu_seconds(shell.pid), time.monotonic()
+        published = [e for _, e in listener.received[window:]]
         stats1 = commandstats(admin)
-        names.update(client_list(admin))
+        after = client_list(admin)
         monitor.terminate()
         monitor.wait(10)
         reader.join(5)
@@ -277,8 +279,18 @@ def traffic(cluster: SimulatedCluster, redis: RedisServer, tmp: Path, idle: floa
         admin.close()
 
     host_of = {h.address: h.name for h in cluster.hosts}
-    per: dict[str, dict[str, int]] = {}
+    conns: dict[str, dict] = {}                   # addr -> who, commands
+    for addr, c in {**clients, **after}.items():
+        if c["name"].startswith("bench-") or "O" in c["flags"]:      # ours: admin, listener, MONITOR
+            continue
+        ip = addr.rsplit(":", 1)[0]
+        owner = f"{host_of[ip]} node" if ip in host_of else "shell"
+        role = ("subscribed to the node channel" if "P" in c["flags"] else
+                "publisher" if c["name"] == "synapticllamas" else f"last command {c['cmd'].upper()}")
+        conns[addr] = {"who": f"{owner}: `{c['name'] or '(no name)'}` ({role})", "shell": owner == "shell",
+                       "commands": {}, "new": addr not in clients, "gone": addr not in after}
     lua = 0
+    strangers = 0
     for line in lines[1:]:
         m = MONITOR_LINE.match(line)
         if not m:
@@ -286,24 +298,25 @@ def traffic(cluster: SimulatedCluster, redis: RedisServer, tmp: Path, idle: floa
         addr, command = m[1], m[2].upper()
         if addr == "lua":
             lua += 1
-            continue
-        name = names.get(addr, "(unknown)")
-        if name.startswith("bench-"):
-            continue
-        ip = addr.rsplit(":", 1)[0]
-        who = f"{host_of[ip]} node, {name}" if ip in host_of else f"shell, {name}"
-        per.setdefault(who, {})
-        per[who][command] = per[who].get(command, 0) + 1
+        elif addr in conns:
+            counts = conns[addr]["commands"]
+            counts[command] = counts.get(command, 0) + 1
+        elif not (clients.get(addr) or after.get(addr) or {"name": ""})["name"].startswith("bench-"):
+            strangers += 1
     # INFO commandstats: every command run, the scripts' own included; the bench's own taken out
     delta = {k: stats1.get(k, 0) - stats0.get(k, 0) for k in stats1}
     own = {"cmdstat_info": 1}       # the first INFO is counted in the second one's figures
     total_stats = sum(max(0, v - own.get(k, 0)) for k, v in delta.items())
-    total_monitor = sum(sum(c.values()) for c in per.values()) + lua
-    shell_conns = sorted({n for a, n in names.items() if a.rsplit(":", 1)[0] == cluster.root_address
-                          and not n.startswith("bench-")})
-    return {"elapsed": elapsed, "per": per, "lua": lua, "total_stats": total_stats, "total_monitor": total_monitor,
-            "shell_cpu": (cpu1 - cpu0) / elapsed, "shell_conns": shell_conns,
-            "node_publishes": sum(c.get("PUBLISH", 0) for w, c in per.items() if " node," in w)}
+    total_monitor = sum(sum(c["commands"].values()) for c in conns.values()) + lua + strangers
+    shell_events: dict[str, int] = {}
+    for e in published:
+        if e["source"]["app"] == "synapticllamas":
+            key = f"{e['component']}/{e['event_type']}"
+            shell_events[key] = shell_events.get(key, 0) + 1
+    node_events = sum(1 for e in published if e["component"] == "node")
+    return {"elapsed": elapsed, "conns": list(conns.values()), "lua": lua, "strangers": strangers,
+            "total_stats": total_stats, "total_monitor": total_monitor, "shell_cpu": (cpu1 - cpu0) / elapsed,
+            "shell_events": shell_events, "node_events": node_events}
 
 
 # ---------------------------------------------------------------- 3. cold vs warm loads
@@ -332,8 +345,9 @@ def one_load(shell: PipedShell, listener: Listener, cluster: SimulatedCluster, m
     devices = start["details"].get("devices") or {}
     shell.send("coordinator stop")
     shell.read_until(r"Coordinator stopped|^Error", timeout=60)
+    progress = [int(m[1]) for line in lines if (m := re.search(r"sending weights to .*, (\d+)% \(", line))]
     return {"load_s": start["details"]["load_s"], "ready_s": float(match.group(1)),
-            "rx": [b - a for a, b in zip(rx0, rx1, strict=True)], "devices": devices}
+            "rx": [b - a for a, b in zip(rx0, rx1, strict=True)], "devices": devices, "progress": progress}
 
 
 def loads(cluster: SimulatedCluster, redis: RedisServer, tmp: Path, models: list[tuple[str, Path, int]]) -> dict:
@@ -443,46 +457,61 @@ def report_discovery(d: dict, load: str) -> None:
 
 def report_traffic(t: dict, load: str) -> None:
     el = t["elapsed"]
-    print(f"\n### Idle: 3 nodes heartbeating every {NODE_HEARTBEAT:g} s, a shell with `redis on`, {el:.0f} s ({load})\n")
+    print(f"\n### Idle: 3 nodes heartbeating every {NODE_HEARTBEAT:g} s, a shell with `redis on` (default settings), "
+          f"{el:.0f} s ({load})\n")
     print("| connection | commands | per second | which |")
     print("|---|---|---|---|")
-    names = sorted(t["per"], key=lambda w: (not w.startswith("shell"), w))
-    if not any(w == "shell, synapticllamas-discovery" for w in names):
-        names.insert(0, "shell, synapticllamas-discovery")
-    for who in names:
-        counts = t["per"].get(who, {})
-        total = sum(counts.values())
-        which = ", ".join(f"{c} {k}" for k, c in sorted(counts.items(), key=lambda kv: -kv[1])) or "none"
-        print(f"| {who} | {total} | {total / el:.2f}/s | {which} |")
-    print(f"\nScript commands (inside EVAL): {t['lua']}. All commands by MONITOR: {t['total_monitor']}; by INFO "
-          f"commandstats (the bench's own INFO/CLIENT LIST taken out): {t['total_stats']}. The shell's connections: "
-          f"{', '.join(t['shell_conns'])}. Node events published (what the shell's subscription received): "
-          f"{t['node_publishes']} ({t['node_publishes'] / el:.2f}/s). Shell CPU: {100 * t['shell_cpu']:.2f} % of a core.")
+    for c in sorted(t["conns"], key=lambda c: (not c["shell"], c["who"])):
+        total = sum(c["commands"].values())
+        which = ", ".join(f"{n} {k}" for k, n in sorted(c["commands"].items(), key=lambda kv: (-kv[1], kv[0])))
+        note = " (opened during the window)" if c["new"] else " (closed during the window)" if c["gone"] else ""
+        print(f"| {c['who']}{note} | {total} | {total / el:.2f}/s | {which or 'none'} |")
+    events = ", ".join(f"{n} {k}" for k, n in sorted(t["shell_events"].items())) or "none"
+    print(f"\nThe shell published in the window: {events}. Node events delivered to its subscription: "
+          f"{t['node_events']} ({t['node_events'] / el:.2f}/s). Commands run inside scripts (EVAL): {t['lua']}; "
+          f"from connections not listed: {t['strangers']}. All commands by MONITOR: {t['total_monitor']}; by INFO "
+          f"commandstats (the bench's own INFO taken out): {t['total_stats']}. Shell CPU: "
+          f"{100 * t['shell_cpu']:.2f} % of a core.")
 
 
 def report_loads(results: dict, load: str, infos: dict) -> None:
     print(f"\n### Model load over three {LOAD_RATE_MBIT} Mbit/s links ({load})\n")
-    print("| model | cold (empty caches) | warm (second start) | warm / cold | received by the nodes, cold -> warm |"
-          " cache per node after (files, MiB) |")
-    print("|---|---|---|---|---|---|")
+    print("| model | cold (empty caches) | cold's bytes at the link rate (floor) | cold / floor | warm (second start) "
+          "| warm / cold | received by the nodes, cold -> warm | cache per node after (files, MiB) |")
+    print("|---|---|---|---|---|---|---|---|")
     for label, runs in results.items():
         cold = [r["cold"]["load_s"] for r in runs]
         warm = [r["warm"]["load_s"] for r in runs]
-        rx_c = statistics.median(sum(r["cold"]["rx"]) for r in runs) / MIB
-        rx_w = statistics.median(sum(r["warm"]["rx"]) for r in runs) / MIB
+        rx_c = statistics.median(sum(r["cold"]["rx"]) for r in runs)
+        rx_w = statistics.median(sum(r["warm"]["rx"]) for r in runs)
+        floor = rx_c * 8 / (LOAD_RATE_MBIT * 1e6)      # one link at a time: llama-server sends tensor after tensor
         caches = runs[-1]["warm"]["cache"]
         cache_text = " / ".join(f"{n}, {b / MIB:.0f}" for n, b in caches)
-        print(f"| {label} ({len(runs)} run{'s' if len(runs) > 1 else ''}) | {statistics.median(cold):.1f} s "
-              f"({', '.join(f'{c:.1f}' for c in cold)}) | {statistics.median(warm):.1f} s "
-              f"({', '.join(f'{w:.1f}' for w in warm)}) | {statistics.median(warm) / statistics.median(cold):.2f}x | "
-              f"{rx_c:.1f} -> {rx_w:.1f} MiB | {cache_text} |")
+        c_med, w_med = statistics.median(cold), statistics.median(warm)
+        print(f"| {label} ({len(runs)} run{'s' if len(runs) > 1 else ''}) | {c_med:.1f} s "
+              f"({', '.join(f'{c:.1f}' for c in cold)}) | {floor:.1f} s | {c_med / floor:.2f}x | {w_med:.1f} s "
+              f"({', '.join(f'{w:.1f}' for w in warm)}) | {w_med / c_med:.2f}x | "
+              f"{rx_c / MIB:.1f} -> {rx_w / MIB:.1f} MiB | {cache_text} |")
     for label, runs in results.items():
         r = runs[-1]
         per = ", ".join(f"host{i}: {b / MIB:.1f} -> {w / MIB:.1f} MiB"
                         for i, (b, w) in enumerate(zip(r["cold"]["rx"], r["warm"]["rx"], strict=True)))
-        print(f"\n{label}: {infos.get(label, '')}; received per host, cold -> warm: {per}; "
+        print(f"\n{label}: {infos.get(label, '')}. Last run, received per host, cold -> warm: {per}; "
               f"`ready in` (the command, pre-flight included) cold {r['cold']['ready_s']:.1f} s, warm "
-              f"{r['warm']['ready_s']:.1f} s")
+              f"{r['warm']['ready_s']:.1f} s; the progress line's `sending weights` percentages: cold "
+              f"{r['cold']['progress'] or '-'}, warm {r['warm']['progress'] or '-'}")
+
+
+def gguf_summary(path: Path) -> str:
+    """Tensors of a GGUF and how many of them rpc-server would cache."""
+    import gguf
+
+    tensors = [(t.name, int(t.n_bytes)) for t in gguf.GGUFReader(path).tensors]
+    big = [(n, b) for n, b in tensors if b > RPC_CACHE_THRESHOLD]
+    small = max((b for _, b in tensors if b <= RPC_CACHE_THRESHOLD), default=0)
+    return (f"{path.name}: {len(tensors)} tensors, {sum(b for _, b in tensors) / MIB:.1f} MiB; "
+            f"{len(big)} above {RPC_CACHE_THRESHOLD // MIB} MiB ({', '.join(f'{n} {b / MIB:.1f} MiB' for n, b in big)}), "
+            f"the largest of the others {small / MIB:.2f} MiB")
 
 
 def main() -> int:
@@ -522,7 +551,7 @@ def main() -> int:
                 big = write_model(tmp / "big.gguf")
                 demo = binaries.demo_model()
                 infos = {"big": f"{big.summary().split(': ', 1)[1]}; written in {time.monotonic() - t0:.0f} s",
-                         "demo": f"{demo.name}, {demo.stat().st_size / MIB:.0f} MiB file"}
+                         "demo": gguf_summary(demo)}
                 load = Load()
                 results = loads(cluster, redis, tmp, [("big", big.path, args.big_runs),
                                                       ("demo", demo, args.demo_runs)])
