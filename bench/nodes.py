@@ -395,6 +395,7 @@ class Load:
 
     def __init__(self) -> None:
         self.before = os.getloadavg()[0]
+        self.others = others()
         self._cpu0 = self._cpu()
 
     @staticmethod
@@ -409,14 +410,42 @@ class Load:
         busy1, total1 = self._cpu()
         share = 100 * (busy1 - busy0) / max(1, total1 - total0)
         return (f"load average {self.before:.1f} -> {os.getloadavg()[0]:.1f}, CPUs {share:.0f} % busy "
-                f"(everything on the machine)")
+                f"(everything on the machine); at the start {self.others}")
 
 
 def others() -> str:
-    """Other people's work on the machine: browser and test processes not started by this run."""
-    out = subprocess.run(["ps", "-eo", "comm="], capture_output=True, text=True).stdout.split()
-    chromium = sum(1 for c in out if "chrom" in c)
-    return f"{chromium} chromium processes running" if chromium else "no browser running"
+    """Other people's work on the machine now: test runs, llama.cpp processes and browsers that are
+    not this bench's (not its descendants)."""
+    parent: dict[int, int] = {}
+    cmd: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                stat = fh.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmd[int(entry)] = fh.read().replace(b"\0", b" ").decode(errors="replace")
+            parent[int(entry)] = int(stat[stat.rindex(")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    mine = {os.getpid()}
+    grew = True
+    while grew:
+        grew = False
+        for pid, ppid in parent.items():
+            if ppid in mine and pid not in mine:
+                mine.add(pid)
+                grew = True
+    counts = {"pytest": 0, "llama-server": 0, "rpc-server": 0, "chromium": 0}
+    for pid, line in cmd.items():
+        if pid in mine:
+            continue
+        for key, needle in (("pytest", "pytest"), ("llama-server", "llama-server"), ("rpc-server", "rpc-server"),
+                            ("chromium", "chrom")):
+            if needle in line.split(" ", 1)[0] or (key == "pytest" and " -m pytest" in line):
+                counts[key] += 1
+    return "others running: " + ", ".join(f"{n} {k}" for k, n in counts.items())
 
 
 # ---------------------------------------------------------------- report
@@ -427,7 +456,7 @@ def nearest_rank(values: list[float], q: float) -> float:
 
 
 def ms(x: float) -> str:
-    return f"{x * 1000:.0f} ms"
+    return f"{x * 1000:.1f} ms" if x < 0.01 else f"{x * 1000:.0f} ms"
 
 
 def report_discovery(d: dict, load: str) -> None:
@@ -532,8 +561,7 @@ def main() -> int:
     from synapticllamas.llama import binaries
 
     began = time.monotonic()
-    print(f"bench/nodes.py {' '.join(sys.argv[1:])}; {time.strftime('%Y-%m-%d %H:%M')}; {others()} at the start",
-          file=sys.stderr)
+    print(f"bench/nodes.py {' '.join(sys.argv[1:])}; {time.strftime('%Y-%m-%d %H:%M')}; {others()}")
     with tempfile.TemporaryDirectory(prefix="bench-nodes-") as tmp_name, SimulatedCluster(4) as cluster:
         tmp = Path(tmp_name)
         redis = RedisServer(tmp / "redis", bind=cluster.root_address).start()
@@ -558,7 +586,7 @@ def main() -> int:
                 report_loads(results, load.end(), infos)
         finally:
             redis.kill()
-    print(f"\n(total {time.monotonic() - began:.0f} s; {others()} at the end)")
+    print(f"\n(total {time.monotonic() - began:.0f} s; at the end {others()})")
     return 0
 
 
