@@ -119,10 +119,13 @@ class NodeAgent:
         }
 
     def _emit(self, event_type: str, message: str, level: str = "info", **details: Any) -> None:
-        self.observer.emit(Component.NODE, event_type, message,
-                           {"address": self.options.address, "state": self.state, **details}, level)
+        # the registration first: the sender thread may take the event the moment it is emitted, and
+        # the refreshed registration must go with that batch (or an earlier one), so that a reader who
+        # sees node_up finds the hash up to date, not only a heartbeat later
         if self.publisher is not None:
             self.publisher.update_registration(self.registration())
+        self.observer.emit(Component.NODE, event_type, message,
+                           {"address": self.options.address, "state": self.state, **details}, level)
 
     def _print_notices(self, event: Event) -> None:
         # Redis comes and goes by itself: say so, once per change (the publisher's own notices)
