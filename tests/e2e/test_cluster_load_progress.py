@@ -62,7 +62,9 @@ def test_a_cold_load_over_slow_links_shows_moving_progress_and_5_percent_events(
         assert percents == sorted(percents) and len(set(percents)) >= 5, percents
         assert all(a < b for a, b in pairwise(sent)), sent          # each line printed is news
         assert all(b - a <= 35 for a, b in pairwise(percents)), percents    # it moves, no long stall
-        assert percents[-1] >= 90, percents
+        # the last sample may come up to a second (~7.5 % here) before the upload ends, and llama-server's
+        # warm-up after it can be shorter than the rest of that second: near 100, not always 100
+        assert percents[-1] >= 85, percents
         totals = {t for *_, t in samples}
         assert len(totals) == 1 and 85 <= totals.pop() <= 100, samples    # the RPC devices' model buffers
 
@@ -75,7 +77,7 @@ def test_a_cold_load_over_slow_links_shows_moving_progress_and_5_percent_events(
         assert len(steps) >= 3, steps
         assert all(p % 5 == 0 for p in steps), steps
         assert all(a < b for a, b in pairwise(steps)), steps
-        assert 90 <= steps[-1] <= 100, steps
+        assert 85 <= steps[-1] <= 100, steps
         for e in events:
             d = e["details"]
             # the step reached: the exact figure (sent_mib, total_mib: 0.1 MiB rounded) is in [step, step + 5)
