@@ -513,7 +513,10 @@ class CoordinatorManager:
                        f"{'s' if len(backends) != 1 else ''}, {percent}% ({details['sent_mib']:g} of {total:g} MiB)")
             self.hooks.call("on_load_progress", Notice(ModelEvent.LOADING, message, details))
             if upload.step(percent):
-                self.hooks.call("on_model_progress", Notice(ModelEvent.LOADING, message, details))
+                # the event's percent is the 5 % step reached (a multiple of 5, each once); the
+                # message keeps the exact figure, the same text as the line, which the UI prints once
+                self.hooks.call("on_model_progress", Notice(ModelEvent.LOADING, message,
+                                                            {**details, "percent": upload.reported}))
             if percent >= 100:
                 return
 
