@@ -126,13 +126,16 @@ class ContractPublisher:
         self.client = client
         self.source = {"app": app, "instance": instance, "host": instance.split(":")[0]}
         self.seq = 0
+        self.sampled = 0     # the running count of events "sampled out" before each one
 
     def event(self, component: str, event_type: str, message: str, details: dict | None = None,
-              level: str = "info", seq: int | None = None) -> dict:
+              level: str = "info", seq: int | None = None, sampled: int | None = None,
+              timestamp: float | None = None) -> dict:
         self.seq = self.seq + 1 if seq is None else seq
-        return {"timestamp": time.time(), "component": component, "event_type": event_type,
-                "message": message, "details": details or {}, "level": level, "source": self.source,
-                "seq": self.seq}
+        self.sampled = self.sampled if sampled is None else sampled
+        return {"timestamp": time.time() if timestamp is None else timestamp, "component": component,
+                "event_type": event_type, "message": message, "details": details or {}, "level": level,
+                "source": self.source, "seq": self.seq, "sampled": self.sampled}
 
     def push(self, *events: dict) -> None:
         pipe = self.client.pipeline(transaction=True)

@@ -128,9 +128,9 @@ def test_two_shells_heartbeats_gaps_and_a_hostile_log_line_render_as_text(env):
     raw = page.locator("#raw")
     expect()(raw).to_contain_text(f"llama-host:42 {XSS}", timeout=5000)
     after_gap = page.locator("#events tbody tr", has_text="after the gap").locator("td").nth(2)
-    expect()(after_gap).to_have_text("5 +2 missing")
-    assert after_gap.locator(".gap").get_attribute("title").startswith("seq 3-4 never arrived")
-    expect()(page.locator("#apps tbody tr", has_text="llama-host:42").locator("td").nth(7)).to_have_text("2")
+    expect()(after_gap).to_have_text("5 +2 lost")     # sampled stayed at 0: nothing was sampled out
+    assert after_gap.locator(".lost").get_attribute("title").startswith("2 events between seq 3 and 4 never arrived")
+    expect()(page.locator("#apps tbody tr", has_text="llama-host:42").locator("td").nth(8)).to_have_text("2")
     expect()(page.locator("#apps tbody tr", has_text="<script>alert(2)</script>:1")).to_be_visible()
     expect()(page.locator("#events tbody")).to_contain_text("<b>bold?</b>")
     assert page.locator("img").count() == 0, "a log line became an <img> element"
