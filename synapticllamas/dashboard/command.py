@@ -126,7 +126,7 @@ def start_private_redis(url: str, binary: str | None, asked: bool, configured: b
         private.start()
     except embedded.EmbeddedRedisError as exc:
         click.echo(f"Error: {exc}", err=True)
-        sys.exit(1)
+        sys.exit(exc.status)
     why = "--embedded-redis" if asked else f"no Redis URL configured and nothing answers at {redact_url(url)}"
     click.echo(f"{why}: started a private redis-server ({private.binary}) on {private.address}, for this "
                "dashboard only; it stops when the dashboard does. Shells publish to it with `redis on`"

