@@ -10,6 +10,7 @@
   const MAX_POINTS = 2000;     // inference points kept per coordinator
   const FOLD_AFTER_MS = 10 * 60 * 1000;   // stopped (or long stale) apps and down nodes fold away after this
   const CHART_GAP_MS = 250;    // charts are redrawn at most 4 times a second
+  const NODE_APP = "synapticllamas-node";   // source.app of `main.py node`
   // the event contract's names, served by the dashboard from synapticllamas/events/contract.py
   const CONTRACT = window.SYNAPTICLLAMAS_CONTRACT;
   const C = CONTRACT.component, T = CONTRACT.type;
@@ -280,6 +281,7 @@
       n.host = ev.source.host || n.host;
       n.instance = instance;
       nodeFrom(n, d, heard);
+      if (n.interval) a.heartbeatEvery = n.interval;   // a node is live while its heartbeats arrive
       if (isType(ev, C.NODE, T.node.NODE_DOWN)) {   // the node left: stopped, as a shell that said goodbye
         n.state = "down";
         n.downAt = n.downAt ?? heard;
@@ -449,7 +451,8 @@
       sampled.title = "left out by the app's sampling on purpose: not lost";
       const lost = el("td", a.lost, a.lost ? "lost" : "");
       lost.title = "created and kept by the app, never arrived: dropped in a Redis outage or trimmed from the journal";
-      return row([a.instance, text(r.app) || a.source.app, text(r.mode), text(r.version), stateCell(state, why, when),
+      const mode = text(r.mode) || (a.source.app === NODE_APP ? "node" : "");
+      return row([a.instance, text(r.app) || a.source.app, mode, text(r.version), stateCell(state, why, when),
                   a.lastHeard ? `${age(now - a.lastHeard)} ago` : "-", a.count, sampled, lost]);
     });
     $("apps").tBodies[0].replaceChildren(...appRows);
@@ -461,8 +464,9 @@
       const c = a.coordinator;
       const ended = ["stopped", "exited", "fatal"].includes(c.state);
       const state = ended && c.reason ? `${c.state} (${c.reason})` : c.state;
-      return row([a.instance, stateCell(state), c.model || "-", c.port ?? "-",
-                  c.backends.length ? c.backends.join(", ") : "none",
+      const backends = el("td", c.backends.length ? "" : "none");
+      c.backends.forEach((b, i) => backends.appendChild(el("span", i ? `, ${b}` : b, "nowrap")));   // wrap between addresses
+      return row([a.instance, stateCell(state), c.model || "-", c.port ?? "-", backends,
                   c.startedAt ? age(now - c.startedAt * 1000) : "-", c.restarts, c.requests]);
     });
     $("coordinators").tBodies[0].replaceChildren(...coordRows);
@@ -669,6 +673,9 @@
         // the node's own clock says when it last beat; events heard later take over
         const beat = num(reg.last_heartbeat);
         nodeFrom(n, reg, beat !== null && n.heard === null ? Math.min(Date.now(), beat * 1000) : null);
+        const a = apps.get(n.instance);
+        if (a && n.interval) a.heartbeatEvery = n.interval;
+        if (a && !a.reg && typeof reg.version === "string") a.reg = { version: reg.version };
       }
       queueRender();
       queueCharts();

@@ -17,7 +17,7 @@
   function niceMax(value) {
     if (!(value > 0)) return 1;
     const step = Math.pow(10, Math.floor(Math.log10(value)));
-    for (const m of [1, 2, 5, 10]) if (m * step >= value) return m * step;
+    for (const m of [1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10]) if (m * step >= value) return m * step;
     return 10 * step;
   }
 
