@@ -427,7 +427,8 @@ def test_a_real_coordinator_sampling_is_quiet_a_curl_request_is_an_inference_eve
                                                                                "n_predict": 8})],
                           capture_output=True, text=True, timeout=120)
     assert curl.returncode == 0 and "content" in json.loads(curl.stdout), curl.stdout
-    inference = page.locator("#events tbody tr", has_text="inference").filter(has_text=instance)
+    inference = page.locator("#events tbody tr", has_text=instance).filter(
+        has=page.locator("td:nth-child(5)", has_text=re.compile(r"^inference$")))
     expect()(inference).to_have_count(1, timeout=10000)
     expect()(inference).to_contain_text("generated tokens")
     expect()(coordinator.locator("td").nth(7)).to_have_text("1")           # requests
