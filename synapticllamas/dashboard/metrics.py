@@ -179,8 +179,8 @@ class Metrics:
             self.requests[instance] += 1
             self.tokens[(instance, "prompt")] += int(number(details.get("prompt_tokens")) or 0)
             self.tokens[(instance, "generated")] += int(number(details.get("generated_tokens")) or 0)
-        elif event_type == CoordinatorEvent.STARTING and details.get("reason") == "restart":
-            self.restarts[instance] += 1
+        elif event_type == CoordinatorEvent.STARTING and details.get("reason") in ("restart", "failover"):
+            self.restarts[instance] += 1     # after a crash, or on the survivors after losing a backend
         if event_type in (CoordinatorEvent.START, ModelEvent.LOAD) and isinstance(details.get("devices"), dict):
             app.model_memory = {}
             for backend, d in details["devices"].items():
@@ -293,7 +293,8 @@ class Metrics:
         for (instance, kind), n in sorted(self.tokens.items()):
             out.sample("synapticllamas_inference_tokens_total", {"instance": instance, "kind": kind}, n)
         out.family("synapticllamas_coordinator_restarts_total", "counter",
-                   "Automatic coordinator restarts after a crash (coordinator/starting with reason restart)")
+                   "Automatic coordinator restarts: after a crash or a lost backend (coordinator/starting with "
+                   "reason restart or failover)")
         for instance, a in sorted(shells.items()):
             if a.coordinator is not None or self.restarts[instance]:
                 out.sample("synapticllamas_coordinator_restarts_total", {"instance": instance}, self.restarts[instance])

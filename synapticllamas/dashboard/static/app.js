@@ -184,7 +184,7 @@
     const d = ev.details;
     const c = a.coordinator || (a.coordinator = { state: "stopped", model: null, port: null, backends: [],
                                                   startedAt: null, restarts: 0, reason: null, requests: 0,
-                                                  devices: null });
+                                                  devices: null, placement: [] });
     c.state = typeof d.state === "string" ? d.state : (COORDINATOR_STATES[ev.event_type] || c.state);
     if ([T.coordinator.STOP, T.coordinator.FATAL].includes(ev.event_type) && d.reason) c.reason = text(d.reason);
     if (ev.event_type === T.coordinator.START) { c.startedAt = ev.timestamp; c.reason = null; }
@@ -200,7 +200,9 @@
     if (typeof d.restarts === "number") c.restarts = d.restarts;
     else if (ev.event_type === T.coordinator.BACKOFF) c.restarts += 1;
     if ([T.coordinator.START, T.model.LOAD].includes(ev.event_type) && isObject(d.devices)) c.devices = d.devices;
-    if ([T.coordinator.STOP, T.coordinator.FATAL].includes(ev.event_type)) c.devices = null;
+    // distributed starts carry the placement: per backend what it offered (a node's --memory, its free memory...)
+    if (ev.event_type === T.coordinator.START) c.placement = Array.isArray(d.placement) ? d.placement.filter(isObject) : [];
+    if ([T.coordinator.STOP, T.coordinator.FATAL].includes(ev.event_type)) { c.devices = null; c.placement = []; }
     if (isType(ev, C.COORDINATOR, T.coordinator.INFERENCE)) {
       c.requests += 1;
       const rate = num(d.tokens_per_second);
@@ -451,7 +453,7 @@
       sampled.title = "left out by the app's sampling on purpose: not lost";
       const lost = el("td", a.lost, a.lost ? "lost" : "");
       lost.title = "created and kept by the app, never arrived: dropped in a Redis outage or trimmed from the journal";
-      const mode = text(r.mode) || (a.source.app === NODE_APP ? "node" : "");
+      const mode = text(r.mode) || (a.source.app === NODE_APP ? C.NODE : "");   // a node: the mode column says so
       return row([a.instance, text(r.app) || a.source.app, mode, text(r.version), stateCell(state, why, when),
                   a.lastHeard ? `${age(now - a.lastHeard)} ago` : "-", a.count, sampled, lost]);
     });
@@ -607,6 +609,8 @@
         r.used += used;
         if (num(d.total_mib) !== null) r.total = d.total_mib;
         if (num(d.free_mib) !== null) r.free = d.free_mib;
+        const planned = c.placement.find((p) => p.address === device);
+        if (planned && num(planned.offered_mib) !== null) r.offered = planned.offered_mib;
         byKey.set(key, r);
       }
     }
