@@ -293,7 +293,7 @@ def print_report(args, r, idle_before, idle_after) -> None:
         print(f"\nmissing seqs (first 10): {r['missing'][:10]}")
     if r["viewers_closed_early"]:
         print(f"\nWARNING: {r['viewers_closed_early']} viewers were disconnected during the run")
-    print("\nRSS samples (s, MB): " + ", ".join(f"{t:.0f}:{kib / 1024:.1f}" for t, kib in rss[::4]))
+    print("\nRSS samples (s, MB): " + ", ".join(f"{t:.0f}:{kib / 1024:.1f}" for t, kib in rss))
 
 
 if __name__ == "__main__":
