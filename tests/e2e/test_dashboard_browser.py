@@ -357,8 +357,14 @@ CLIPPED = """() => {
 }"""
 
 
-def cells(page, table: str, key: str) -> list[str]:
-    return page.locator(f"#{table} tbody tr", has_text=key).first.locator("td").all_text_contents()
+def colour(page, selector: str, containing: str, inner: str | None = None) -> str | None:
+    """The computed colour of the first `selector` element whose text contains `containing` (or of its
+    `inner` part), looked up and read in one go: the panels are rebuilt every second."""
+    return page.evaluate("""([selector, containing, inner]) => {
+        const el = Array.from(document.querySelectorAll(selector)).find((e) => e.textContent.includes(containing));
+        const part = el && (inner ? el.querySelector(inner) : el);
+        return part ? getComputedStyle(part).color : null;
+    }""", [selector, containing, inner])
 
 
 def chart_number(page, chart: str, attribute: str) -> int:
@@ -412,8 +418,8 @@ def test_a_real_coordinator_sampling_is_quiet_a_curl_request_is_an_inference_eve
     assert page.locator("#events .sampled").count() > 0
     assert page.locator("#events .lost, #apps td.lost").count() == 0
     assert "missing" not in page.locator("body").inner_text()
-    grey = page.locator("#events .sampled").first.evaluate("e => getComputedStyle(e).color")
-    assert grey != LOST_ORANGE
+    grey = colour(page, "#events tbody tr", "sampled", ".sampled")
+    assert grey is not None and grey != LOST_ORANGE
 
     # charts drawn from what the page has: events per second, the model's memory on this machine
     expect()(page.locator("#chart-events polyline[data-series=info]")).to_have_count(1)
@@ -482,10 +488,10 @@ def test_events_dropped_in_a_real_outage_show_as_lost_loudly(env):
                 if '"events_dropped"' in fields["event"] and instance in fields["event"])
     lost_cell = app.locator("td").nth(8)
     expect()(lost_cell).to_have_text(str(total), timeout=10000)
-    assert lost_cell.evaluate("e => getComputedStyle(e).color") == LOST_ORANGE
+    assert colour(page, "#apps tbody tr", instance, "td:nth-child(9)") == LOST_ORANGE
     marker = page.locator("#events .lost", has_text=f"+{total} lost")
     expect()(marker).to_have_count(1)
-    assert marker.evaluate("e => getComputedStyle(e).color") == LOST_ORANGE
+    assert colour(page, "#events .lost", f"+{total} lost") == LOST_ORANGE
     assert "dropped in a Redis outage" in marker.get_attribute("title")
     lost = metrics(env.dashboard)[("synapticllamas_events_lost_total", (("instance", instance),))]
     assert lost == total
