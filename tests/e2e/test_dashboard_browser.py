@@ -445,6 +445,12 @@ def test_a_real_coordinator_sampling_is_quiet_a_curl_request_is_an_inference_eve
              what="the events chart to count the new events")
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "dashboard-monitoring.png"), full_page=True)
+    # a page opened now draws the same charts from the replayed journal
+    late = env.open()
+    expect()(late.page.locator(f'#chart-tokens circle[data-series="{instance}"]')).to_have_count(1, timeout=10000)
+    expect()(late.page.locator("#chart-events polyline[data-series=info]")).to_have_count(1)
+    expect()(late.page.locator(f'#chart-memory g.bar[data-address^="{instance} "]').first).to_be_visible()
+    assert late.errors == [], f"console errors on the late page: {late.errors}"
 
     # `events` in the shell speaks of sampling the same way
     shell.send("events 1")
