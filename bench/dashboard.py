@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Dashboard figures for docs/PERFORMANCE.md: 50 SSE viewers at 1,000 events/s, and idle cost.
 
-    .venv/bin/python bench/dashboard.py [--duration 120] [--viewers 50] [--rate 1000] [--idle 30]
+    .venv/bin/python bench/dashboard.py [--duration 120] [--viewers 50] [--rate 1000] [--idle 30] [--scrape 5]
 
 Everything is real and separate, as in use: a redis-server on a free port, the dashboard process
 (`main.py dashboard-server`), and a pusher process that emits events through the project's own
@@ -11,11 +11,14 @@ Redis subscriber (PSUBSCRIBE synapticllamas:llama_cpp:*) - what a client gets wi
 
 Latency = the time a frame is read by the viewer minus the event's own timestamp (stamped by
 emit() in the pusher; same machine, same clock). Loss = bench events emitted but not received.
+Meanwhile a scraper GETs /metrics every --scrape seconds (the dashboard runs with --metrics-hold 5,
+so the idle measurement after the load starts once the scrape's hold has ended).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import re
 import subprocess
@@ -31,9 +34,10 @@ from support import PYTHON, RedisServer, cpu_seconds, free_port, shell_env, wait
 
 BIN_MS = 0.1                      # latency histogram resolution
 BINS = 20000                      # up to 2 s; slower goes in the last bin
-# the pusher's events, as Event.to_json() writes them: timestamp first, seq last, one line each
-# (a greedy [^\n]* backtracks from the line end to "seq": 5x faster than a lazy match)
-EVENT = re.compile(rb'\{"timestamp":([0-9.e+-]+),"component":"raw","event_type":"bench"[^\n]*"seq":(\d+)\}')
+# the pusher's events, as Event.to_json() writes them: timestamp first, seq and sampled last, one line
+# each (a greedy [^\n]* backtracks from the line end to "seq": 5x faster than a lazy match)
+EVENT = re.compile(rb'\{"timestamp":([0-9.e+-]+),"component":"raw","event_type":"bench"[^\n]*"seq":(\d+),"sampled":\d+\}')
+METRICS_HOLD = 5.0
 
 PUSHER = r"""
 import asyncio, json, sys, time
@@ -148,6 +152,23 @@ async def open_subscriber(port: int) -> FrameReader:
     return reader
 
 
+async def scraper(port: int, every: float, stop: asyncio.Event) -> list[tuple[float, int, float]]:
+    """GET /metrics every `every` seconds: (seconds it took, body bytes, events counted so far)."""
+    out = []
+    while not stop.is_set():
+        t0 = time.monotonic()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        body = await reader.read()
+        writer.close()
+        took = time.monotonic() - t0
+        found = re.search(rb"^synapticllamas_dashboard_events_observed_total (\d+)", body, re.M)
+        out.append((took, len(body.split(b"\r\n\r\n", 1)[-1]), float(found.group(1)) if found else -1))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), every)
+    return out
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:
@@ -179,11 +200,15 @@ async def load(args, dash_port: int, redis_port: int, redis_url: str, dash_pid: 
     rss, cpu0, t0 = [], cpu_seconds(dash_pid), time.monotonic()
     pusher.stdin.write(b"go\n")
     await pusher.stdin.drain()
+    stop_scraping = asyncio.Event()
+    scrapes = asyncio.ensure_future(scraper(dash_port, args.scrape, stop_scraping))
     done = asyncio.ensure_future(pusher.stdout.readline())
     while not done.done():
         rss.append((time.monotonic() - t0, rss_kib(dash_pid)))
         await asyncio.wait({done}, timeout=5.0)
     load_cpu = (cpu_seconds(dash_pid) - cpu0) / (time.monotonic() - t0) * 100
+    stop_scraping.set()
+    scraped = await scrapes
     report = json.loads(done.result())
     await pusher.wait()
     await asyncio.sleep(1.0)                      # the last frames in flight
@@ -198,6 +223,7 @@ async def load(args, dash_port: int, redis_port: int, redis_url: str, dash_pid: 
         reader.transport.close()
     return {"report": report, "hist": hist, "baseline": baseline.hist, "lost": lost, "dups": dups,
             "baseline_lost": len(expected - baseline.seqs), "missing": missing, "rss": rss, "load_cpu": load_cpu,
+            "scrapes": scraped,
             "viewers_closed_early": sum(v.closed for v in viewers)}
 
 
@@ -207,6 +233,7 @@ def main() -> None:
     parser.add_argument("--viewers", type=int, default=50)
     parser.add_argument("--rate", type=float, default=1000.0, help="events per second")
     parser.add_argument("--idle", type=float, default=30.0, help="seconds of each idle measurement")
+    parser.add_argument("--scrape", type=float, default=5.0, help="seconds between GET /metrics during the load")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmpdir:
@@ -214,7 +241,8 @@ def main() -> None:
         redis_server = RedisServer(tmp / "redis").start()
         dash_port = free_port()
         dash = subprocess.Popen([PYTHON, str(ROOT / "main.py"), "dashboard-server", "--port", str(dash_port),
-                                 "--redis-url", redis_server.url], cwd=ROOT, env=shell_env(tmp),
+                                 "--redis-url", redis_server.url, "--metrics-hold", str(METRICS_HOLD)],
+                                cwd=ROOT, env=shell_env(tmp),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             client = redis_server.client()
@@ -222,7 +250,8 @@ def main() -> None:
             time.sleep(1.0)
             idle_before = idle(client, dash.pid, args.idle)
             result = asyncio.run(load(args, dash_port, redis_server.port, redis_server.url, dash.pid, tmp))
-            wait_for(lambda: client.execute_command("PUBSUB", "NUMPAT") == 0, 10, what="the hub to close")
+            wait_for(lambda: client.execute_command("PUBSUB", "NUMPAT") == 0, 10 + METRICS_HOLD,
+                     what="the hub to close (viewers gone, the scrape's hold over)")
             time.sleep(1.0)
             idle_after = idle(client, dash.pid, args.idle)
         finally:
@@ -240,7 +269,7 @@ def print_report(args, r, idle_before, idle_after) -> None:
     rate = rep["emitted"] / rep["seconds"]
     print(f"Command: .venv/bin/python bench/dashboard.py --duration {args.duration:g} --viewers {args.viewers} "
           f"--rate {args.rate:g} --idle {args.idle:g}\n")
-    print("| what | dashboard viewers | raw Redis subscriber (baseline, same run) | target |")
+    print(f"| what | {args.viewers} dashboard viewers | raw Redis subscriber (baseline, same run) | target |")
     print("|---|---|---|---|")
     print(f"| events pushed | {rep['emitted']} emitted in {rep['seconds']:.1f} s ({rate:.0f}/s), "
           f"{rep['published']} published by the real publisher | same events | 1,000/s |")
@@ -250,6 +279,11 @@ def print_report(args, r, idle_before, idle_after) -> None:
         print(f"| latency p{p:g} (publish -> reader) | {h.percentile(p):.1f} ms | {b.percentile(p):.1f} ms | "
               f"{'<= 100 ms' if p == 99 else ''} |")
     print(f"| dashboard CPU under load | {r['load_cpu']:.0f} % of a core | | |")
+    took = sorted(t for t, _, _ in r["scrapes"])
+    if took:
+        print(f"| GET /metrics under load ({len(took)} scrapes, every {args.scrape:g} s) | median "
+              f"{took[len(took) // 2] * 1000:.1f} ms, max {took[-1] * 1000:.1f} ms, {r['scrapes'][-1][1]} bytes; "
+              f"events counted at the last: {r['scrapes'][-1][2]:.0f} | | |")
     print(f"| dashboard RSS (from {min(20.0, args.duration / 4):g} s to the end) | "
           f"{mb(warm[0])} -> {mb(warm[-1])}, max {mb(max(warm))} (start {mb(rss[0][1])}) | | flat |")
     print(f"| idle, before any viewer: Redis commands/s, dashboard CPU | {idle_before[0]:.2f}/s, "
@@ -259,7 +293,7 @@ def print_report(args, r, idle_before, idle_after) -> None:
         print(f"\nmissing seqs (first 10): {r['missing'][:10]}")
     if r["viewers_closed_early"]:
         print(f"\nWARNING: {r['viewers_closed_early']} viewers were disconnected during the run")
-    print("\nRSS samples (s, MB): " + ", ".join(f"{t:.0f}:{kib / 1024:.1f}" for t, kib in rss[::4]))
+    print("\nRSS samples (s, MB): " + ", ".join(f"{t:.0f}:{kib / 1024:.1f}" for t, kib in rss))
 
 
 if __name__ == "__main__":

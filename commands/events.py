@@ -62,10 +62,23 @@ def _table(app: App, recent: list, ns: argparse.Namespace) -> Result:
         return Result.text(f"No events{' match' + filters if filters else ' yet'}"
                            f" ({stats['buffered']} in the buffer).")
     rows = [(clock(e.timestamp), e.level, e.component, e.event_type, safe(e.message)) for e in recent]
+    # the same words as the terminal viewer and the dashboard: sampled out is on purpose, lost is not
+    publisher = app.publisher.status() if app.publisher is not None else None
+    lost = f"; {publisher['dropped']} lost (dropped in a Redis outage)" if publisher else ""
     footer = (f"{len(recent)} shown{' (' + filters.strip() + ')' if filters else ''}; "
               f"{stats['buffered']} in the buffer of {app.settings.observer_max_events};"
-              f" {stats['sampled_out']} sampled out of {stats['emitted']} emitted")
+              f" {stats['sampled_out']} sampled out (not lost{sampling_note(app.settings)})"
+              f" of {stats['emitted']} emitted{lost}")
     return Result.table("Events", ("time", "level", "component", "event", "message"), rows, footer=footer)
+
+
+def sampling_note(settings: Any) -> str:
+    """", 1 in 10 kept": how sampling reads on the dashboard too."""
+    rate = settings.observer_sample_rate
+    if not settings.observer_sampling or rate >= 1:
+        return ""
+    return f"; 1 in {round(1 / rate):g} kept" if rate > 0 and abs(1 / rate - round(1 / rate)) < 1e-6 \
+        else f"; {rate:g} kept"
 
 
 async def _follow(app: App, recent: list, component: str | None, level: str | None) -> None:

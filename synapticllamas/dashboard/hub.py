@@ -7,6 +7,11 @@
   and in journal order, whatever order pub/sub delivered it in. An event announced on pub/sub that
   is not in the journal after GRACE seconds (a publisher that only publishes) is shown from pub/sub.
 - Last viewer leaves: unsubscribe, close both connections, drop the ring: no Redis traffic, no work.
+  A scrape of /metrics holds the hub open like a viewer, for `hold` seconds after it (a scraper
+  comes back every minute or so; reopening each time would re-read the journal each time).
+- Metrics: every event taken from Redis also goes to `metrics` (dashboard/metrics.py), which
+  outlives the subscription. The first opening feeds it the whole journal, each later opening what
+  was journaled since the last one, so its counters are those of everything the journal held.
 - Redis down: viewers get a status event; the hub reconnects with capped backoff while anyone
   watches, and the pump resumes from its last id, so events journaled meanwhile are not lost.
   A Redis that hangs with its connections open (stopped, swapping, packets dropped) says nothing
@@ -32,7 +37,8 @@ import redis.asyncio as aioredis
 
 from synapticllamas.config import redact_url
 from synapticllamas.dashboard import frames
-from synapticllamas.events.contract import APPS_HASH, CHANNEL_PATTERN, JOURNAL_STREAM
+from synapticllamas.dashboard.metrics import Metrics
+from synapticllamas.events.contract import APPS_HASH, CHANNEL_PATTERN, JOURNAL_STREAM, NODES_HASH
 from synapticllamas.events.dedup import SeenEvents
 from synapticllamas.events.redis_errors import describe
 from synapticllamas.util.backoff import Backoff
@@ -52,6 +58,7 @@ log = logging.getLogger("synapticllamas.dashboard")
 class Hub:
     def __init__(self, redis_url: str, replay: int = 1000, capacity: int = 10000) -> None:
         self.redis_url = redis_url
+        self.metrics = Metrics()    # kept while the hub is closed: counters only grow
         self.public_url = redact_url(redis_url)
         self.replay = replay
         self.capacity = max(capacity, replay)
@@ -71,6 +78,9 @@ class Hub:
         self.views: set[View] = set()
         self._task: asyncio.Task | None = None
         self._beat: asyncio.TimerHandle | None = None
+        self._held_until = 0.0      # loop time until which a scrape keeps the hub open
+        self._release: asyncio.TimerHandle | None = None
+        self._releasing: asyncio.Task | None = None
         self._ready = asyncio.Event()
         self._doorbell = asyncio.Event()
         self._pong = asyncio.Event()
@@ -108,8 +118,35 @@ class Hub:
                 self.views.discard(view)
             async with self._lock:
                 self.viewers -= 1
-                if self.viewers == 0:
+                if self.viewers == 0 and not self.held:
                     await self._close()
+
+    @property
+    def held(self) -> bool:
+        return asyncio.get_running_loop().time() < self._held_until
+
+    async def hold(self, seconds: float) -> None:
+        """Keep the hub open for `seconds` from now even without a viewer (a /metrics scrape), and
+        return once its first reading of Redis has ended (loaded, or failed)."""
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            self._held_until = max(self._held_until, loop.time() + seconds)
+            if self._release is not None:
+                self._release.cancel()
+            self._release = loop.call_at(self._held_until, self._hold_ended)
+            if self._task is None:
+                self._open()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._ready.wait(), CONNECT_TIMEOUT + COMMAND_TIMEOUT)
+
+    def _hold_ended(self) -> None:
+        self._release = None
+        self._releasing = asyncio.create_task(self._close_if_unused(), name="dashboard-hub-release")
+
+    async def _close_if_unused(self) -> None:
+        async with self._lock:
+            if self.viewers == 0 and not self.held and self._task is not None:
+                await self._close()
 
     def _open(self) -> None:
         self.ring.clear()
@@ -139,6 +176,9 @@ class Hub:
 
     async def aclose(self) -> None:
         """Server shutdown."""
+        if self._release is not None:
+            self._release.cancel()
+            self._release = None
         async with self._lock:
             await self._close()
         if self._client is not None:
@@ -183,7 +223,11 @@ class Hub:
                 if not entries:   # start from now, not from the beginning of time
                     info = await answered(client.xrevrange(JOURNAL_STREAM, count=1), "XREVRANGE")
                     self.last_id = info[0][0].decode() if info else "0-0"
-                self._ingest(entries)
+                    if info:
+                        await self._catch_up_metrics(client, self.last_id, inclusive=True)
+                else:
+                    await self._catch_up_metrics(client, entries[0][0].decode(), inclusive=False)
+                self._ingest(entries, live=False)
                 self.loaded = True
             self._set_status("up")
             self._ready.set()
@@ -235,14 +279,32 @@ class Hub:
             reply = await client.xread({JOURNAL_STREAM: self.last_id}, count=BATCH,
                                        block=PENDING_BLOCK_MS if self.pending else None)
             entries = reply[0][1] if reply else []
-            self._ingest(entries)
+            self._ingest(entries, live=True)
             self._expire_pending()
             if len(entries) == BATCH:
                 self._doorbell.set()
 
+    async def _catch_up_metrics(self, client: Any, upto: str, inclusive: bool) -> None:
+        """Feed the metrics the journal older than the replay: all of it at the first opening,
+        what came since the last opening afterwards. Bounded pages, so the loop stays responsive."""
+        metrics = self.metrics
+        low = "-" if metrics.last_id is None else "({}-{}".format(*metrics.last_id[:2])
+        high = upto if inclusive else f"({upto}"
+        while True:
+            page = await answered(client.xrange(JOURNAL_STREAM, low, high, count=BATCH), "XRANGE")
+            for raw_id, fields in page:
+                sid = raw_id.decode()
+                payload = frames.entry_payload(fields)
+                event = frames.decode(payload) if payload is not None else None
+                if event is not None:
+                    metrics.observe(sid, event, live=False)
+            if len(page) < BATCH:
+                return
+            low = "(" + page[-1][0].decode()
+
     # ------------------------------------------------------------ the ring
 
-    def _ingest(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+    def _ingest(self, entries: list[tuple[bytes, dict[bytes, bytes]]], live: bool) -> None:
         added = False
         for raw_id, fields in entries:
             sid = raw_id.decode()
@@ -256,6 +318,7 @@ class Hub:
             self.pending.pop(key, None)
             if key in self.seen:            # shown from pub/sub before its journal entry came
                 continue
+            self.metrics.observe(sid, event, live)
             ms, _, seq = sid.partition("-")
             self._append((int(ms), int(seq or 0), 0), key, frames.frame(sid, event, payload))
             self.counters["journal"] += 1
@@ -273,6 +336,7 @@ class Hub:
             del self.pending[key]
             self.fallback_n += 1
             sid = f"{self.last_id}~{self.fallback_n}"
+            self.metrics.observe(None, event, live=True)
             self._append(frames.parse_id(sid), key, frames.frame(sid, event, payload))
             self.counters["pubsub_only"] += 1
             added = True
@@ -363,6 +427,16 @@ class Hub:
             if data is not None:
                 apps[instance.decode(errors="replace")] = redact_strings(data)
         return apps
+
+    async def nodes(self) -> dict[str, Any]:
+        """The nodes hash: HOST:PORT -> what `main.py node` registered."""
+        raw = await self.client().hgetall(NODES_HASH)
+        nodes = {}
+        for address, text in raw.items():
+            data = frames.decode(text)
+            if data is not None:
+                nodes[address.decode(errors="replace")] = redact_strings(data)
+        return nodes
 
     async def ping(self) -> str | None:
         """None when Redis answers, else why not (password scrubbed)."""

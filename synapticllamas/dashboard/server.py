@@ -1,8 +1,9 @@
 """The dashboard web app (Starlette) and how it is served (uvicorn).
 
 Routes: GET / (the page), GET /events (the live feed, text/event-stream), GET /api/events?since=ID,
-GET /api/apps, GET /healthz, and /static/*. The API routes read Redis only when asked; the live
-feed goes through the hub, which holds Redis only while someone is watching.
+GET /api/apps, GET /api/nodes, GET /metrics (Prometheus), GET /healthz, and /static/*. The API
+routes read Redis only when asked; the live feed and /metrics go through the hub, which holds Redis
+only while someone is watching or a scraper asked within the last `metrics_hold` seconds.
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ from synapticllamas.dashboard.sse import EventStream
 STATIC = Path(__file__).resolve().parent / "static"
 API_LIMIT_DEFAULT, API_LIMIT_MAX = 100, 10000
 NO_STORE = {"cache-control": "no-store"}
+METRICS_HOLD = 300.0     # seconds a scrape keeps the subscription (scrapers come every 15-60 s)
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def bad_request(error: str) -> JSONResponse:
@@ -57,7 +60,7 @@ def id_param(value: str | None, name: str) -> str | None:
 
 
 def create_app(redis_url: str, token: str | None = None, replay: int = 1000,
-               loopback_only: bool = True) -> Any:
+               loopback_only: bool = True, metrics_hold: float = METRICS_HOLD) -> Any:
     hub = Hub(redis_url, replay=replay)
     page = (STATIC / "index.html").read_text(encoding="utf-8")
     # the page's own assets need the token too; it is the configured one, escaped for an attribute
@@ -103,6 +106,19 @@ def create_app(redis_url: str, token: str | None = None, replay: int = 1000,
             return unavailable(hub, exc)
         return JSONResponse({"apps": [apps[k] | {"instance": k} for k in sorted(apps)]}, headers=NO_STORE)
 
+    async def api_nodes(request: Request) -> Response:
+        try:
+            nodes = await hub.nodes()
+        except Exception as exc:
+            return unavailable(hub, exc)
+        return JSONResponse({"nodes": [nodes[k] | {"address": k} for k in sorted(nodes)]}, headers=NO_STORE)
+
+    async def metrics(request: Request) -> Response:
+        # from the events the hub reads; the scrape keeps it reading for metrics_hold seconds
+        await hub.hold(metrics_hold)
+        return Response(hub.metrics.render(redis_up=hub.status["redis"] == "up"), media_type=PROMETHEUS_TEXT,
+                        headers=NO_STORE)
+
     async def healthz(request: Request) -> Response:
         error = await hub.ping()
         return JSONResponse({
@@ -128,6 +144,8 @@ def create_app(redis_url: str, token: str | None = None, replay: int = 1000,
         Route("/events", events),
         Route("/api/events", api_events),
         Route("/api/apps", api_apps),
+        Route("/api/nodes", api_nodes),
+        Route("/metrics", metrics),
         Route("/healthz", healthz),
         Mount("/static", StaticFiles(directory=STATIC)),
     ], lifespan=lifespan)
@@ -169,7 +187,8 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(host: str, port: int, redis_url: str, token: str | None, replay: int) -> int:
+def serve(host: str, port: int, redis_url: str, token: str | None, replay: int,
+          metrics_hold: float = METRICS_HOLD) -> int:
     import uvicorn
 
     from synapticllamas.config import redact_url
@@ -187,11 +206,11 @@ def serve(host: str, port: int, redis_url: str, token: str | None, replay: int) 
         print(f"Warning: the dashboard listens on {shown_host}:{sock.getsockname()[1]}, beyond loopback, without "
               "--token: anyone who can reach it sees every event; add --token T (or SYNAPTICLLAMAS_DASHBOARD_TOKEN)",
               file=sys.stderr, flush=True)
-    app = create_app(redis_url, token=token, replay=replay, loopback_only=loopback)
+    app = create_app(redis_url, token=token, replay=replay, loopback_only=loopback, metrics_hold=metrics_hold)
     url = f"http://{shown_host}:{sock.getsockname()[1]}/" + (f"?token={quote(token, safe='')}" if token else "")
     print(f"SynapticLlamas dashboard {__version__}: {url}", flush=True)
-    print(f"Events from {redact_url(redis_url)} (Redis is used only while a page is open). Ctrl-C stops.",
-          flush=True)
+    print(f"Events from {redact_url(redis_url)} (Redis is used only while a page is open or a scraper asked"
+          f" /metrics within {metrics_hold:g} s). Ctrl-C stops.", flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                             timeout_graceful_shutdown=1)
     try:

@@ -1,7 +1,8 @@
 """The event contract: one JSON object per event, published once on its component's channel.
 
 See docs/EVENTS.md for the field list and every event type. The first five fields are the
-reference document's; `level`, `source` and `seq` are ours (seq lets a subscriber see gaps).
+reference document's; `level`, `source`, `seq` and `sampled` are ours (a subscriber sees gaps in
+seq, and `sampled` says how many of them sampling made: the rest were lost).
 """
 from __future__ import annotations
 
@@ -107,6 +108,10 @@ APPS_HASH = "synapticllamas:apps"           # instance id -> registration JSON
 NODES_HASH = "synapticllamas:nodes"         # a node's HOST:PORT -> its registration JSON
 
 
+def _count_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 def channel_for(component: str) -> str:
     return CHANNEL_PREFIX + component
 
@@ -126,6 +131,9 @@ class Event:
     level: str = "info"
     source: dict[str, str] = field(default_factory=dict)
     seq: int = 0
+    # events this instance sampled out before this one, a running total (None: the publisher did
+    # not say). seq - sampled counts kept events only, so a reader tells sampling from loss.
+    sampled: int | None = 0
 
     @property
     def channel(self) -> str:
@@ -141,6 +149,7 @@ class Event:
             "level": self.level,
             "source": self.source,
             "seq": self.seq,
+            "sampled": self.sampled,
         }
 
     def to_json(self) -> str:
@@ -159,6 +168,7 @@ class Event:
                 level=str(data.get("level", "info")),
                 source=dict(data.get("source") or {}),
                 seq=int(data.get("seq", 0)),
+                sampled=_count_or_none(data.get("sampled")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a SynapticLlamas event: {exc}") from None

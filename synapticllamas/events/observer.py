@@ -83,7 +83,8 @@ class Observer:
         if sample and self.sampling and LEVEL_RANK.get(level, 1) <= 1 and not self.sampler.keep():
             self.sampled_out += 1
             return None
-        event = Event(self.clock(), component, event_type, message, details or {}, level, self.source, self.seq)
+        event = Event(self.clock(), component, event_type, message, details or {}, level, self.source, self.seq,
+                      self.sampled_out)
         self.buffer.append(event)
         self.by_component[component] += 1
         self.by_level[level] += 1

@@ -163,7 +163,7 @@ def encode(event: Event) -> bytes:
     except (TypeError, ValueError, RecursionError) as exc:
         bare = Event(event.timestamp, event.component, event.event_type, event.message,
                      {"unencodable_details": f"{type(exc).__name__}: {exc}"[:200]}, event.level, event.source,
-                     event.seq)
+                     event.seq, event.sampled)
         return bare.to_json().encode()
 
 

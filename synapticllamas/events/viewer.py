@@ -37,6 +37,7 @@ class Viewer:
         # imported here, not above: the shell's start-up imports this module for its click command
         from synapticllamas.config import redact_url
         from synapticllamas.events.dedup import SeenEvents, identity
+        from synapticllamas.events.gaps import Gaps
 
         self.url = url
         self.shown_url = redact_url(url)
@@ -48,6 +49,7 @@ class Viewer:
         self.err = err or sys.stderr
         self._seen = SeenEvents(REMEMBERED)
         self._identity = identity
+        self.gaps = Gaps()                   # every event counts, filtered out or not
         self._last_id: bytes | None = None   # newest journal entry at the last (re)connection
         self.field = JOURNAL_FIELD.encode()
 
@@ -67,6 +69,7 @@ class Viewer:
         key = self._identity(event.source, event.seq)
         if key is not None and not self._seen.add(key):
             return False
+        self._account(event)
         if not self._passes(event):
             return False
         if self.as_json:
@@ -78,6 +81,27 @@ class Viewer:
         self.out.write(line + "\n")
         self.out.flush()
         return True
+
+    def _account(self, event: Event) -> None:
+        """Sampled is not lost: a loss gets a line of its own (stderr), sampling only the summary."""
+        from synapticllamas.events.contract import Component, SystemEvent
+        from synapticllamas.events.gaps import describe
+
+        instance = str(event.source.get("instance", "?"))
+        new_run = event.component == Component.SYSTEM and event.event_type == SystemEvent.REGISTER
+        gap = self.gaps.note(instance, event.seq, event.sampled, new_run)
+        if gap is not None and gap.lost:
+            from synapticllamas.util.text import safe
+
+            self.say(f"-- {safe(describe(instance, gap))} --")
+
+    def summary(self) -> None:
+        """Per app with a gap: how many events sampling left out (not lost) and how many were lost."""
+        from synapticllamas.util.text import safe
+
+        for instance, t in sorted(self.gaps.apps.items()):
+            if t.sampled or t.lost:
+                self.say(f"{safe(instance)}: {t.sampled} sampled out by the app (not lost), {t.lost} lost")
 
     # ------------------------------------------------------------ reading
 
@@ -107,6 +131,7 @@ class Viewer:
                     self.say(f"Reconnected to {self.shown_url} after {time.monotonic() - down_since:.1f} s;"
                              f" {shown} missed events read from the journal")
                 if pubsub is None:
+                    self.summary()
                     return 0
                 first, down_since = False, None
                 backoff.reset()
@@ -155,18 +180,24 @@ class Viewer:
         return shown
 
     def _last_matching(self, client: Any, n: int) -> list:
-        """The newest n journal entries that pass the filters (reading back at most CATCH_UP entries)."""
-        found: list = []
+        """The journal, newest first, back to the n-th newest entry that passes the filters (reading
+        back at most CATCH_UP entries). The entries in between come too: the filters decide what is
+        printed, but every event counts for the gaps in seq."""
+        scanned: list = []
         high: Any = "+"
-        scanned = 0
-        while len(found) < n and scanned < CATCH_UP:
+        found = 0
+        while found < n and len(scanned) < CATCH_UP:
             page = client.xrevrange(JOURNAL_STREAM, max=high, count=max(n, 200))
             if not page:
                 break
-            scanned += len(page)
-            found.extend(entry for entry in page if self.field in entry[1] and self.matches(entry[1][self.field]))
+            for entry in page:
+                scanned.append(entry)
+                if self.field in entry[1] and self.matches(entry[1][self.field]):
+                    found += 1
+                    if found == n:
+                        return scanned
             high = b"(" + page[-1][0]
-        return found[:n]
+        return scanned
 
     def matches(self, payload: bytes) -> bool:
         try:
@@ -205,5 +236,6 @@ def events_viewer(settings: Any, follow: bool, redis_url: str | None, replay: in
     try:
         status = viewer.run(follow)
     except KeyboardInterrupt:
+        viewer.summary()
         status = 0
     sys.exit(status)

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import subprocess
 import threading
 import time
 
 import pytest
-from dashboard_support import ContractPublisher, Dashboard, Shell, instance_of
-from support import ROOT, free_port, wait_for
+from dashboard_support import ContractPublisher, Dashboard, Node, Shell, instance_of
+from support import PYTHON, ROOT, free_port, shell_env, wait_for
 
 pytestmark = pytest.mark.browser
 
@@ -128,9 +130,9 @@ def test_two_shells_heartbeats_gaps_and_a_hostile_log_line_render_as_text(env):
     raw = page.locator("#raw")
     expect()(raw).to_contain_text(f"llama-host:42 {XSS}", timeout=5000)
     after_gap = page.locator("#events tbody tr", has_text="after the gap").locator("td").nth(2)
-    expect()(after_gap).to_have_text("5 +2 missing")
-    assert after_gap.locator(".gap").get_attribute("title").startswith("seq 3-4 never arrived")
-    expect()(page.locator("#apps tbody tr", has_text="llama-host:42").locator("td").nth(7)).to_have_text("2")
+    expect()(after_gap).to_have_text("5 +2 lost")     # sampled stayed at 0: nothing was sampled out
+    assert after_gap.locator(".lost").get_attribute("title").startswith("2 events between seq 3 and 4 never arrived")
+    expect()(page.locator("#apps tbody tr", has_text="llama-host:42").locator("td").nth(8)).to_have_text("2")
     expect()(page.locator("#apps tbody tr", has_text="<script>alert(2)</script>:1")).to_be_visible()
     expect()(page.locator("#events tbody")).to_contain_text("<b>bold?</b>")
     assert page.locator("img").count() == 0, "a log line became an <img> element"
@@ -331,3 +333,247 @@ def test_filters_pause_row_cap_and_staleness(env):
     # quiet:2 promised a heartbeat every 1 s and sent one: after 2 s of silence it is stale
     expect()(quiet_row.locator("td").nth(4)).to_have_text("stale", timeout=6000)
     assert watched.errors == [], f"console errors: {watched.errors}"
+
+
+# ---------------------------------------------------------------- issue 12: a monitoring page
+
+LOST_ORANGE = "rgb(217, 98, 11)"      # --lost in style.css
+WIDTHS = (1400, 1280, 800)
+MIB = 1 << 20
+
+# every element that holds a table or a chart: none may be wider than its box, nor stick out of its panel
+CLIPPED = """() => {
+    const bad = [];
+    const check = (el, what) => { if (el.scrollWidth > el.clientWidth + 1) bad.push(`${what}: ${el.scrollWidth} > ${el.clientWidth}`); };
+    check(document.documentElement, "page");
+    for (const el of document.querySelectorAll("header, section, table, .scroll, .log, figure, .legend, svg")) {
+        check(el, `${el.tagName.toLowerCase()}#${el.id || el.className.baseVal || el.className}`);
+    }
+    for (const el of document.querySelectorAll("section table, section svg")) {
+        const box = el.closest("section").getBoundingClientRect(), r = el.getBoundingClientRect();
+        if (r.right > box.right + 1 || r.left < box.left - 1) bad.push(`${el.id} sticks out of its panel`);
+    }
+    return bad;
+}"""
+
+
+def colour(page, selector: str, containing: str, inner: str | None = None) -> str | None:
+    """The computed colour of the first `selector` element whose text contains `containing` (or of its
+    `inner` part), looked up and read in one go: the panels are rebuilt every second."""
+    return page.evaluate("""([selector, containing, inner]) => {
+        const el = Array.from(document.querySelectorAll(selector)).find((e) => e.textContent.includes(containing));
+        const part = el && (inner ? el.querySelector(inner) : el);
+        return part ? getComputedStyle(part).color : null;
+    }""", [selector, containing, inner])
+
+
+def chart_number(page, chart: str, attribute: str) -> int:
+    return int(page.locator(f"#{chart}").get_attribute(f"data-{attribute}") or 0)
+
+
+def metrics(dash) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, body = dash.get("/metrics")
+    assert status == 200, body
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body) for s in family.samples}
+
+
+def viewer_summary(redis_url: str, tmp_path, instance: str) -> str:
+    """What `python3 main.py events` says at the end about this app's gaps (stderr)."""
+    proc = subprocess.run([PYTHON, str(ROOT / "main.py"), "events", "--redis-url", redis_url, "--replay", "100000",
+                           "--component", "system"], capture_output=True, text=True, env=shell_env(tmp_path),
+                          cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return next((line for line in proc.stderr.splitlines() if line.startswith(f"{instance}: ")), "")
+
+
+def test_a_real_coordinator_sampling_is_quiet_a_curl_request_is_an_inference_event_and_charts_update(env, tmp_path):
+    """Default sampling (1 in 10) over llama-server's hundreds of load lines: nothing reads as
+    missing or lost. A request made with curl straight to llama-server's port is an inference
+    event, and the charts draw it live."""
+    from synapticllamas.llama import binaries
+
+    try:
+        binaries.llama_server()
+        binaries.demo_model()
+    except binaries.NotFound as exc:
+        pytest.fail(f"this test needs llama-server and the demo model (scripts/test installs them): {exc}")
+    watched = env.open()
+    page = watched.page
+    shell = env.shell("sampling")             # default settings: observer_sample_rate 0.1
+    instance = instance_of(env.client, shell.pid)
+    port = free_port()
+    shell.send(f"coordinator start --port {port}")
+    coordinator = page.locator("#coordinators tbody tr", has_text=instance)
+    expect()(coordinator.locator("td").nth(1)).to_have_text("running", timeout=300000)
+
+    # sampling: grey "+N sampled" on rows, the Apps panel's sampled count with the rate; nothing lost
+    app = page.locator("#apps tbody tr", has_text=instance)
+    expect()(app.locator("td").nth(7)).to_contain_text("(1 in 10 kept)")
+    sampled = int(app.locator("td").nth(7).text_content().split()[0])
+    assert sampled > 50, f"llama-server's load lines should have been sampled: {sampled}"
+    expect()(app.locator("td").nth(8)).to_have_text("0")
+    assert page.locator("#events .sampled").count() > 0
+    assert page.locator("#events .lost, #apps td.lost").count() == 0
+    assert "missing" not in page.locator("body").inner_text()
+    grey = colour(page, "#events tbody tr", "sampled", ".sampled")
+    assert grey is not None and grey != LOST_ORANGE
+
+    # charts drawn from what the page has: events per second, the model's memory on this machine
+    expect()(page.locator("#chart-events polyline[data-series=info]")).to_have_count(1)
+    expect()(page.locator(f'#chart-memory g.bar[data-address^="{instance} "]').first).to_be_visible()
+    assert page.locator("#chart-tokens circle").count() == 0
+    events_before = chart_number(page, "chart-events", "total")
+
+    # a request with curl, straight to llama-server: nobody told the shell about it
+    curl = subprocess.run(["curl", "-s", "-X", "POST", f"http://127.0.0.1:{port}/completion", "-H",
+                           "Content-Type: application/json", "-d", json.dumps({"prompt": "Once upon a time",
+                                                                               "n_predict": 8})],
+                          capture_output=True, text=True, timeout=120)
+    assert curl.returncode == 0 and "content" in json.loads(curl.stdout), curl.stdout
+    inference = page.locator("#events tbody tr", has_text=instance).filter(
+        has=page.locator("td:nth-child(5)", has_text=re.compile(r"^inference$")))
+    expect()(inference).to_have_count(1, timeout=10000)
+    expect()(inference).to_contain_text("generated tokens")
+    expect()(coordinator.locator("td").nth(7)).to_have_text("1")           # requests
+    dot = page.locator(f'#chart-tokens circle[data-series="{instance}"]')
+    expect()(dot).to_have_count(1, timeout=5000)                            # drawn live, no reload
+    expect()(page.locator("#legend-tokens")).to_contain_text(instance)
+    wait_for(lambda: chart_number(page, "chart-events", "total") > events_before, 5,
+             what="the events chart to count the new events")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard-monitoring.png"), full_page=True)
+    # a page opened now draws the same charts from the replayed journal
+    late = env.open()
+    expect()(late.page.locator(f'#chart-tokens circle[data-series="{instance}"]')).to_have_count(1, timeout=10000)
+    expect()(late.page.locator("#chart-events polyline[data-series=info]")).to_have_count(1)
+    expect()(late.page.locator(f'#chart-memory g.bar[data-address^="{instance} "]').first).to_be_visible()
+    assert late.errors == [], f"console errors on the late page: {late.errors}"
+
+    # `events` in the shell speaks of sampling the same way
+    shell.send("events 1")
+    footer = shell.read_until(r"sampled out \(not lost; 1 in 10 kept\) of \d+ emitted", stream="stdout")[0].string
+    assert int(re.search(r"(\d+) sampled out", footer).group(1)) >= sampled
+
+    assert shell.exit() == 0, shell.output()
+    expect()(app.locator("td").nth(4)).to_contain_text("stopped", timeout=30000)
+    expect()(app.locator("td").nth(8)).to_have_text("0")
+    # the terminal viewer, reading the same journal, counts the same
+    page_sampled = app.locator("td").nth(7).text_content().split()[0]
+    assert viewer_summary(env.redis.url, tmp_path, instance) == \
+        f"{instance}: {page_sampled} sampled out by the app (not lost), 0 lost"
+    assert watched.errors == [], f"console errors: {watched.errors}"
+
+
+def test_events_dropped_in_a_real_outage_show_as_lost_loudly(env):
+    """A shell's outage buffer of 20 overflows while Redis is stopped (SIGSTOP: it keeps its journal):
+    the events it dropped are lost, in orange, as many as system/events_dropped says."""
+    watched = env.open()
+    page = watched.page
+    shell = env.shell("outage", SOLLOL_OBSERVER_MAX_EVENTS="20", SOLLOL_RPC_BACKEND_HEARTBEAT_INTERVAL="0.1")
+    instance = instance_of(env.client, shell.pid)
+    app = page.locator("#apps tbody tr", has_text=instance)
+    expect()(app.locator("td").nth(4)).to_have_text("live", timeout=10000)
+    expect()(app.locator("td").nth(8)).to_have_text("0")
+
+    def dropped() -> int:
+        shell.send("redis status")
+        return int(shell.read_until(r"^dropped\s+(\d+)", stream="stdout")[0].group(1))
+
+    env.redis.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: dropped() >= 10, 30, interval=0.2, what="the shell to drop heartbeats from its full buffer")
+    finally:
+        env.redis.proc.send_signal(signal.SIGCONT)
+    notice = page.locator("#events tbody tr", has_text="events were dropped").filter(has_text=instance)
+    expect()(notice.first).to_be_visible(timeout=30000)
+    total = max(json.loads(fields["event"])["details"]["total_dropped"]
+                for _, fields in env.client.xrange("synapticllamas:events")
+                if '"events_dropped"' in fields["event"] and instance in fields["event"])
+    lost_cell = app.locator("td").nth(8)
+    expect()(lost_cell).to_have_text(str(total), timeout=10000)
+    assert colour(page, "#apps tbody tr", instance, "td:nth-child(9)") == LOST_ORANGE
+    marker = page.locator("#events .lost", has_text=f"+{total} lost")
+    expect()(marker).to_have_count(1)
+    assert colour(page, "#events .lost", f"+{total} lost") == LOST_ORANGE
+    assert "dropped in a Redis outage" in marker.get_attribute("title")
+    lost = metrics(env.dashboard)[("synapticllamas_events_lost_total", (("instance", instance),))]
+    assert lost == total
+    assert shell.exit() == 0, shell.output()
+    assert watched.errors == [], f"console errors: {watched.errors}"
+
+
+def test_three_shells_two_nodes_one_redis_the_page_and_metrics_show_all_and_nothing_clips(env, tmp_path):
+    from llama_support import tagged
+
+    client = env.client
+    # an app that ran 22 minutes ago: replayed, it is stopped and folded away
+    old = ContractPublisher(client, "old-run:5")
+    gone = time.time() - 22 * 60
+    old.push(old.event("system", "register", "started", {"app": "synapticllamas", "mode": "standard"},
+                       timestamp=gone - 60),
+             old.event("system", "unregister", "stopped (exit)", {"reason": "exit"}, timestamp=gone))
+    with tagged() as tag:
+        nodes = [Node(tmp_path, env.redis.url, f"node{i}", tag) for i in range(2)]
+        try:
+            shells = [env.shell(f"s{i}", SOLLOL_RPC_BACKEND_HEARTBEAT_INTERVAL="1") for i in range(3)]
+            instances = [instance_of(client, shell.pid) for shell in shells]
+            registrations = [wait_for(lambda n=n: n.registered(client), 60, what=f"node {n.address} up")
+                             for n in nodes]
+            # a coordinator with long names, so the tables have something wide to hold
+            wide = ContractPublisher(client, "wide-host-name-of-a-lab-machine:4242")
+            wide.register(heartbeat_interval=30.0, backend_heartbeat_interval=30.0)
+            wide.emit("coordinator", "start", "llama.cpp coordinator started",
+                      {"state": "running", "port": 18080, "model_path": "/models/" + "very-long-model-name-" * 5 + ".gguf",
+                       "rpc_backends": [f"192.168.100.{i}:50052" for i in range(10, 18)]})
+            watched = env.open()
+            page = watched.page
+            for inst in instances:
+                expect()(page.locator("#apps tbody tr", has_text=inst).locator("td").nth(4)).to_have_text(
+                    "live", timeout=15000)
+            for node, reg in zip(nodes, registrations, strict=True):
+                row = page.locator("#nodes tbody tr", has_text=node.address)
+                expect()(row.locator("td").nth(6)).to_have_text("up", timeout=10000)
+                got = row.locator("td").all_text_contents()
+                assert got[1] == reg["hostname"] and got[2] == f"v{reg['rpc_version']}"
+                assert "free /" in got[3] and reg["devices"][0]["name"] in got[3]
+                assert got[7].endswith(" ago")
+                expect()(page.locator(f'#chart-memory g.bar[data-address="{node.address}"]')).to_have_count(1)
+            # the old run is folded away, one click shows it
+            assert page.locator("#apps tbody tr", has_text="old-run:5").count() == 0
+            expect()(page.locator("#stopped-note")).to_have_text("show 1 stopped app (folded after 10 min)")
+            page.check("#show-stopped")
+            expect()(page.locator("#apps tbody tr", has_text="old-run:5").locator("td").nth(4)).to_have_text(
+                "stopped 22 min ago")
+            page.uncheck("#show-stopped")
+            expect()(page.locator("#apps tbody tr", has_text="old-run:5")).to_have_count(0)
+            # live ones first
+            states = page.locator("#apps tbody tr td:nth-child(5)").all_text_contents()
+            assert states == sorted(states, key=lambda s: s != "live"), states
+
+            samples = metrics(env.dashboard)
+            assert samples[("synapticllamas_apps", ())] == 4        # three shells and `wide`
+            for inst in instances:
+                labels = {"instance": inst, "app": "synapticllamas", "state": "live", "mode": "standard",
+                          "version": json.loads(client.hget("synapticllamas:apps", inst))["version"]}
+                assert samples[("synapticllamas_app_info", tuple(sorted(labels.items())))] == 1
+            for node, reg in zip(nodes, registrations, strict=True):
+                assert samples[("synapticllamas_node_up", (("node", node.address),))] == 1
+                for d in reg["devices"]:
+                    key = ("synapticllamas_node_memory_total_bytes", (("device", d["name"]), ("node", node.address)))
+                    assert samples[key] == d["total_mib"] * MIB
+            assert samples[("synapticllamas_coordinator_up", (("instance", wide.source["instance"]),))] == 1
+
+            ARTIFACTS.mkdir(exist_ok=True)
+            for width in WIDTHS:
+                page.set_viewport_size({"width": width, "height": 1100})
+                assert page.evaluate(CLIPPED) == [], f"clipped at {width} px"
+                page.screenshot(path=str(ARTIFACTS / f"dashboard-{width}.png"), full_page=True)
+            assert watched.errors == [], f"console errors: {watched.errors}"
+            for shell in shells:
+                assert shell.exit() == 0, shell.output()
+        finally:
+            codes = [node.stop() for node in nodes]
+        assert codes == [0, 0]

@@ -285,13 +285,14 @@ def test_an_event_only_published_on_pubsub_is_shown_once(dashboard, redis_server
 def test_every_route_needs_the_token(tmp_path, redis_server):
     dash = Dashboard(tmp_path, redis_server.url, token="t0ken/+&x")
     try:
-        for path in ("/", "/events", "/api/events", "/api/apps", "/healthz", "/static/app.js"):
+        for path in ("/", "/events", "/api/events", "/api/apps", "/api/nodes", "/metrics", "/healthz",
+                     "/static/app.js", "/static/charts.js"):
             status, body = dash.get(path, auth=False)
             assert status == 401, (path, status)
             assert "token" in body["error"]
             status, _ = dash.get(path, headers={"Authorization": "Bearer wrong"}, auth=False)
             assert status == 401, path
-        for path in ("/api/events", "/api/apps", "/healthz", "/static/app.js"):
+        for path in ("/api/events", "/api/apps", "/api/nodes", "/metrics", "/healthz", "/static/app.js"):
             assert dash.get(path)[0] == 200, path
             assert dash.get(f"{path}?token=t0ken%2F%2B%26x", auth=False)[0] == 200, path
         status, page = dash.get("/?token=t0ken%2F%2B%26x", auth=False)
@@ -384,6 +385,12 @@ def test_api_says_when_redis_is_down_and_page_still_loads(dashboard, redis_serve
     (["--redis-url", "http://:pw@x"], "Error: --redis-url='http://:***@x' is not valid: expected redis://"),
     (["--replay", "-1"], "Error: --replay='-1' is not valid: expected an integer >= 0"),
     (["--token", ""], "Error: --token='' is not valid: expected a non-empty token"),
+    (["--metrics-hold", "0"], "Error: --metrics-hold='0' is not valid: expected a number greater than 0"),
+    (["--redis-server", "/usr/bin/true"], "Error: --redis-server is only used with --embedded-redis"),
+    (["--embedded-redis", "--redis-url", "redis://10.0.0.5:6379"],
+     "Error: --embedded-redis runs Redis on this machine's loopback address only; the Redis URL names '10.0.0.5'"),
+    (["--embedded-redis", "--redis-server", "/nonexistent/redis-server"],
+     "Error: --redis-server='/nonexistent/redis-server' is not valid: expected an executable redis-server"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, args, expected):
     result = subprocess.run([PYTHON, str(ROOT / "main.py"), "dashboard-server", *args], capture_output=True,

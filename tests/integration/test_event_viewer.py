@@ -119,3 +119,26 @@ def test_a_silent_redis_is_reported_with_the_viewers_own_timeout(monkeypatch):
         err = io.StringIO()
         assert viewer_module.Viewer(url, 20, out=io.StringIO(), err=err).run(follow=False) == 1
     assert err.getvalue() == f"Error: cannot read events from Redis at {url}: no reply within 0.3 s\n"
+
+
+def test_sampled_is_not_lost_the_viewer_says_a_loss_and_sums_both(tmp_path, redis_server):
+    """An app that samples 1 in 10 raw lines, and an outage that dropped three kept events: the viewer
+    prints a line for the loss only (stderr), and a summary of both kinds of gap at the end."""
+    client = redis_server.client()
+    source = {"app": "synapticllamas", "instance": "sampler:7", "host": "sampler"}
+    events = [{"timestamp": 1.0 + i, "component": "raw", "event_type": "log", "message": f"kept {i}",
+               "details": {}, "level": "info", "source": source, "seq": 10 * i, "sampled": 9 * i}
+              for i in range(1, 11)]
+    for ev in events[:3] + events[6:]:                 # seq 40, 50, 60 never reached Redis
+        client.xadd("synapticllamas:events", {"event": json.dumps(ev)})
+    proc = subprocess.run([PYTHON, str(ROOT / "main.py"), "events", "--redis-url", redis_server.url,
+                           "--replay", "100", "--component", "raw"], capture_output=True, text=True,
+                          env=shell_env(tmp_path), cwd=ROOT, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("kept ") == 7
+    said = proc.stderr.splitlines()
+    assert [line for line in said if "lost (" in line] == [
+        "-- 3 events from sampler:7 lost (seq 31-69 never arrived: dropped in a Redis outage or trimmed from the"
+        " journal; 36 more sampled out by the app) --"]
+    assert said[-1] == "sampler:7: 81 sampled out by the app (not lost), 3 lost"
+    assert "missing" not in proc.stderr

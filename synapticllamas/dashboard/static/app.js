@@ -1,20 +1,28 @@
-// The dashboard page: one EventSource (/events), panels built from the events it delivers.
+// The dashboard page: one EventSource (/events), panels and charts built from the events it delivers.
 // Every piece of event text goes into the page with textContent, never as HTML.
 "use strict";
 (() => {
   const MAX_ROWS = 500;        // events table rows kept in the DOM
   const KEEP = 5000;           // events kept in memory, so a filter change can refill the table
   const MAX_RAW = 500;         // raw llama.cpp lines kept in the log panel
+  const WINDOW_S = 15 * 60;    // the charts' time window
+  const BUCKET_S = 10;         // events per second are counted in 10 s buckets
+  const MAX_POINTS = 2000;     // inference points kept per coordinator
+  const FOLD_AFTER_MS = 10 * 60 * 1000;   // stopped (or long stale) apps and down nodes fold away after this
+  const CHART_GAP_MS = 250;    // charts are redrawn at most 4 times a second
+  const NODE_APP = "synapticllamas-node";   // source.app of `main.py node`
   // the event contract's names, served by the dashboard from synapticllamas/events/contract.py
   const CONTRACT = window.SYNAPTICLLAMAS_CONTRACT;
   const C = CONTRACT.component, T = CONTRACT.type;
   const LEVELS = CONTRACT.levels;
   const COMPONENTS = CONTRACT.components;
+  const Charts = window.SynapticCharts;
   const COORDINATOR_STATES = {
     [T.coordinator.STARTING]: "starting", [T.model.LOADING]: "starting", [T.model.LOAD]: "starting",
     [T.coordinator.START]: "running", [T.coordinator.HEARTBEAT]: "running", [T.coordinator.STOPPING]: "stopping",
     [T.coordinator.STOP]: "stopped", [T.coordinator.BACKOFF]: "backoff", [T.coordinator.FATAL]: "fatal",
   };
+  const BUFFERS = ["model_mib", "kv_mib", "compute_mib", "output_mib"];   // a device's buffers in the load log
   const isType = (ev, component, type) => ev.component === component && ev.event_type === type;
 
   const token = new URLSearchParams(location.search).get("token");
@@ -22,10 +30,13 @@
   const $ = (id) => document.getElementById(id);
 
   const apps = new Map();      // instance -> what we know about that app
+  const nodes = new Map();     // node address -> what we know about that node
   const kept = [];             // recent {ev, gap} items (and notes), oldest first
+  const buckets = new Map();   // 10 s bucket index -> {level: count}
   let live = false;            // false while the feed replays the journal
   let paused = false, missedWhilePaused = 0;
   let renderQueued = false;
+  let chartsTimer = null, chartsDrawn = 0;
   const newRows = [];          // rows to append at the next animation frame
 
   // ------------------------------------------------------------ small helpers
@@ -45,7 +56,9 @@
   }
 
   const isObject = (value) => value !== null && typeof value === "object" && !Array.isArray(value);
+  const num = (value) => (typeof value === "number" && isFinite(value) ? value : null);
   const seconds = (value) => (typeof value === "number" && value > 0 && isFinite(value) ? value : null);
+  const count = (value) => (Number.isSafeInteger(value) && value >= 0 ? value : null);
 
   // Any publisher on the shared Redis can send any JSON. Every field is checked here, once, so the
   // rest of the page only ever sees these types (strings, a details object, a number or null seq).
@@ -59,6 +72,7 @@
       details: isObject(raw.details) ? raw.details : {},
       level: text(raw.level, "info").toLowerCase(),
       seq: Number.isSafeInteger(raw.seq) ? raw.seq : null,
+      sampled: count(raw.sampled),   // null: the publisher does not say (its gaps count as lost)
       source: { app: text(source.app), host: text(source.host), instance: text(source.instance) || "(unknown)" },
     };
   }
@@ -66,6 +80,7 @@
   // an unknown level is filtered as info, not hidden
   const levelRank = (level) => (LEVELS.includes(level) ? LEVELS.indexOf(level) : LEVELS.indexOf("info"));
   const levelClass = (level) => (LEVELS.includes(level) ? `level-${level}` : "");
+  const knownLevel = (level) => (LEVELS.includes(level) ? level : "info");
 
   function row(cells) {
     const tr = document.createElement("tr");
@@ -73,8 +88,9 @@
     return tr;
   }
 
-  function stateCell(state, title) {
+  function stateCell(state, title, note) {
     const td = el("td", state, `state-${String(state).split(" ")[0]}`);
+    if (note) td.appendChild(el("span", ` ${note}`, "muted"));
     if (title) td.title = title;
     return td;
   }
@@ -93,9 +109,37 @@
     return `${Math.floor(s / 3600)}h${String(Math.floor(s % 3600 / 60)).padStart(2, "0")}m`;
   }
 
+  function ago(ms) {   // "22 min ago", for what happened a while back
+    const s = Math.max(0, Math.round(ms / 1000));
+    if (s < 60) return `${s} s ago`;
+    if (s < 3600) return `${Math.floor(s / 60)} min ago`;
+    if (s < 86400) return `${Math.floor(s / 3600)} h ago`;
+    return `${Math.floor(s / 86400)} d ago`;
+  }
+
+  function mib(value) {
+    if (value == null) return "-";
+    if (value >= 1024) return `${+(value / 1024).toFixed(1)} GiB`;
+    return `${+value.toFixed(value < 10 ? 1 : 0)} MiB`;
+  }
+
+  function bytes(value) {
+    if (value == null) return "-";
+    return value < 1 << 20 ? `${Math.round(value / 1024)} KiB` : mib(value / (1 << 20));
+  }
+
   function setOptions(select, values) {
     const have = new Set(Array.from(select.options, (o) => o.value));
     for (const v of values) if (!have.has(v)) select.appendChild(new Option(v, v));
+  }
+
+  // "1 in 10 kept" from a registration's sampling settings
+  function samplingNote(reg) {
+    if (!reg || reg.sampling === false) return "";
+    const rate = num(reg.sample_rate);
+    if (rate === null || rate >= 1) return "";
+    if (rate > 0 && Math.abs(1 / rate - Math.round(1 / rate)) < 1e-6) return `1 in ${Math.round(1 / rate)} kept`;
+    return `${rate} kept`;
   }
 
   // ------------------------------------------------------------ state from events
@@ -104,32 +148,43 @@
     instance = text(instance, "(unknown)");
     let a = apps.get(instance);
     if (!a) {
-      a = { instance, reg: null, source: {}, lastHeard: null, lastSeq: null, gaps: 0, count: 0,
-            unregistered: false, heartbeatEvery: null, coordinator: null, backends: new Map() };
+      a = { instance, reg: null, source: {}, lastHeard: null, lastSeq: null, lastSampled: null, sampled: 0, lost: 0,
+            count: 0, unregistered: false, stoppedAt: null, heartbeatEvery: null, coordinator: null,
+            backends: new Map(), inference: [] };
       apps.set(instance, a);
       setOptions($("filter-app"), [instance]);
     }
     return a;
   }
 
-  // seq counts every event an app created: a jump means events it sampled out or that were lost.
-  // The gap is shown on the event after it (the table's seq column) and summed in the apps panel.
+  // seq counts every event an app created, `sampled` the ones its sampling left out (a running
+  // total). So between two events received, seq moved by (sampled out + lost): sampling is shown
+  // quietly, loss loudly. The same sum as synapticllamas/events/gaps.py (the terminal viewer).
   function noteSeq(a, ev) {
-    if (ev.seq === null) return null;
-    if (isType(ev, C.SYSTEM, T.system.REGISTER)) a.lastSeq = null;  // a new run
+    if (ev.seq === null || ev.seq <= 0) return null;
+    if (isType(ev, C.SYSTEM, T.system.REGISTER) || (a.lastSeq !== null && ev.seq <= a.lastSeq)) {
+      a.lastSeq = null;   // a new run (another process with the same host:pid): nothing to compare
+      a.lastSampled = null;
+    }
     let gap = null;
     if (a.lastSeq !== null && ev.seq > a.lastSeq + 1) {
-      gap = { missing: ev.seq - a.lastSeq - 1, from: a.lastSeq + 1, to: ev.seq - 1 };
-      a.gaps += gap.missing;
+      const missing = ev.seq - a.lastSeq - 1;
+      let bySampling = 0;
+      if (ev.sampled !== null && a.lastSampled !== null) bySampling = Math.min(missing, Math.max(0, ev.sampled - a.lastSampled));
+      gap = { sampled: bySampling, lost: missing - bySampling, from: a.lastSeq + 1, to: ev.seq - 1 };
+      a.sampled += gap.sampled;
+      a.lost += gap.lost;
     }
-    if (a.lastSeq === null || ev.seq > a.lastSeq) a.lastSeq = ev.seq;
+    a.lastSeq = ev.seq;
+    a.lastSampled = ev.sampled;
     return gap;
   }
 
   function coordinatorFrom(a, ev) {
     const d = ev.details;
     const c = a.coordinator || (a.coordinator = { state: "stopped", model: null, port: null, backends: [],
-                                                  startedAt: null, restarts: 0, reason: null });
+                                                  startedAt: null, restarts: 0, reason: null, requests: 0,
+                                                  devices: null, placement: [] });
     c.state = typeof d.state === "string" ? d.state : (COORDINATOR_STATES[ev.event_type] || c.state);
     if ([T.coordinator.STOP, T.coordinator.FATAL].includes(ev.event_type) && d.reason) c.reason = text(d.reason);
     if (ev.event_type === T.coordinator.START) { c.startedAt = ev.timestamp; c.reason = null; }
@@ -144,6 +199,18 @@
     if (Array.isArray(backends)) c.backends = backends.map((b) => text(isObject(b) ? b.address : b));
     if (typeof d.restarts === "number") c.restarts = d.restarts;
     else if (ev.event_type === T.coordinator.BACKOFF) c.restarts += 1;
+    if ([T.coordinator.START, T.model.LOAD].includes(ev.event_type) && isObject(d.devices)) c.devices = d.devices;
+    // distributed starts carry the placement: per backend what it offered (a node's --memory, its free memory...)
+    if (ev.event_type === T.coordinator.START) c.placement = Array.isArray(d.placement) ? d.placement.filter(isObject) : [];
+    if ([T.coordinator.STOP, T.coordinator.FATAL].includes(ev.event_type)) { c.devices = null; c.placement = []; }
+    if (isType(ev, C.COORDINATOR, T.coordinator.INFERENCE)) {
+      c.requests += 1;
+      const rate = num(d.tokens_per_second);
+      if (rate !== null && typeof ev.timestamp === "number") {
+        a.inference.push([ev.timestamp, rate]);
+        if (a.inference.length > MAX_POINTS) a.inference.splice(0, a.inference.length - MAX_POINTS);
+      }
+    }
   }
 
   function backendFrom(a, address, state, ts) {
@@ -153,6 +220,41 @@
     const b = a.backends.get(address);
     if (!b) a.backends.set(address, { state, changed: ts });
     else if (b.state !== state) { b.state = state; b.changed = ts; }
+  }
+
+  function nodeFor(address) {
+    let n = nodes.get(address);
+    if (!n) {
+      n = { address, host: "", instance: "", version: null, devices: [], offered: null, cache: null, state: "unknown",
+            heard: null, interval: null, downAt: null };
+      nodes.set(address, n);
+    }
+    return n;
+  }
+
+  // a node's registration (the nodes hash) or its events
+  function nodeFrom(n, d, heard) {
+    if (typeof d.state === "string") n.state = d.state;
+    if (typeof d.rpc_version === "string") n.version = d.rpc_version;
+    if (Array.isArray(d.devices)) n.devices = d.devices.filter(isObject);
+    if (num(d.memory_offered_mib) !== null) n.offered = d.memory_offered_mib;
+    if (isObject(d.cache)) n.cache = { bytes: num(d.cache.bytes), max: num(d.cache.max_bytes), enabled: d.cache.enabled !== false };
+    if (num(d.cache_bytes) !== null) n.cache = Object.assign(n.cache || { enabled: true, max: null }, { bytes: d.cache_bytes });
+    const every = seconds(d.interval_s) ?? seconds(d.heartbeat_interval);
+    if (every) n.interval = every;
+    if (heard !== null && (n.heard === null || heard > n.heard)) n.heard = heard;
+    if (n.state === "down") n.downAt = n.downAt ?? heard; else n.downAt = null;
+  }
+
+  function countBucket(ev) {
+    if (typeof ev.timestamp !== "number" || !isFinite(ev.timestamp)) return;
+    const index = Math.floor(ev.timestamp / BUCKET_S);
+    const newest = Math.floor(Date.now() / 1000 / BUCKET_S);
+    if (index < newest - WINDOW_S / BUCKET_S - 1 || index > newest + 60) return;   // outside the window
+    let b = buckets.get(index);
+    if (!b) { b = {}; buckets.set(index, b); }
+    const level = knownLevel(ev.level);
+    b[level] = (b[level] || 0) + 1;
   }
 
   function handle(ev) {
@@ -165,9 +267,9 @@
     if (a.lastHeard === null || heard > a.lastHeard) a.lastHeard = heard;
     const gap = noteSeq(a, ev);
     const d = ev.details;
-    if (isType(ev, C.SYSTEM, T.system.REGISTER)) { a.reg = d; a.unregistered = false; }
-    else if (isType(ev, C.SYSTEM, T.system.UNREGISTER)) a.unregistered = true;
-    else if (ev.component === C.COORDINATOR) coordinatorFrom(a, ev);
+    if (isType(ev, C.SYSTEM, T.system.REGISTER)) { a.reg = d; a.unregistered = false; a.stoppedAt = null; }
+    else if (isType(ev, C.SYSTEM, T.system.UNREGISTER)) { a.unregistered = true; a.stoppedAt = heard; }
+    else if (ev.component === C.COORDINATOR || ev.component === C.MODEL) coordinatorFrom(a, ev);
     else if (ev.component === C.RPC_BACKEND) {
       const state = { [T.rpc_backend.CONNECT]: "up", [T.rpc_backend.DISCONNECT]: "down",
                       [T.rpc_backend.ADDED]: "unknown", [T.rpc_backend.REMOVED]: "removed" }[ev.event_type];
@@ -176,10 +278,25 @@
     } else if (isType(ev, C.RPC_REGISTRY, T.rpc_registry.HEARTBEAT) && Array.isArray(d.backends)) {
       for (const b of d.backends) if (isObject(b)) backendFrom(a, b.address, b.state, ev.timestamp);
       if (seconds(d.interval_s)) a.heartbeatEvery = d.interval_s;
+    } else if (ev.component === C.NODE && typeof d.address === "string") {
+      const n = nodeFor(d.address);
+      n.host = ev.source.host || n.host;
+      n.instance = instance;
+      nodeFrom(n, d, heard);
+      if (n.interval) a.heartbeatEvery = n.interval;   // a node is live while its heartbeats arrive
+      if (isType(ev, C.NODE, T.node.NODE_DOWN)) {   // the node left: stopped, as a shell that said goodbye
+        n.state = "down";
+        n.downAt = n.downAt ?? heard;
+        a.unregistered = true;
+        a.stoppedAt = heard;
+      }
+      if (seconds(d.interval_s)) a.heartbeatEvery = d.interval_s;
     } else if (ev.component === C.RAW) addRaw(instance, ev);
+    countBucket(ev);
     setOptions($("filter-component"), [ev.component]);
     remember({ ev, gap });
     queueRender();
+    queueCharts();
   }
 
   // ------------------------------------------------------------ events table
@@ -218,9 +335,18 @@
 
   function seqCell(ev, gap) {
     const td = el("td", ev.seq ?? "");
-    if (gap) {
-      const span = el("span", ` +${gap.missing} missing`, "gap");
-      span.title = `seq ${gap.from}${gap.to > gap.from ? `-${gap.to}` : ""} never arrived: sampled out by the app, or lost`;
+    if (gap && gap.sampled) {
+      const span = el("span", ` +${gap.sampled} sampled`, "sampled");
+      const reg = apps.get(ev.source.instance)?.reg;
+      const note = samplingNote(reg);
+      span.title = `${gap.sampled} event${gap.sampled === 1 ? "" : "s"} before this one left out by the app's sampling` +
+        `${note ? ` (${note})` : ""}: on purpose, not lost`;
+      td.appendChild(span);
+    }
+    if (gap && gap.lost) {
+      const span = el("span", ` +${gap.lost} lost`, "lost");
+      span.title = `${gap.lost} event${gap.lost === 1 ? "" : "s"} between seq ${gap.from} and ${gap.to} never arrived: ` +
+        "dropped in a Redis outage (system/events_dropped) or trimmed from the journal";
       td.appendChild(span);
     }
     return td;
@@ -298,32 +424,58 @@
     return ["live", `heartbeat every ${every}s`];
   }
 
+  const STATE_ORDER = { live: 0, unknown: 1, stale: 2, stopped: 3 };
+
+  // stopped apps (and those stale for long: killed without a goodbye) fold away after a while
+  function folded(a, state, now) {
+    if (state === "stopped") return now - (a.stoppedAt ?? a.lastHeard ?? now) > FOLD_AFTER_MS;
+    if (state === "stale") return now - (a.lastHeard ?? now) > FOLD_AFTER_MS;
+    return false;
+  }
+
   function renderPanels() {
     const now = Date.now();
-    const list = Array.from(apps.values()).sort((x, y) => x.instance.localeCompare(y.instance));
+    const showStopped = $("show-stopped").checked;
+    const states = new Map();
+    for (const a of apps.values()) states.set(a.instance, appState(a, now));
+    const list = Array.from(apps.values()).sort((x, y) =>
+      (STATE_ORDER[states.get(x.instance)[0]] - STATE_ORDER[states.get(y.instance)[0]]) || x.instance.localeCompare(y.instance));
+    const hidden = new Set(list.filter((a) => folded(a, states.get(a.instance)[0], now)).map((a) => a.instance));
+    const shown = showStopped ? list : list.filter((a) => !hidden.has(a.instance));
 
-    const appRows = list.map((a) => {
+    const appRows = shown.map((a) => {
       const r = a.reg || {};
-      const [state, why] = appState(a, now);
-      return row([a.instance, text(r.app) || a.source.app, text(r.mode), text(r.version), stateCell(state, why),
-                  a.lastHeard ? `${age(now - a.lastHeard)} ago` : "-", a.count, a.gaps]);
+      const [state, why] = states.get(a.instance);
+      const when = state === "stopped" && a.stoppedAt ? ago(now - a.stoppedAt) : null;
+      const sampled = el("td", a.sampled, "sampled-count");
+      const note = samplingNote(r);
+      if (note) sampled.appendChild(el("span", ` (${note})`, "muted"));
+      sampled.title = "left out by the app's sampling on purpose: not lost";
+      const lost = el("td", a.lost, a.lost ? "lost" : "");
+      lost.title = "created and kept by the app, never arrived: dropped in a Redis outage or trimmed from the journal";
+      const mode = text(r.mode) || (a.source.app === NODE_APP ? C.NODE : "");   // a node: the mode column says so
+      return row([a.instance, text(r.app) || a.source.app, mode, text(r.version), stateCell(state, why, when),
+                  a.lastHeard ? `${age(now - a.lastHeard)} ago` : "-", a.count, sampled, lost]);
     });
     $("apps").tBodies[0].replaceChildren(...appRows);
     $("apps-panel").querySelector(".empty").hidden = appRows.length > 0;
+    $("stopped-toggle").hidden = hidden.size === 0;
+    $("stopped-note").textContent = `show ${hidden.size} stopped app${hidden.size === 1 ? "" : "s"} (folded after 10 min)`;
 
-    const coordRows = list.filter((a) => a.coordinator).map((a) => {
+    const coordRows = shown.filter((a) => a.coordinator).map((a) => {
       const c = a.coordinator;
       const ended = ["stopped", "exited", "fatal"].includes(c.state);
       const state = ended && c.reason ? `${c.state} (${c.reason})` : c.state;
-      return row([a.instance, stateCell(state), c.model || "-", c.port ?? "-",
-                  c.backends.length ? c.backends.join(", ") : "none",
-                  c.startedAt ? age(now - c.startedAt * 1000) : "-", c.restarts]);
+      const backends = el("td", c.backends.length ? "" : "none");
+      c.backends.forEach((b, i) => backends.appendChild(el("span", i ? `, ${b}` : b, "nowrap")));   // wrap between addresses
+      return row([a.instance, stateCell(state), c.model || "-", c.port ?? "-", backends,
+                  c.startedAt ? age(now - c.startedAt * 1000) : "-", c.restarts, c.requests]);
     });
     $("coordinators").tBodies[0].replaceChildren(...coordRows);
     $("coordinator-panel").querySelector(".empty").hidden = coordRows.length > 0;
 
     const backendRows = [];
-    for (const a of list) {
+    for (const a of shown) {
       for (const [address, b] of Array.from(a.backends).sort()) {
         backendRows.push(row([a.instance, address, stateCell(b.state),
                               `${clock(b.changed)} (${age(now - b.changed * 1000)} ago)`]));
@@ -332,8 +484,40 @@
     $("backends").tBodies[0].replaceChildren(...backendRows);
     $("backends-panel").querySelector(".empty").hidden = backendRows.length > 0;
 
+    renderNodes(now, showStopped);
+
     const running = list.filter((a) => a.coordinator && a.coordinator.state === "running").length;
-    $("summary").textContent = `${list.length} app${list.length === 1 ? "" : "s"}, ${running} coordinator${running === 1 ? "" : "s"} running`;
+    const liveApps = list.filter((a) => states.get(a.instance)[0] === "live").length;
+    $("summary").textContent = `${list.length} app${list.length === 1 ? "" : "s"} (${liveApps} live), ` +
+      `${running} coordinator${running === 1 ? "" : "s"} running, ${nodes.size} node${nodes.size === 1 ? "" : "s"}`;
+  }
+
+  function nodeState(n, now) {
+    if (n.state === "up" && n.interval && n.heard !== null && now - n.heard > 2.5 * n.interval * 1000) {
+      return ["overdue", `no heartbeat for ${age(now - n.heard)}; one every ${n.interval}s`];
+    }
+    return [n.state, n.interval ? `heartbeat every ${n.interval}s` : ""];
+  }
+
+  function renderNodes(now, showStopped) {
+    const list = Array.from(nodes.values())
+      .filter((n) => showStopped || !(n.state === "down" && now - (n.downAt ?? now) > FOLD_AFTER_MS))
+      .sort((x, y) => (x.state === "down") - (y.state === "down") || x.address.localeCompare(y.address));
+    const rows = list.map((n) => {
+      const devices = el("td");
+      for (const d of n.devices) {
+        const line = el("div", `${text(d.name)}${d.description ? ` (${text(d.description)})` : ""}: `);
+        line.appendChild(el("span", `${mib(num(d.free_mib))} free / ${mib(num(d.total_mib))}`, "nowrap"));
+        devices.appendChild(line);
+      }
+      if (!n.devices.length) devices.textContent = "-";
+      const cache = n.cache ? (n.cache.enabled ? `${bytes(n.cache.bytes)}${n.cache.max ? ` (max ${bytes(n.cache.max)})` : ""}` : "off") : "-";
+      const [state, why] = nodeState(n, now);
+      return row([n.address, n.host || "-", n.version ? `v${n.version}` : "-", devices, mib(n.offered), cache,
+                  stateCell(state, why), n.heard !== null ? `${age(now - n.heard)} ago` : "-"]);
+    });
+    $("nodes").tBodies[0].replaceChildren(...rows);
+    $("nodes-panel").querySelector(".empty").hidden = rows.length > 0;
   }
 
   function queueRender() {
@@ -344,6 +528,110 @@
       flushRows();
       renderPanels();
       noteEvents();
+    });
+  }
+
+  // ------------------------------------------------------------ charts (charts.js draws them)
+
+  function queueCharts() {
+    if (chartsTimer !== null) return;
+    chartsTimer = setTimeout(() => { chartsTimer = null; drawCharts(); },
+                             Math.max(0, CHART_GAP_MS - (Date.now() - chartsDrawn)));
+  }
+
+  const timeAxis = [[0, "-15 min"], [1 / 3, "-10 min"], [2 / 3, "-5 min"], [1, "now"]];
+
+  function drawCharts() {
+    chartsDrawn = Date.now();
+    const to = Date.now() / 1000, from = to - WINDOW_S;
+    const oldest = Math.floor(from / BUCKET_S) - 1;
+    for (const index of buckets.keys()) if (index < oldest) buckets.delete(index);
+
+    // events per second, per level: one point per 10 s bucket (the current one counts as far as it went)
+    const indices = [];
+    for (let i = Math.floor(from / BUCKET_S) + 1; i <= Math.floor(to / BUCKET_S); i++) indices.push(i);
+    let total = 0;
+    const series = LEVELS.map((level) => {
+      const points = indices.map((i) => {
+        const n = (buckets.get(i) || {})[level] || 0;
+        total += n;
+        const span = Math.min(BUCKET_S, Math.max(1, to - i * BUCKET_S));
+        return [Math.min(to, i * BUCKET_S + span), n / span];
+      });
+      return { name: level, cls: `level-${level}`, points: points.some(([, v]) => v > 0) ? points : [] };
+    });
+    Charts.lines($("chart-events"), series, { from, to, unit: "/s", xLabels: timeAxis, empty: "no events in 15 min" });
+    $("chart-events").dataset.total = String(total);
+    legend($("legend-events"), series.filter((s) => s.points.length).map((s) => [s.cls, s.name,
+      `${Charts.shortNumber(s.points[s.points.length - 1][1])}/s now`]));
+
+    // tokens per second of each request, per coordinator
+    const coords = Array.from(apps.values()).filter((a) => a.inference.length).sort((x, y) => x.instance.localeCompare(y.instance));
+    const tokenSeries = coords.map((a, i) => {
+      const points = a.inference.filter(([t]) => t >= from);
+      return { name: a.instance, cls: `series-${i % 8}`, dots: points.length <= 300, points };   // a dot per request
+    });
+    Charts.lines($("chart-tokens"), tokenSeries, { from, to, unit: "tok/s", xLabels: timeAxis,
+      empty: "no request in 15 min (coordinator/inference events)" });
+    legend($("legend-tokens"), tokenSeries.filter((s) => s.points.length).map((s) => [s.cls, s.name,
+      `last ${Charts.shortNumber(s.points[s.points.length - 1][1])} tok/s, ${s.points.length} request${s.points.length === 1 ? "" : "s"}`]));
+
+    // memory per backend or node
+    const rows = memoryRows();
+    Charts.bars($("chart-memory"), rows, { empty: "no model loaded and no node announced" });
+    legend($("legend-memory"), [["bar-used", "used by the model", ""], ["bar-offered", "offered by the node", ""],
+                                ["bar-free", "free", ""], ["bar-total", "total", ""]]);
+  }
+
+  function legend(box, items) {
+    box.replaceChildren(...items.map(([cls, name, note]) => {
+      const item = el("span", "", "item");
+      item.appendChild(el("span", "", `swatch ${cls}`));
+      item.appendChild(el("span", name));
+      if (note) item.appendChild(el("span", ` ${note}`, "muted"));
+      return item;
+    }));
+  }
+
+  function memoryRows() {
+    const now = Date.now();
+    const byKey = new Map();
+    // what the coordinators' load logs said: per backend (or local device) buffers, with free/total
+    for (const a of apps.values()) {
+      const c = a.coordinator;
+      if (!c || c.state !== "running" || !c.devices || a.unregistered) continue;
+      for (const [device, d] of Object.entries(c.devices)) {
+        if (!isObject(d)) continue;
+        const used = BUFFERS.reduce((sum, key) => sum + (num(d[key]) || 0), 0);
+        const key = nodes.has(device) ? device : `${a.instance} ${device}`;
+        const r = byKey.get(key) || { key, label: nodes.has(device) ? device : `${device} (${a.instance})`,
+                                      used: 0, offered: null, free: null, total: null };
+        r.used += used;
+        if (num(d.total_mib) !== null) r.total = d.total_mib;
+        if (num(d.free_mib) !== null) r.free = d.free_mib;
+        const planned = c.placement.find((p) => p.address === device);
+        if (planned && num(planned.offered_mib) !== null) r.offered = planned.offered_mib;
+        byKey.set(key, r);
+      }
+    }
+    // what the nodes announced: offered memory, devices' free and total
+    for (const n of nodes.values()) {
+      if (n.state === "down" && now - (n.downAt ?? now) > FOLD_AFTER_MS) continue;
+      const r = byKey.get(n.address) || { key: n.address, label: n.address, used: 0, offered: null, free: null, total: null };
+      if (n.offered !== null) r.offered = n.offered;
+      const totals = n.devices.map((d) => num(d.total_mib)).filter((v) => v !== null);
+      const frees = n.devices.map((d) => num(d.free_mib)).filter((v) => v !== null);
+      if (totals.length) r.total = totals.reduce((x, y) => x + y, 0);
+      if (frees.length) r.free = frees.reduce((x, y) => x + y, 0);
+      r.label = `${n.address} (node)`;
+      byKey.set(n.address, r);
+    }
+    return Array.from(byKey.values()).sort((x, y) => x.label.localeCompare(y.label)).map((r) => {
+      const parts = [`used ${mib(r.used)}`];
+      if (r.offered !== null) parts.push(`offered ${mib(r.offered)}`);
+      if (r.free !== null) parts.push(`free ${mib(r.free)}`);
+      if (r.total !== null) parts.push(`of ${mib(r.total)}`);
+      return Object.assign(r, { sub: parts.join(", "), label: `${r.label}: ${parts.join(", ")}` });
     });
   }
 
@@ -376,6 +664,28 @@
     } catch (err) { /* the feed's status event tells the user what is wrong */ }
   }
 
+  async function loadNodes() {
+    try {
+      const response = await fetch(withToken("api/nodes"), { cache: "no-store" });
+      if (!response.ok) return;
+      const body = await response.json();
+      for (const reg of body.nodes || []) {
+        if (!isObject(reg) || typeof reg.address !== "string") continue;
+        const n = nodeFor(reg.address);
+        if (!n.host) n.host = text(reg.hostname);
+        if (!n.instance) n.instance = text(reg.instance);
+        // the node's own clock says when it last beat; events heard later take over
+        const beat = num(reg.last_heartbeat);
+        nodeFrom(n, reg, beat !== null && n.heard === null ? Math.min(Date.now(), beat * 1000) : null);
+        const a = apps.get(n.instance);
+        if (a && n.interval) a.heartbeatEvery = n.interval;
+        if (a && !a.reg && typeof reg.version === "string") a.reg = { version: reg.version };
+      }
+      queueRender();
+      queueCharts();
+    } catch (err) { /* the feed's status event tells the user what is wrong */ }
+  }
+
   function connect() {
     const source = new EventSource(withToken("events"));
     source.onmessage = (message) => {
@@ -389,10 +699,10 @@
       redisDown = s.redis === "down"
         ? `Redis at ${s.url} is unreachable (${s.error || "no answer"}). Retrying; events resume by themselves.`
         : false;
-      if (s.redis === "up" && wasDown) loadApps();
+      if (s.redis === "up" && wasDown) { loadApps(); loadNodes(); }
       showBanner();
     });
-    source.addEventListener("live", () => { live = true; showBanner(); });
+    source.addEventListener("live", () => { live = true; showBanner(); queueCharts(); });
     source.addEventListener("lagged", (message) => {
       const s = JSON.parse(message.data);
       remember({ note: `${s.skipped} events skipped: this page fell behind the feed`, timestamp: Date.now() / 1000 });
@@ -414,16 +724,20 @@
     setOptions($("filter-component"), COMPONENTS);
     $("filter-level").value = "debug";
     for (const id of ["filter-app", "filter-component", "filter-level"]) $(id).addEventListener("change", rebuildTable);
+    $("show-stopped").addEventListener("change", () => { renderPanels(); drawCharts(); });
     $("pause").addEventListener("click", () => {
       paused = !paused;
       $("pause").textContent = paused ? "Resume" : "Pause";
       if (!paused) { missedWhilePaused = 0; rebuildTable(); }
       noteEvents();
     });
-    setInterval(renderPanels, 1000);   // ages and staleness move with the clock
+    // ages, staleness and the charts' time axis move with the clock
+    setInterval(() => { renderPanels(); drawCharts(); }, 1000);
     renderPanels();
+    drawCharts();
     noteEvents();
     loadApps();
+    loadNodes();
     connect();
   }
 

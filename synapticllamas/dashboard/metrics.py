@@ -1,0 +1,356 @@
+"""GET /metrics: Prometheus text computed from the events the dashboard reads (the apps are never asked).
+
+The hub hands every event it takes from Redis to `Metrics.observe()`: the journal it replays when
+it opens (all of it the first time, so counters after a dashboard restart start from what the
+journal holds; afterwards from where the last opening stopped), then the live feed. Counters only
+grow while this process lives; a restart is a reset, which Prometheus expects (see
+process_start_time_seconds). Gauges (apps live, coordinators up, backends, nodes) follow the same
+rules as the page: an app is live while its heartbeats arrive (2x the shortest interval it
+promised), stopped once it said goodbye.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from synapticllamas.dashboard import frames
+from synapticllamas.events.contract import (
+    BackendEvent,
+    Component,
+    CoordinatorEvent,
+    ModelEvent,
+    NodeEvent,
+    RegistryEvent,
+    SystemEvent,
+)
+from synapticllamas.events.gaps import Gaps
+
+NODE_APP = "synapticllamas-node"
+MIB = 1 << 20
+# coordinator state by event type, for events that carry no `state` (as the page does)
+COORDINATOR_STATES = {
+    CoordinatorEvent.STARTING: "starting", ModelEvent.LOADING: "starting", ModelEvent.LOAD: "starting",
+    CoordinatorEvent.START: "running", CoordinatorEvent.HEARTBEAT: "running", CoordinatorEvent.STOPPING: "stopping",
+    CoordinatorEvent.STOP: "stopped", CoordinatorEvent.BACKOFF: "backoff", CoordinatorEvent.FATAL: "fatal",
+}
+BUFFERS = ("model", "kv", "compute", "output")
+
+
+def number(value: Any) -> float | None:
+    """A finite number from an event (anyone can publish anything), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def as_dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def positive(value: Any) -> float | None:
+    n = number(value)
+    return n if n is not None and n > 0 else None
+
+
+@dataclass
+class App:
+    app: str = ""
+    registration: dict[str, Any] = field(default_factory=dict)
+    heard: float = 0.0
+    unregistered: bool = False
+    heartbeat_every: float | None = None      # the registry's (or a node's) interval_s
+    coordinator: str | None = None            # its state, once it sent a coordinator event
+    backends: dict[str, tuple[float, str]] = field(default_factory=dict)   # address -> (when, state)
+    model_memory: dict[tuple[str, str], float] = field(default_factory=dict)   # (backend, kind) -> MiB
+
+    def expected_interval(self) -> float | None:
+        r = self.registration
+        every = []
+        if self.heartbeat_every:
+            every.append(self.heartbeat_every)
+        elif r.get("backend_heartbeat") is not False and positive(r.get("backend_heartbeat_interval")):
+            every.append(float(r["backend_heartbeat_interval"]))
+        if self.coordinator == "running" and positive(r.get("heartbeat_interval")):
+            every.append(float(r["heartbeat_interval"]))
+        return min(every) if every else None
+
+    def state(self, now: float) -> str:
+        if self.unregistered:
+            return "stopped"
+        every = self.expected_interval()
+        if every is None:
+            return "unknown"
+        return "stale" if now - self.heard > 2 * every else "live"
+
+
+@dataclass
+class Node:
+    instance: str = ""
+    state: str = "unknown"
+    heard: float = 0.0
+    interval: float | None = None
+    devices: list[dict[str, Any]] = field(default_factory=list)
+    offered_mib: float | None = None
+    cache_bytes: float | None = None
+
+    def up(self, now: float) -> bool:
+        overdue = self.interval is not None and now - self.heard > 2.5 * self.interval
+        return self.state == "up" and not overdue
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.last_id: frames.Key | None = None    # newest journal entry observed
+        self.gaps = Gaps()
+        self.apps: dict[str, App] = {}
+        self.nodes: dict[str, Node] = {}
+        self.events: Counter[tuple[str, str]] = Counter()
+        self.requests: Counter[str] = Counter()
+        self.tokens: Counter[tuple[str, str]] = Counter()
+        self.restarts: Counter[str] = Counter()
+        self.dropped: Counter[str] = Counter()    # what apps said they dropped (system/events_dropped)
+        self.observed = 0
+
+    def wants(self, sid: str) -> bool:
+        """Whether the journal entry `sid` is newer than everything observed (catch-up overlaps)."""
+        return self.last_id is None or frames.parse_id(sid) > self.last_id
+
+    def observe(self, sid: str | None, event: dict[str, Any], live: bool) -> None:
+        """One event, once, in journal order. `sid`: its journal id (None: seen on pub/sub only).
+        `live`: it arrived just now (else it is replayed: it was heard at its own timestamp)."""
+        if sid is not None and "~" not in sid:
+            key = frames.parse_id(sid)
+            if self.last_id is not None and key <= self.last_id:
+                return
+            self.last_id = key
+        source = as_dict(event.get("source"))
+        instance = str(source.get("instance") or "(unknown)")
+        component, event_type = str(event.get("component", "")), str(event.get("event_type", ""))
+        details = as_dict(event.get("details"))
+        seq = event.get("seq") if isinstance(event.get("seq"), int) and not isinstance(event.get("seq"), bool) \
+            else None
+        sampled = event.get("sampled")
+        sampled = sampled if isinstance(sampled, int) and not isinstance(sampled, bool) and sampled >= 0 else None
+        register = component == Component.SYSTEM and event_type == SystemEvent.REGISTER
+        known = self.gaps.apps.get(instance)
+        if seq is not None and known is not None and known.last_seq is not None and seq <= known.last_seq \
+                and not register:
+            return    # a repeat (a batch re-sent after a Redis crash)
+        self.gaps.note(instance, seq, sampled, register)
+        self.observed += 1
+        level = str(event.get("level", "info")).lower()
+        self.events[(component, level)] += 1
+        now = time.time()
+        timestamp = number(event.get("timestamp")) or now
+        heard = now if live else min(now, timestamp)
+        app = self.apps.get(instance)
+        if app is None:
+            app = self.apps[instance] = App()
+        app.app = str(source.get("app") or app.app)
+        app.heard = max(app.heard, heard)
+        if register:
+            app.registration, app.unregistered = details, False
+        elif component == Component.SYSTEM and event_type == SystemEvent.UNREGISTER:
+            app.unregistered = True
+        elif component == Component.SYSTEM and event_type == SystemEvent.EVENTS_DROPPED:
+            self.dropped[instance] += int(number(details.get("dropped")) or 0)
+        elif component in (Component.COORDINATOR, Component.MODEL):
+            self._coordinator(app, instance, event_type, details)
+        elif component == Component.RPC_BACKEND:
+            self._backend(app, event_type, details, timestamp)
+        elif component == Component.RPC_REGISTRY and event_type == RegistryEvent.HEARTBEAT:
+            if positive(details.get("interval_s")):
+                app.heartbeat_every = float(details["interval_s"])
+            for b in details.get("backends") or ():
+                if isinstance(b, dict) and isinstance(b.get("address"), str):
+                    self._set_backend(app, b["address"], str(b.get("state", "unknown")), timestamp)
+        elif component == Component.NODE:
+            self._node(app, instance, event_type, details, heard)
+
+    def _coordinator(self, app: App, instance: str, event_type: str, details: dict[str, Any]) -> None:
+        state = details.get("state")
+        app.coordinator = state if isinstance(state, str) else COORDINATOR_STATES.get(event_type, app.coordinator)
+        if event_type == CoordinatorEvent.INFERENCE:
+            app.coordinator = "running"
+            self.requests[instance] += 1
+            self.tokens[(instance, "prompt")] += int(number(details.get("prompt_tokens")) or 0)
+            self.tokens[(instance, "generated")] += int(number(details.get("generated_tokens")) or 0)
+        elif event_type == CoordinatorEvent.STARTING and details.get("reason") in ("restart", "failover"):
+            self.restarts[instance] += 1     # after a crash, or on the survivors after losing a backend
+        if event_type in (CoordinatorEvent.START, ModelEvent.LOAD) and isinstance(details.get("devices"), dict):
+            app.model_memory = {}
+            for backend, d in details["devices"].items():
+                if isinstance(d, dict):
+                    for kind in BUFFERS:
+                        mib = number(d.get(f"{kind}_mib"))
+                        if mib is not None:
+                            app.model_memory[(str(backend), kind)] = mib
+        if event_type in (CoordinatorEvent.STOP, CoordinatorEvent.FATAL):
+            app.model_memory = {}
+
+    def _backend(self, app: App, event_type: str, details: dict[str, Any], when: float) -> None:
+        address = details.get("address")
+        if not isinstance(address, str):
+            return
+        if event_type == BackendEvent.REMOVED:
+            app.backends.pop(address, None)
+            return
+        state = {BackendEvent.CONNECT: "up", BackendEvent.DISCONNECT: "down", BackendEvent.ADDED: "unknown"}.get(
+            event_type)
+        if state is not None:
+            given = details.get("state")
+            self._set_backend(app, address, given if isinstance(given, str) else state, when)
+
+    @staticmethod
+    def _set_backend(app: App, address: str, state: str, when: float) -> None:
+        known = app.backends.get(address)
+        if known is None or known[1] != state:
+            app.backends[address] = (when, state)
+
+    def _node(self, app: App, instance: str, event_type: str, details: dict[str, Any], heard: float) -> None:
+        address = details.get("address")
+        if not isinstance(address, str):
+            return
+        node = self.nodes.get(address)
+        if node is None:
+            node = self.nodes[address] = Node()
+        node.instance, node.heard = instance, max(node.heard, heard)
+        if isinstance(details.get("state"), str):
+            node.state = details["state"]
+        if event_type == NodeEvent.NODE_DOWN:
+            node.state = "down"
+            app.unregistered = True      # a node that left is stopped, as a shell that said goodbye
+        if isinstance(details.get("devices"), list):
+            node.devices = [d for d in details["devices"] if isinstance(d, dict)]
+        if number(details.get("memory_offered_mib")) is not None:
+            node.offered_mib = number(details["memory_offered_mib"])
+        if number(details.get("cache_bytes")) is not None:
+            node.cache_bytes = number(details["cache_bytes"])
+        if positive(details.get("interval_s")):
+            node.interval = app.heartbeat_every = float(details["interval_s"])
+
+    # ------------------------------------------------------------ the text format
+
+    def render(self, redis_up: bool) -> str:
+        now = time.time()
+        out = Exposition()
+        shells = {i: a for i, a in self.apps.items() if a.app != NODE_APP}
+        states = {i: a.state(now) for i, a in shells.items()}
+        out.family("synapticllamas_apps", "gauge", "Live apps (shells whose heartbeats arrive on time)")
+        out.sample("synapticllamas_apps", {}, sum(s == "live" for s in states.values()))
+        out.family("synapticllamas_app_info", "gauge", "Every app the dashboard heard of, with its state")
+        for instance, a in sorted(shells.items()):
+            r = a.registration
+            out.sample("synapticllamas_app_info", {"instance": instance, "app": a.app, "state": states[instance],
+                                                   "mode": str(r.get("mode", "")), "version": str(r.get("version", ""))},
+                       1)
+        out.family("synapticllamas_coordinator_up", "gauge", "1 while the app's coordinator (llama-server) runs")
+        for instance, a in sorted(shells.items()):
+            if a.coordinator is not None:
+                up = a.coordinator == "running" and states[instance] != "stopped"
+                out.sample("synapticllamas_coordinator_up", {"instance": instance}, int(up))
+        out.family("synapticllamas_backends", "gauge", "RPC backends of the apps not stopped, by state")
+        latest: dict[str, tuple[float, str]] = {}
+        for instance, a in shells.items():
+            if states[instance] != "stopped":
+                for address, seen in a.backends.items():
+                    if address not in latest or seen[0] >= latest[address][0]:
+                        latest[address] = seen
+        by_state = Counter(state for _, state in latest.values())
+        for state in sorted(set(by_state) | {"up", "down"}):
+            out.sample("synapticllamas_backends", {"state": state}, by_state[state])
+        out.family("synapticllamas_model_memory_bytes", "gauge",
+                   "Memory the loaded model uses per backend or device (model, KV cache, compute, output buffers)")
+        for instance, a in sorted(shells.items()):
+            if a.coordinator == "running" and states[instance] != "stopped":
+                for (backend, kind), mib in sorted(a.model_memory.items()):
+                    out.sample("synapticllamas_model_memory_bytes",
+                               {"instance": instance, "backend": backend, "kind": kind}, round(mib * MIB))
+
+        out.family("synapticllamas_events_total", "counter", "Events received, by component and level")
+        for (component, level), n in sorted(self.events.items()):
+            out.sample("synapticllamas_events_total", {"component": component, "level": level}, n)
+        out.family("synapticllamas_events_lost_total", "counter",
+                   "Events an app created and kept that never arrived (dropped in an outage, or trimmed from the journal)")
+        out.family("synapticllamas_events_sampled_total", "counter",
+                   "Events an app left out by sampling on purpose (SOLLOL_OBSERVER_SAMPLE_RATE): not lost")
+        for instance, t in sorted(self.gaps.apps.items()):
+            out.sample("synapticllamas_events_lost_total", {"instance": instance}, t.lost)
+            out.sample("synapticllamas_events_sampled_total", {"instance": instance}, t.sampled)
+        out.family("synapticllamas_events_dropped_total", "counter",
+                   "Events apps reported dropping from their outage buffer (system/events_dropped)")
+        for instance, n in sorted(self.dropped.items()):
+            out.sample("synapticllamas_events_dropped_total", {"instance": instance}, n)
+        out.family("synapticllamas_inference_requests_total", "counter",
+                   "Requests llama-server finished (coordinator/inference events), whoever sent them")
+        for instance, n in sorted(self.requests.items()):
+            out.sample("synapticllamas_inference_requests_total", {"instance": instance}, n)
+        out.family("synapticllamas_inference_tokens_total", "counter", "Tokens of finished requests, by kind")
+        for (instance, kind), n in sorted(self.tokens.items()):
+            out.sample("synapticllamas_inference_tokens_total", {"instance": instance, "kind": kind}, n)
+        out.family("synapticllamas_coordinator_restarts_total", "counter",
+                   "Automatic coordinator restarts: after a crash or a lost backend (coordinator/starting with "
+                   "reason restart or failover)")
+        for instance, a in sorted(shells.items()):
+            if a.coordinator is not None or self.restarts[instance]:
+                out.sample("synapticllamas_coordinator_restarts_total", {"instance": instance}, self.restarts[instance])
+
+        out.family("synapticllamas_node_up", "gauge", "1 while the node's rpc-server is up and its heartbeats arrive")
+        for address, node in sorted(self.nodes.items()):
+            out.sample("synapticllamas_node_up", {"node": address}, int(node.up(now)))
+        out.family("synapticllamas_node_memory_total_bytes", "gauge", "A node device's memory, as rpc-server reports it")
+        out.family("synapticllamas_node_memory_free_bytes", "gauge", "A node device's free memory when rpc-server started")
+        for address, node in sorted(self.nodes.items()):
+            for d in node.devices:
+                labels = {"node": address, "device": str(d.get("name", "?"))}
+                if number(d.get("total_mib")) is not None:
+                    out.sample("synapticllamas_node_memory_total_bytes", labels, round(float(d["total_mib"]) * MIB))
+                if number(d.get("free_mib")) is not None:
+                    out.sample("synapticllamas_node_memory_free_bytes", labels, round(float(d["free_mib"]) * MIB))
+        out.family("synapticllamas_node_memory_offered_bytes", "gauge", "Memory a node offers to placements (--memory)")
+        out.family("synapticllamas_node_cache_bytes", "gauge", "Size of a node's rpc-server tensor cache")
+        for address, node in sorted(self.nodes.items()):
+            if node.offered_mib is not None:
+                out.sample("synapticllamas_node_memory_offered_bytes", {"node": address}, round(node.offered_mib * MIB))
+            if node.cache_bytes is not None:
+                out.sample("synapticllamas_node_cache_bytes", {"node": address}, node.cache_bytes)
+
+        out.family("synapticllamas_dashboard_redis_up", "gauge", "1 while the dashboard's subscription to Redis works")
+        out.sample("synapticllamas_dashboard_redis_up", {}, int(redis_up))
+        out.family("synapticllamas_dashboard_events_observed_total", "counter",
+                   "Events this dashboard process counted (journal and live feed, repeats dropped)")
+        out.sample("synapticllamas_dashboard_events_observed_total", {}, self.observed)
+        out.family("process_start_time_seconds", "gauge",
+                   "When this dashboard process started (Unix time): counters restart from the journal after it")
+        out.sample("process_start_time_seconds", {}, round(self.started, 3))
+        return out.text()
+
+
+class Exposition:
+    """The Prometheus text format (0.0.4): HELP and TYPE once per family, then its samples."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str) -> None:
+        self.lines.append(f"# HELP {name} {help_text.replace(chr(92), chr(92) * 2).replace(chr(10), ' ')}")
+        self.lines.append(f"# TYPE {name} {kind}")
+
+    def sample(self, name: str, labels: dict[str, str], value: float) -> None:
+        shown = str(int(value)) if float(value).is_integer() else repr(float(value))   # exact, never 1.7e+09
+        if labels:
+            inner = ",".join(f'{k}="{escape(v)}"' for k, v in labels.items())
+            self.lines.append(f"{name}{{{inner}}} {shown}")
+        else:
+            self.lines.append(f"{name} {shown}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
