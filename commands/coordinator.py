@@ -9,11 +9,13 @@ from typing import TYPE_CHECKING, Any
 from synapticllamas.commands.backends import port_arg
 from synapticllamas.commands.formatting import duration
 from synapticllamas.commands.registry import CommandError, Result, UsageError, command, parse_args, parser, positive_int
-from synapticllamas.llama.supervisor import CoordinatorError, Notice, StateChange
+from synapticllamas.llama.preflight import CoordinatorError  # small: the supervisor loads on first use
 from synapticllamas.util.text import shown
 
 if TYPE_CHECKING:
     from synapticllamas.app import App
+    from synapticllamas.llama.lifecycle import StateChange
+    from synapticllamas.llama.supervisor import Notice
 
 USAGE = ('coordinator start [--model PATH] [--port N] [--force] | stop | restart | rebalance | status | logs [N] | '
          'attach URL [--api-key K] | detach | ask "PROMPT" [--n N]')

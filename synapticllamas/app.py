@@ -14,14 +14,14 @@ from synapticllamas import __version__
 from synapticllamas.config import Settings, redact_url
 from synapticllamas.events.observer import Observer
 from synapticllamas.llama.conversation import Conversation
-from synapticllamas.llama.supervisor import CoordinatorManager
-from synapticllamas.rpc.discovery import NodeDirectory
-from synapticllamas.rpc.local import LocalBackends
 from synapticllamas.rpc.registry import RpcRegistry
 from synapticllamas.ui import PlainUI
 
 if TYPE_CHECKING:
     from synapticllamas.llama.placement import Offer
+    from synapticllamas.llama.supervisor import CoordinatorManager
+    from synapticllamas.rpc.discovery import NodeDirectory
+    from synapticllamas.rpc.local import LocalBackends
 
 
 class App:
@@ -37,11 +37,41 @@ class App:
         self._handed_seq = 0             # events up to this seq were handed to a publisher
         self.backlog_sent = 0            # events the last `redis on` sent from before it
         self.registry = RpcRegistry(settings, self.observer)
-        self.local_backends = LocalBackends(settings, self.observer, self.registry)
-        self.coordinator = CoordinatorManager(settings, self.observer, self.registry)
-        self.nodes = NodeDirectory(self.observer, self.registry)   # follows Redis while publishing
-        self.coordinator.offers_for = self.offers
+        # made on first use (the properties below): the prompt does not wait for their imports
+        self._coordinator: CoordinatorManager | None = None
+        self._local_backends: LocalBackends | None = None
+        self._nodes: NodeDirectory | None = None
         self.conversation = Conversation()     # `chat`'s turns, kept from one `chat` to the next
+
+    @property
+    def coordinator(self) -> CoordinatorManager:
+        if self._coordinator is None:
+            from synapticllamas.llama.supervisor import CoordinatorManager
+
+            self._coordinator = CoordinatorManager(self.settings, self.observer, self.registry)
+            self._coordinator.offers_for = self.offers
+        return self._coordinator
+
+    @coordinator.setter
+    def coordinator(self, value: CoordinatorManager) -> None:
+        self._coordinator = value
+
+    @property
+    def local_backends(self) -> LocalBackends:
+        if self._local_backends is None:
+            from synapticllamas.rpc.local import LocalBackends
+
+            self._local_backends = LocalBackends(self.settings, self.observer, self.registry)
+        return self._local_backends
+
+    @property
+    def nodes(self) -> NodeDirectory:
+        """The nodes announced on Redis; it follows them while publishing is on."""
+        if self._nodes is None:
+            from synapticllamas.rpc.discovery import NodeDirectory
+
+            self._nodes = NodeDirectory(self.observer, self.registry)
+        return self._nodes
 
     def offers(self, backends: list[str]) -> dict[str, Offer]:
         """What each backend offers to placements, where we know it: a local backend's `--memory`
@@ -50,8 +80,8 @@ class App:
 
         out: dict[str, Offer] = {}
         for address in backends:
-            local = self.local_backends.get(address)
-            node = self.nodes.nodes.get(address)
+            local = self._local_backends.get(address) if self._local_backends else None
+            node = self._nodes.nodes.get(address) if self._nodes else None
             if local is not None and local.memory_mib:
                 out[address] = Offer(local.memory_mib, "local --memory")
             elif local is not None and local.server.banner.free_mib:
@@ -107,7 +137,7 @@ class App:
         if self.closed:
             return
         self.closed = True
-        for component in (self.coordinator, self.local_backends, self.nodes, self.registry):
+        for component in (self._coordinator, self._local_backends, self._nodes, self.registry):
             if component is not None:
                 try:
                     await component.close()
@@ -171,7 +201,8 @@ class App:
         self.observer.emit("system", "redis_off", f"Redis publishing off ({self.publisher.shown_url})",
                            {"url": self.publisher.shown_url, "published": self.publisher.published})
         self._handed_seq = self.observer.seq
-        await self.nodes.close()
+        if self._nodes is not None:
+            await self._nodes.close()
         return await self.publisher.close(timeout=2.0)
 
     def status(self) -> dict[str, Any]:
@@ -179,7 +210,7 @@ class App:
         return {
             "mode": self.mode,
             "redis": self.publisher.status() if self.publisher else {"enabled": False},
-            "coordinator": self.coordinator.status() if self.coordinator else {"state": "stopped"},
+            "coordinator": self._coordinator.status() if self._coordinator else {"state": "stopped"},
             "backends": self.registry.status() if self.registry else {"configured": 0, "up": 0},
             "events": self.observer.stats(),
         }

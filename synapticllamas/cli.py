@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from typing import Any
+from typing import Any, ClassVar
 
 import click
 
@@ -39,7 +39,27 @@ def settings_from(params: dict[str, Any], config_path: str | None) -> Any:
         sys.exit(2)
 
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """Subcommands imported when they are asked for: the shell's own start (no subcommand) does
+    not pay for the dashboard's, the node's and the viewer's option definitions."""
+
+    lazy: ClassVar[dict[str, str]] = {"dashboard-server": "synapticllamas.dashboard.command:dashboard_server",
+            "events": "synapticllamas.events.viewer:events_viewer",
+            "node": "synapticllamas.node.command:node"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy and name not in self.commands:
+            import importlib
+
+            module, attr = self.lazy[name].split(":")
+            self.add_command(getattr(importlib.import_module(module), attr), name)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--distributed", is_flag=True, default=None,
               help="Distributed mode: the coordinator shards the model over the RPC backends.")
 @click.option("--redis-url", metavar="URL", help="Redis to publish events to (SOLLOL_REDIS_URL).")
@@ -87,36 +107,6 @@ def run_shell(settings: Any, commands: tuple[str, ...] = (), exit_on_error: bool
         return await shell.run_lines()
 
     return asyncio.run(run())
-
-
-def _add_dashboard_server() -> None:
-    # click and the settings only; the web server is imported when the subcommand runs
-    from synapticllamas.dashboard.command import dashboard_server
-
-    cli.add_command(dashboard_server)
-
-
-_add_dashboard_server()
-
-
-def _add_node() -> None:
-    # click and the settings only; the agent is imported when the subcommand runs
-    from synapticllamas.node.command import node
-
-    cli.add_command(node)
-
-
-_add_node()
-
-
-def _add_events_viewer() -> None:
-    # click only; redis is imported when the viewer runs
-    from synapticllamas.events.viewer import events_viewer
-
-    cli.add_command(events_viewer)
-
-
-_add_events_viewer()
 
 
 def main() -> None:

@@ -164,7 +164,7 @@ def test_the_node_table_has_every_option_with_its_default():
 
 
 def test_the_subcommands_and_console_scripts_are_named():
-    for name in cli.commands:
+    for name in cli.list_commands(click.Context(cli)):
         assert f"python3 main.py {name}" in README, f"README does not show `python3 main.py {name}`"
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     for script in scripts:
