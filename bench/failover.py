@@ -98,33 +98,41 @@ async def cold_start(app: App, backends: list[str]) -> float:
         app.registry._backends.update(kept)
 
 
+async def kill_loop(app: App, kills: int, kill, bring_back, timeout: float) -> dict:
+    """The measurement, wherever the backends are: baseline cold starts, then `kills` times: an
+    answer, kill(the backend), the failover, bring_back(), rebalance."""
+    baseline = [await cold_start(app, app.registry.healthy()[:2]) for _ in range(3)]
+    await app.coordinator.start()
+    asker = Asker(app)
+    downtimes = []
+    for i in range(kills):
+        await until(lambda n=asker.answered: asker.answered > n, timeout, "an answer before the kill")
+        before = app.coordinator.last_failover
+        kill(app.coordinator.run.plan.backends[i % 3])
+        await until(lambda b=before: app.coordinator.last_failover is not b
+                    and app.coordinator.state == "running", timeout, "the failover")
+        downtimes.append(app.coordinator.last_failover["downtime_s"])
+        await asker.pause()
+        await bring_back()
+        await app.coordinator.rebalance()
+        asker.running.set()
+    await asker.pause()
+    asker.task.cancel()
+    return {"baseline": baseline, "downtimes": downtimes, "answered": asker.answered, "failed": asker.failed,
+            "retried": asker.retried, "errors": asker.errors}
+
+
 async def run_local(tmp: Path, kills: int) -> dict:
     app = make_app(tmp)
     await app.start()
     try:
         await app.local_backends.spawn(3)
-        baseline = []
-        for _ in range(3):
-            baseline.append(await cold_start(app, app.registry.addresses()[:2]))
-        await app.coordinator.start()
-        asker = Asker(app)
-        downtimes = []
-        for i in range(kills):
-            await until(lambda n=asker.answered: asker.answered > n, 60, "an answer before the kill")
-            before = app.coordinator.last_failover
-            victim = app.local_backends.get(app.coordinator.run.plan.backends[i % 3])
-            os.kill(victim.pid, signal.SIGKILL)
-            await until(lambda b=before: app.coordinator.last_failover is not b
-                        and app.coordinator.state == "running", 60, "the failover")
-            downtimes.append(app.coordinator.last_failover["downtime_s"])
-            await asker.pause()
+
+        async def bring_back() -> None:
             await app.local_backends.spawn(1)
-            await app.coordinator.rebalance()
-            asker.running.set()
-        await asker.pause()
-        asker.task.cancel()
-        return {"baseline": baseline, "downtimes": downtimes, "answered": asker.answered, "failed": asker.failed,
-                "retried": asker.retried, "errors": asker.errors}
+
+        return await kill_loop(app, kills, lambda b: os.kill(app.local_backends.get(b).pid, signal.SIGKILL),
+                               bring_back, 60)
     finally:
         await app.close()
 
@@ -148,30 +156,15 @@ async def run_cluster(tmp: Path, kills: int) -> dict:
             try:
                 await app.redis_on()
                 await until(lambda: len(app.registry.healthy()) == 3, 60, "three nodes")
-                baseline = []
-                for _ in range(3):
-                    baseline.append(await cold_start(app, app.registry.healthy()[:2]))
-                await app.coordinator.start()
-                asker = Asker(app)
-                downtimes = []
-                for i in range(kills):
-                    await until(lambda n=asker.answered: asker.answered > n, 120, "an answer before the kill")
-                    before = app.coordinator.last_failover
-                    address = app.coordinator.run.plan.backends[i % 3]
+
+                def kill(address: str) -> None:     # the node's rpc-server: the node restarts it
                     host = next(h for h in cluster.hosts if address.startswith(h.address + ":"))
-                    rpc = [p for p in host.pids() if is_rpc_server(p)]
-                    os.kill(rpc[0], signal.SIGKILL)
-                    await until(lambda b=before: app.coordinator.last_failover is not b
-                                and app.coordinator.state == "running", 120, "the failover")
-                    downtimes.append(app.coordinator.last_failover["downtime_s"])
-                    await asker.pause()
+                    os.kill(next(p for p in host.pids() if is_rpc_server(p)), signal.SIGKILL)
+
+                async def bring_back() -> None:
                     await until(lambda: len(app.registry.healthy()) == 3, 60, "the node's rpc-server back")
-                    await app.coordinator.rebalance()
-                    asker.running.set()
-                await asker.pause()
-                asker.task.cancel()
-                return {"baseline": baseline, "downtimes": downtimes, "answered": asker.answered,
-                        "failed": asker.failed, "retried": asker.retried, "errors": asker.errors}
+
+                return await kill_loop(app, kills, kill, bring_back, 120)
             finally:
                 await app.close()
         finally:

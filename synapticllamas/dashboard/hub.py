@@ -42,6 +42,7 @@ from synapticllamas.events.contract import APPS_HASH, CHANNEL_PATTERN, JOURNAL_S
 from synapticllamas.events.dedup import SeenEvents
 from synapticllamas.events.redis_errors import describe
 from synapticllamas.util.backoff import Backoff
+from synapticllamas.util.tasks import cancel
 
 GRACE = 0.5              # seconds an event seen on pub/sub may wait for its journal entry
 PENDING_BLOCK_MS = 100   # XREAD BLOCK while an announced event is not in the journal yet
@@ -163,10 +164,7 @@ class Hub:
             self._beat.cancel()
             self._beat = None
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel(task)
         # memory goes with the subscription; the next viewer re-reads the journal
         self.base += len(self.ring)
         self.ring.clear()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from synapticllamas.events.contract import NODES_HASH, Component, NodeEvent, SystemEvent, channel_for
+from synapticllamas.util.tasks import cancel
 
 if TYPE_CHECKING:
     from synapticllamas.events.observer import Observer
@@ -81,12 +82,7 @@ class NodeDirectory:
     async def close(self) -> None:
         self._loaded.clear()
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel(task)
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()

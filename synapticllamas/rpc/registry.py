@@ -32,6 +32,7 @@ from typing import Any
 from synapticllamas.rpc import backends_file
 from synapticllamas.rpc.addresses import parse_address
 from synapticllamas.rpc.probe import ProbeFailure, ProbeResult, is_ip, probe, resolve
+from synapticllamas.util.tasks import cancel
 from synapticllamas.util.text import shown
 from synapticllamas.util.ticker import Ticker
 
@@ -97,12 +98,7 @@ class RpcRegistry:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel(task)
 
     def _insert(self, key: str, source: str, persisted: bool) -> Backend:
         address = parse_address(key)

@@ -13,9 +13,8 @@ import re
 from itertools import pairwise
 
 import pytest
-from llama_support import TAG_VAR, tagged
-from support import PipedShell, RedisCliSubscriber, RedisServer, free_port
-from test_cluster_nodes import HEARTBEAT, NODE_PORT, start_node
+from llama_support import tagged
+from node_support import NodesOnHosts
 
 pytestmark = pytest.mark.llama
 
@@ -31,18 +30,10 @@ def tag():
 
 def test_a_cold_load_over_slow_links_shows_moving_progress_and_5_percent_events(tmp_path, make_cluster, tag):
     cluster = make_cluster(3, rate_mbit=RATE_MBIT)
-    redis = RedisServer(tmp_path / "redis", bind=cluster.root_address).start()
-    sub = RedisCliSubscriber(redis.port, host=cluster.root_address)
-    addresses = [f"{h.address}:{NODE_PORT}" for h in cluster.hosts]
-    nodes = [start_node(h, tmp_path, redis.url, tag) for h in cluster.hosts]     # fresh caches: cold
-    shell = None
-    try:
-        for address in addresses:
-            sub.wait_for_event("node", "node_up", address=address, timeout=30)
-        shell = PipedShell(tmp_path, "--distributed", **{
-            TAG_VAR: tag, "SOLLOL_REDIS_URL": redis.url, "SOLLOL_RPC_BACKEND_HEARTBEAT_INTERVAL": str(HEARTBEAT),
-            "SYNAPTICLLAMAS_COORDINATOR_PORT": str(free_port()), "SYNAPTICLLAMAS_COORDINATOR_ARGS": "-t 1",
-            "SYNAPTICLLAMAS_COORDINATOR_STOP_TIMEOUT": "2"})
+    with NodesOnHosts(cluster, tmp_path, tag) as on_hosts:     # fresh caches: a cold load
+        sub, addresses = on_hosts.sub, on_hosts.addresses
+        on_hosts.wait_all_up()
+        shell = on_hosts.shell("--distributed")
         shell.send("redis on", "coordinator start")
         match, _ = shell.read_until(r"Coordinator running .* RPC backends: (.*); ready", timeout=120,
                                     stream="stdout")
@@ -83,12 +74,3 @@ def test_a_cold_load_over_slow_links_shows_moving_progress_and_5_percent_events(
             # the step reached: the exact figure (sent_mib, total_mib: 0.1 MiB rounded) is in [step, step + 5)
             assert d["percent"] - 0.5 <= 100 * d["sent_mib"] / d["total_mib"] < d["percent"] + 5.5, d
             assert sorted(d["rpc_backends"]) == sorted(addresses), d
-    finally:
-        if shell is not None:
-            shell.kill()
-        for proc in nodes:
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait(20)
-        sub.close()
-        redis.kill()

@@ -12,13 +12,11 @@ import signal
 from pathlib import Path
 
 import pytest
-from llama_support import TAG_VAR, tagged
-from support import PYTHON, ROOT, PipedShell, RedisCliSubscriber, RedisServer, free_port, wait_for
+from llama_support import tagged
+from node_support import HEARTBEAT, NodesOnHosts
+from support import wait_for
 
 pytestmark = pytest.mark.llama
-
-HEARTBEAT = 1.0
-NODE_PORT = 50052
 
 
 @pytest.fixture
@@ -27,33 +25,10 @@ def tag():
         yield value
 
 
-def start_node(host, tmp_path, redis_url, tag, *extra):
-    """`python3 main.py node` inside a simulated host, as a user on that machine runs it."""
-    home = tmp_path / host.name
-    home.mkdir(exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SOLLOL_", "SYNAPTICLLAMAS_"))}
-    env.update({TAG_VAR: tag, "XDG_CACHE_HOME": str(home / "cache"), "XDG_CONFIG_HOME": str(home / "config"),
-                "SOLLOL_RPC_BACKEND_HEARTBEAT_INTERVAL": str(HEARTBEAT), "PYTHONUNBUFFERED": "1"})
-    log = open(home / "node.log", "w")      # noqa: SIM115 - the child keeps its own copy; closed below
-    try:
-        return host.popen([PYTHON, str(ROOT / "main.py"), "node", "--port", str(NODE_PORT), "--redis-url", redis_url,
-                           "--threads", "1", *extra], env=env, stdout=log, stderr=log, cwd=str(ROOT))
-    finally:
-        log.close()
-
-
-def node_log(tmp_path, host):
-    return (tmp_path / host.name / "node.log").read_text()
-
-
 def test_three_nodes_are_found_serve_the_model_and_their_failures_are_seen(tmp_path, make_cluster, tag):
     cluster = make_cluster(3)
-    redis = RedisServer(tmp_path / "redis", bind=cluster.root_address).start()
-    sub = RedisCliSubscriber(redis.port, host=cluster.root_address)
-    addresses = [f"{h.address}:{NODE_PORT}" for h in cluster.hosts]
-    nodes = [start_node(h, tmp_path, redis.url, tag) for h in cluster.hosts]
-    shell = None
-    try:
+    with NodesOnHosts(cluster, tmp_path, tag) as on_hosts:
+        redis, sub, addresses, nodes = on_hosts.redis, on_hosts.sub, on_hosts.addresses, on_hosts.nodes
         # each node binds to its address on the route to Redis (no --host given) and announces itself
         for address in addresses:
             sub.wait_for_event("node", "node_up", address=address, timeout=30)
@@ -66,10 +41,7 @@ def test_three_nodes_are_found_serve_the_model_and_their_failures_are_seen(tmp_p
             assert reg["heartbeat_interval"] == HEARTBEAT and reg["state"] == "up"
 
         # a shell with `redis on` lists them, without any `backends add`
-        shell = PipedShell(tmp_path, "--distributed", **{
-            TAG_VAR: tag, "SOLLOL_REDIS_URL": redis.url, "SOLLOL_RPC_BACKEND_HEARTBEAT_INTERVAL": str(HEARTBEAT),
-            "SYNAPTICLLAMAS_COORDINATOR_PORT": str(free_port()), "SYNAPTICLLAMAS_COORDINATOR_ARGS": "-t 1",
-            "SYNAPTICLLAMAS_COORDINATOR_STOP_TIMEOUT": "2"})
+        shell = on_hosts.shell("--distributed")
         shell.send("redis on", "backends discover")
         _, lines = shell.read_until(r"3 nodes announced on")
         for address in addresses:
@@ -101,20 +73,11 @@ def test_three_nodes_are_found_serve_the_model_and_their_failures_are_seen(tmp_p
 
         # SIGTERM on a node: it stops its rpc-server, says node_down and leaves the hash
         nodes[2].send_signal(signal.SIGTERM)
-        assert nodes[2].wait(20) == 0, node_log(tmp_path, cluster.hosts[2])
+        assert nodes[2].wait(20) == 0, on_hosts.node_log(cluster.hosts[2])
         sub.wait_for_event("node", "node_down", address=addresses[2], reason="signal", timeout=10)
         wait_for(lambda: addresses[2] not in redis.client().hgetall("synapticllamas:nodes"), 10,
                  what="the stopped node's entry to leave synapticllamas:nodes")
-        assert "node: stopped" in node_log(tmp_path, cluster.hosts[2])
+        assert "node: stopped" in on_hosts.node_log(cluster.hosts[2])
 
         shell.send("exit")
         assert shell.wait() == 0, shell.output()
-    finally:
-        if shell is not None:
-            shell.kill()
-        for proc in nodes:
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait(20)
-        sub.close()
-        redis.kill()
