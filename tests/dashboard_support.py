@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from support import PYTHON, ROOT, PipedShell, cpu_seconds, free_port, shell_env, wait_for
+from support import PYTHON, ROOT, PipedShell, cpu_seconds, free_port, shell_env, stop_process, wait_for
 
 CHANNEL = "synapticllamas:llama_cpp:"
 JOURNAL = "synapticllamas:events"
@@ -72,13 +72,7 @@ class Dashboard:
         return cpu_seconds(self.proc.pid)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
 
 class Shell(PipedShell):
@@ -191,11 +185,4 @@ class Node:
         return reg if reg and reg.get("state") == "up" and reg.get("devices") else None
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
+        return stop_process(self.proc, 15)

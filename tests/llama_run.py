@@ -15,7 +15,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from support import free_port, wait_for
+from support import free_port, stop_process, wait_for
 
 DEVICE = re.compile(r"^\s+(?P<name>[^:]+): (?P<desc>.*) \((?P<total>\d+) MiB, (?P<free>\d+) MiB free\)\s*$")
 
@@ -108,13 +108,7 @@ class LlamaServer:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
     def __enter__(self) -> LlamaServer:
         return self

@@ -68,6 +68,18 @@ async def until(predicate, timeout: float = 10.0, what: str = "condition", inter
         await asyncio.sleep(interval)
 
 
+def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> int:
+    """SIGTERM, SIGKILL after `grace` seconds; the exit status."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
+
+
 def strip_ansi(text: str) -> str:
     return ANSI.sub("", text)
 
