@@ -41,10 +41,10 @@ def memory_list(text: str) -> list[int]:
 
 def _kind(app: App, backend: Any) -> str:
     if backend.local:
-        local = app._local_backends.get(backend.key) if app._local_backends is not None else None
+        local = app.local_backend(backend.key)
         memory = f", offers {local.memory_mib} MiB" if local and local.memory_mib else ""
         return (f"local, pid {local.pid}" if local and local.running else "local") + memory
-    node = app._nodes.nodes.get(backend.key) if app._nodes is not None else None
+    node = app.announced_node(backend.key)
     if node is not None:
         version = f" rpc v{node.rpc_version}" if node.rpc_version else ""
         free = f", {node.free_mib} MiB free" if node.free_mib is not None else ""

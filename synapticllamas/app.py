@@ -20,8 +20,8 @@ from synapticllamas.ui import PlainUI
 if TYPE_CHECKING:
     from synapticllamas.llama.placement import Offer
     from synapticllamas.llama.supervisor import CoordinatorManager
-    from synapticllamas.rpc.discovery import NodeDirectory
-    from synapticllamas.rpc.local import LocalBackends
+    from synapticllamas.rpc.discovery import NodeDirectory, NodeInfo
+    from synapticllamas.rpc.local import LocalBackend, LocalBackends
 
 
 class App:
@@ -73,6 +73,14 @@ class App:
             self._nodes = NodeDirectory(self.observer, self.registry)
         return self._nodes
 
+    def local_backend(self, address: str) -> LocalBackend | None:
+        """The local backend at `address`, if this shell started one (never makes the component)."""
+        return self._local_backends.get(address) if self._local_backends is not None else None
+
+    def announced_node(self, address: str) -> NodeInfo | None:
+        """What the node at `address` announced, if discovery has heard of it (never makes the component)."""
+        return self._nodes.nodes.get(address) if self._nodes is not None else None
+
     def offers(self, backends: list[str]) -> dict[str, Offer]:
         """What each backend offers to placements, where we know it: a local backend's `--memory`
         or its banner's free memory; a node's `--memory` or free memory, as it announced."""
@@ -80,8 +88,8 @@ class App:
 
         out: dict[str, Offer] = {}
         for address in backends:
-            local = self._local_backends.get(address) if self._local_backends else None
-            node = self._nodes.nodes.get(address) if self._nodes else None
+            local = self.local_backend(address)
+            node = self.announced_node(address)
             if local is not None and local.memory_mib:
                 out[address] = Offer(local.memory_mib, "local --memory")
             elif local is not None and local.server.banner.free_mib:

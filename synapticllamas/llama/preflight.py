@@ -76,7 +76,8 @@ def supports_flag(binary: Path, flag: str) -> bool:
         mtime = binary.stat().st_mtime_ns
     except OSError:
         return False
-    return f"{flag} " in _help_text(str(binary), mtime) or f"{flag}," in _help_text(str(binary), mtime)
+    text = _help_text(str(binary), mtime)
+    return f"{flag} " in text or f"{flag}," in text
 
 
 def check_model(path: Path) -> None:

@@ -97,7 +97,7 @@ class Hooks:
         self.on_heartbeat: list[Callable[[Notice], object]] = []
         self.on_request: list[Callable[[Notice], object]] = []
         self.on_inference: list[Callable[[Notice], object]] = []
-        self.on_failover: list[Callable[[Notice], object]] = []
+        self.on_recovery: list[Callable[[Notice], object]] = []    # failover and rebalance
         self.on_error: list[Callable[[Notice], object]] = []
         self.errors = 0
 
@@ -286,7 +286,7 @@ class CoordinatorManager:
 
     # ------------------------------------------------------------ pre-flight
 
-    async def _plan(self, target: Target, auto: bool, lost: frozenset[str] = frozenset()) -> Plan:
+    async def _plan(self, target: Target, auto: bool) -> Plan:
         """Every check that can fail before anything is started; raises CoordinatorError (NoFit
         when the model does not fit on the backends there are)."""
         from synapticllamas.llama import binaries
@@ -313,8 +313,6 @@ class CoordinatorManager:
             for key in self.registry.addresses():
                 if key not in healthy:
                     left_out[key] = "down"
-                elif key in lost:
-                    left_out[key] = "lost"
                 elif auto and key in self.suspects:
                     left_out[key] = "unreachable after the last failure"
                 else:
@@ -738,7 +736,7 @@ class CoordinatorManager:
         downtime = round(time.monotonic() - rec["since"], 3)
         self.last_failover = {"lost": rec["lost"], "survivors": list(run.plan.backends), "before": rec["before"],
                               "downtime_s": downtime, "at": time.time()}
-        self.hooks.call("on_failover", Notice(
+        self.hooks.call("on_recovery", Notice(
             CoordinatorEvent.FAILOVER, f"llama.cpp coordinator serving again on {', '.join(run.plan.backends)} "
             f"{downtime:g}s after losing {', '.join(rec['lost'])}",
             {**self.last_failover, "reason": rec.get("reason"), "pid": run.pid}, "warning"))
@@ -761,7 +759,7 @@ class CoordinatorManager:
         await self.stop("rebalance")
         status = await self.start(self.target.model, self.target.port, self.target.force)
         after = status["backends"]
-        self.hooks.call("on_failover", Notice(
+        self.hooks.call("on_recovery", Notice(
             CoordinatorEvent.REBALANCE, f"llama.cpp coordinator rebalanced over {len(after)} backends "
             f"({', '.join(after)}; before: {', '.join(before)})",
             {"before": before, "after": after, "added": [b for b in after if b not in before], "auto": auto}))
@@ -968,7 +966,7 @@ def observe(manager: CoordinatorManager, observer: Observer) -> None:
                                                             n.details, n.level))
     hooks.subscribe("on_request", lambda n: observer.emit(Component.COORDINATOR, n.event_type, n.message,
                                                           n.details, n.level, sample=True))
-    hooks.subscribe("on_failover", lambda n: observer.emit(Component.COORDINATOR, n.event_type, n.message,
+    hooks.subscribe("on_recovery", lambda n: observer.emit(Component.COORDINATOR, n.event_type, n.message,
                                                            n.details, n.level))
     # one per request, whoever sent it: never sampled (a dashboard counts them)
     hooks.subscribe("on_inference", lambda n: observer.emit(Component.COORDINATOR, n.event_type, n.message,
