@@ -95,6 +95,10 @@ async def config_command(app: App, args: list[str]) -> Result:
              spec.env[0] if spec.env else "-") for spec in SPECS]
     footer = f"Config file: {settings.config_file}" if settings.config_file else \
         "Config file: none (precedence: defaults < config file < environment < flags)"
+    key = app.cluster_key
+    footer += (f"\nCluster key: id {key.id}, from {key.path} ({settings.source('cluster_key_file')})" if key else
+               f"\nCluster key: none ({settings.cluster_key_file} does not exist): node announcements are not "
+               "checked and nodes behind encrypted links cannot be used; `cluster init` makes one")
     return Result.table("Settings", ("setting", "value", "from", "variable"), rows, footer=footer)
 
 

@@ -29,6 +29,9 @@ class App:
         self.settings = settings
         self.ui = ui or PlainUI()
         self.observer = Observer.from_settings(settings)
+        from synapticllamas.trust.key import from_settings
+
+        self.cluster_key = from_settings(settings)   # None: an insecure cluster (cli.py refused a bad file)
         self.started_at = time.time()
         self.closed = False
         # Components. Each is created here or on first use, and each offers
