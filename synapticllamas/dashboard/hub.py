@@ -57,8 +57,12 @@ log = logging.getLogger("synapticllamas.dashboard")
 
 
 class Hub:
-    def __init__(self, redis_url: str, replay: int = 1000, capacity: int = 10000) -> None:
+    def __init__(self, redis_url: str, replay: int = 1000, capacity: int = 10000,
+                 redis_ca_file: str | None = None) -> None:
+        from synapticllamas.events.redis_options import redis_options
+
         self.redis_url = redis_url
+        self.redis_options = redis_options(redis_url, redis_ca_file)
         self.metrics = Metrics()    # kept while the hub is closed: counters only grow
         self.public_url = redact_url(redis_url)
         self.replay = replay
@@ -204,7 +208,7 @@ class Hub:
 
     async def _session(self) -> None:
         client = aioredis.from_url(self.redis_url, socket_connect_timeout=CONNECT_TIMEOUT,
-                                   socket_keepalive=True)
+                                   socket_keepalive=True, **self.redis_options)
         pubsub = client.pubsub()
         tasks: list[asyncio.Task] = []
         try:
@@ -396,7 +400,8 @@ class Hub:
 
             # one retry on a new connection: a pooled one is dead after Redis restarted
             self._client = aioredis.from_url(self.redis_url, socket_connect_timeout=CONNECT_TIMEOUT,
-                                             socket_timeout=COMMAND_TIMEOUT, retry=Retry(NoBackoff(), 1))
+                                             socket_timeout=COMMAND_TIMEOUT, retry=Retry(NoBackoff(), 1),
+                                             **self.redis_options)
         return self._client
 
     async def read_journal(self, since: str | None, limit: int, before: str | None = None

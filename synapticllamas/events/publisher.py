@@ -75,6 +75,7 @@ from typing import Any
 from synapticllamas.config import redact_url
 from synapticllamas.events.contract import APPS_HASH, CHANNEL_PATTERN, JOURNAL_FIELD, JOURNAL_STREAM, Event
 from synapticllamas.events.redis_errors import describe
+from synapticllamas.events.redis_options import redis_options
 from synapticllamas.util.backoff import Backoff
 
 BATCH = 500                 # events per transaction: big enough to amortise the round trip
@@ -186,6 +187,7 @@ class RedisPublisher:
         shell), or the nodes hash under the node's HOST:PORT (`main.py node`)."""
         self.observer = observer
         self.url = settings.redis_url
+        self.redis_options = redis_options(self.url, getattr(settings, "redis_ca_file", None))
         self.shown_url = redact_url(self.url)
         self.max_events = settings.observer_max_events
         self.instance = observer.source["instance"]
@@ -365,7 +367,7 @@ class RedisPublisher:
         pool = ConnectionPool.from_url(
             self.url, socket_connect_timeout=self.connect_timeout, socket_timeout=self.reply_timeout,
             retry=Retry(NoBackoff(), 0), health_check_interval=0, socket_keepalive=True,
-            client_name="synapticllamas")
+            client_name="synapticllamas", **self.redis_options)
         conn = None
         first = True                   # no connection attempt has ended yet
         lost_at: float | None = None   # when the current outage began
