@@ -24,7 +24,7 @@ def describe(exc: BaseException, *, connect_timeout: float, reply_timeout: float
     if "wrong version number" in lowered or "packet length too long" in lowered or "record layer" in lowered:
         return "TLS failed: is this Redis's TLS port? (rediss:// needs redis-server --tls-port)"
     if "wrongpass" in lowered or "invalid username-password" in lowered or "invalid password" in lowered:
-        return "wrong user or password (the URL's redis://USER:PASSWORD@...)"
+        return "wrong user or password, or the user is disabled (the URL's redis://USER:PASSWORD@...)"
     if "noauth" in lowered or "authentication required" in lowered or "already authenticated" in lowered:
         return "Redis needs a password: redis://:PASSWORD@host, or redis://USER:PASSWORD@host for an ACL user"
     if "timeout" in lowered or "timed out" in lowered or (isinstance(exc, TimeoutError) and not text):
