@@ -19,6 +19,7 @@ when it did not or a later connection was refused, `link_closed` when its stunne
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -115,8 +116,11 @@ class LinkManager:
         if task is None:          # one opening per backend, however many callers wait for it
             task = asyncio.get_running_loop().create_task(self._open(backend), name=f"link-{backend}")
             self._opening[backend] = task
-            task.add_done_callback(lambda _t, b=backend: self._opening.pop(b, None))
+            task.add_done_callback(functools.partial(self._opened, backend))
         return await asyncio.shield(task)
+
+    def _opened(self, backend: str, _task: asyncio.Task[Link]) -> None:
+        self._opening.pop(backend, None)
 
     async def _open(self, backend: str) -> Link:
         link = self._links.get(backend)
@@ -136,7 +140,7 @@ class LinkManager:
         for _ in range(2):        # the free port may be taken between our look and stunnel's bind
             local = _free_port()
             process = await StunnelProcess.start(self._psk, f"127.0.0.1:{local}", f"{host}:{port}", client=True,
-                                                 on_outcome=lambda peer, outcome, b=backend: self._seen(b, peer, outcome))
+                                                 on_outcome=functools.partial(self._seen, backend))
             try:
                 await process.wait_ready(START_TIMEOUT)
             except LinkError as exc:

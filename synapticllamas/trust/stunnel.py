@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from synapticllamas.util.processes import describe_exit, spawn, terminate
 
@@ -157,7 +158,8 @@ class StunnelProcess:
 
     async def wait_ready(self, timeout: float) -> None:
         """Until it accepts connections; LinkError when it exits first (a taken port...) or is slow."""
-        done, _ = await asyncio.wait({self.ready, self.exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        waiting: set[asyncio.Future[Any]] = {self.ready, self.exited}
+        done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if self.ready.done():
             return
         if self.exited in done:
