@@ -222,6 +222,6 @@ class LinkManager:
             return
         from synapticllamas.events.contract import Component
 
-        self.observer.emit(Component.RPC_BACKEND, event_type, message,
+        self.observer.emit(Component.RPC_BACKEND, event_type, message,  # BackendEvent.LINK_*
                            {"backend": link.backend, "address": link.address, "link": KIND,
                             "stunnel_pid": link.process.pid, **details}, level)
