@@ -62,10 +62,25 @@ class NodeOptions:
     cache_max_bytes: int | None
     memory_mib: int | None
     max_restarts: int
+    link_psk: bytes | None = None       # serve through the encrypted link (trust/link_server.py)
+    announce_key: bytes | None = None   # sign every event and the registration
+    rpc_port: int | None = None         # behind the link: rpc-server's own port, on 127.0.0.1
+    insecure: bool = False              # --insecure: rpc-server open on `host`, said at start
 
     @property
     def address(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def link(self) -> str:
+        return "tls-psk" if self.link_psk else "plain"
+
+    @property
+    def rpc_bind(self) -> tuple[str, int]:
+        """Where rpc-server itself listens: loopback behind a link, else the announced address."""
+        if self.link_psk and self.rpc_port is not None:
+            return "127.0.0.1", self.rpc_port
+        return self.host, self.port
 
     @property
     def cache_files(self) -> Path:
@@ -100,6 +115,7 @@ class NodeAgent:
         self._stop = asyncio.Event()
         self._stop_reason = "exit"
         self._prune: asyncio.TimerHandle | None = None
+        self.link_server: Any = None      # trust.link_server.LinkServer, behind a link
 
     # ------------------------------------------------------------ what we say about ourselves
 
@@ -115,7 +131,7 @@ class NodeAgent:
             "cache": {"enabled": o.cache, "dir": str(o.cache_files) if o.cache else None,
                       "bytes": self.cache_bytes, "max_bytes": o.cache_max_bytes},
             "started": self.started, "heartbeat_interval": self.interval, "last_heartbeat": time.time(),
-            "restarts": self.restarts,
+            "restarts": self.restarts, "link": o.link,
         }
 
     def _emit(self, event_type: str, message: str, level: str = "info", **details: Any) -> None:
@@ -140,6 +156,10 @@ class NodeAgent:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self._signalled, sig)
         self._start_publisher()
+        if self.options.insecure:
+            self._emit(NodeEvent.INSECURE, f"node {self.options.address} serves rpc-server without authentication "
+                       f"(--insecure): anyone who reaches port {self.options.port} can use it", "warning",
+                       link=self.options.link)
         self._prune_cache()
         heartbeat = loop.create_task(self._heartbeat(), name="node-heartbeat")
         try:
@@ -150,6 +170,8 @@ class NodeAgent:
                 self._prune.cancel()
             if self.server is not None and self.server.running:
                 await self.server.stop(STOP_TIMEOUT)
+            if self.link_server is not None:
+                await self.link_server.stop()
             await self._close_publisher()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
@@ -164,8 +186,14 @@ class NodeAgent:
         from synapticllamas.events.contract import NODES_HASH
         from synapticllamas.events.publisher import RedisPublisher
 
+        signer = None
+        if self.options.announce_key is not None:
+            from synapticllamas.trust.signing import Signer
+
+            signer = Signer(self.options.announce_key)
         self.publisher = RedisPublisher(self.settings.replace(redis_url=self.options.redis_url), self.observer,
-                                        self.registration(), hash_key=NODES_HASH, field=self.options.address)
+                                        self.registration(), hash_key=NODES_HASH, field=self.options.address,
+                                        signer=signer)
         self.publisher.start()
 
     async def _close_publisher(self) -> None:
@@ -211,11 +239,13 @@ class NodeAgent:
         if self._stop.is_set():
             return None
         o = self.options
-        argv = launch.argv(o.binary, o.host, o.port, o.threads, o.devices, o.cache)
+        host, port = o.rpc_bind
+        argv = launch.argv(o.binary, host, port, o.threads, o.devices, o.cache)
         first = self.server is None
+        await self._ensure_link(first)
         try:
             self.server = server = await RpcServerProcess.start(
-                argv, launch.environment(o.cache_dir if o.cache else None), o.host, o.port, self._on_line)
+                argv, launch.environment(o.cache_dir if o.cache else None), host, port, self._on_line)
         except RpcServerFailed as exc:
             raise NodeError(str(exc)) from None
         stop = asyncio.ensure_future(self._stop.wait())
@@ -234,12 +264,35 @@ class NodeAgent:
             if first:
                 self._check_memory(server)
             self._came_up(server, latency)
-            await asyncio.wait({server.exited, stop}, return_when=asyncio.FIRST_COMPLETED)
+            ends: set[asyncio.Future[Any]] = {server.exited, stop}
+            if self.link_server is not None:
+                ends.add(self.link_server.exited)
+            await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
             if stop.done():
                 return None
+            if server.running:                     # the link ended: both start again
+                self.warn(f"node: the encrypted link (stunnel) stopped: {self.link_server.process.last_error()}")
+                await server.stop(STOP_TIMEOUT)
             return self._exited(server)
         finally:
             stop.cancel()
+
+    async def _ensure_link(self, first: bool) -> None:
+        """Behind a link: its server end runs in front of rpc-server's port (started once, and
+        again if it ended). One that cannot start at all (the port is taken) ends the node."""
+        o = self.options
+        if o.link_psk is None or o.rpc_port is None or (self.link_server is not None and self.link_server.running):
+            return
+        from synapticllamas.trust.link_server import LinkServer
+        from synapticllamas.trust.stunnel import LinkError
+
+        self.link_server = LinkServer(o.link_psk, o.host, o.port, o.rpc_port)
+        try:
+            await self.link_server.start()
+        except LinkError as exc:
+            if first:
+                raise NodeError(f"the encrypted link on {o.address} cannot start: {exc}") from None
+            self.warn(f"node: the encrypted link on {o.address} cannot start: {exc}")
 
     def _check_memory(self, server: RpcServerProcess) -> None:
         o, free = self.options, server.banner.free_mib
@@ -259,12 +312,14 @@ class NodeAgent:
         cache_note = f"cache {self.options.cache_files} ({self.cache_bytes / 2**20:.0f} MiB)" if self.options.cache \
             else "no cache"
         version = f"rpc-server v{banner.version}" if banner.version else "rpc-server"
-        self.say(f"node: {version} serving on {self.options.address} (pid {server.pid}; {devices}; "
+        link_note = f"encrypted link in front of rpc-server on 127.0.0.1:{self.options.rpc_port}; " \
+            if self.options.link_psk else ""
+        self.say(f"node: {version} serving on {self.options.address} ({link_note}pid {server.pid}; {devices}; "
                  f"{self.options.threads} threads; {cache_note})")
         self._emit(NodeEvent.NODE_UP, f"node {self.options.address} up: {version}, {devices}",
                    rpc_pid=server.pid, rpc_version=banner.version, devices=list(banner.devices),
                    memory_offered_mib=self.memory_offered, threads=self.options.threads,
-                   latency_ms=round(latency_ms, 2), restarts=self.restarts)
+                   latency_ms=round(latency_ms, 2), restarts=self.restarts, link=self.options.link)
 
     def _exited(self, server: RpcServerProcess) -> str:
         how = server.how_it_ended()
@@ -315,4 +370,5 @@ class NodeAgent:
                        rpc_pid=server.pid if server and server.running else None,
                        uptime_s=round(time.monotonic() - self.up_since, 1) if self.up_since else None,
                        cache_bytes=self.cache_bytes, memory_offered_mib=self.memory_offered,
-                       interval_s=self.interval, restarts=self.restarts)
+                       interval_s=self.interval, restarts=self.restarts, link=self.options.link,
+                       **({"link_refused": self.link_server.refused} if self.link_server is not None else {}))

@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from synapticllamas.events.contract import NODES_HASH, Component, NodeEvent, SystemEvent, channel_for
+from synapticllamas.trust.signing import WINDOW
 from synapticllamas.util.tasks import cancel
 
 if TYPE_CHECKING:
     from synapticllamas.events.observer import Observer
     from synapticllamas.rpc.registry import RpcRegistry
+    from synapticllamas.trust.announcements import AnnouncementCheck
 
 OVERDUE_INTERVALS = 2.5      # heartbeats a node may miss before it counts as down
 CONNECT_TIMEOUT = 2.0
@@ -53,15 +55,27 @@ class NodeInfo:
             return None
 
     @property
+    def link(self) -> str:
+        """How to reach it: `tls-psk` (an encrypted link on its address) or `plain` (rpc-server itself)."""
+        return "tls-psk" if self.registration.get("link") == "tls-psk" else "plain"
+
+    @property
     def memory_offered_mib(self) -> int | None:
         value = self.registration.get("memory_offered_mib")
         return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class NodeDirectory:
-    def __init__(self, observer: Observer, registry: RpcRegistry) -> None:
+    def __init__(self, observer: Observer, registry: RpcRegistry, check: AnnouncementCheck | None = None,
+                 redis_options: dict[str, Any] | None = None) -> None:
+        """`check`: which announcements to believe (trust/announcements.py; by default, without a
+        key: all but those of nodes behind a link). `redis_options`: TLS settings for the client."""
+        from synapticllamas.trust.announcements import AnnouncementCheck
+
         self.observer = observer
         self.registry = registry
+        self.check = check or AnnouncementCheck(None, observer)
+        self.redis_options = redis_options or {}
         self.nodes: dict[str, NodeInfo] = {}
         self.url: str | None = None
         self.connected = False
@@ -102,7 +116,7 @@ class NodeDirectory:
         backoff = Backoff(0.2, 5.0)
         while True:
             client = aioredis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT, health_check_interval=0,
-                                       client_name="synapticllamas-discovery")
+                                       client_name="synapticllamas-discovery", **self.redis_options)
             try:
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(channel_for(Component.NODE))
@@ -154,6 +168,9 @@ class NodeDirectory:
             return
         if not isinstance(reg, dict):
             return
+        interval = _seconds(reg.get("heartbeat_interval")) or 0.0
+        if not self.check.registration(reg, key, window=max(WINDOW, OVERDUE_INTERVALS * interval)):
+            return
         info = self.nodes.setdefault(key, NodeInfo(key))
         info.registration = reg
         info.state = str(reg.get("state") or "unknown")
@@ -178,6 +195,8 @@ class NodeDirectory:
         address = details.get("address")
         if not isinstance(address, str) or not address:
             return
+        if not self.check.event(event, address):     # unsigned, another key, a replay: nothing changes
+            return
         kind = event.get("event_type")
         info = self.nodes.setdefault(address, NodeInfo(address))
         info.last_heard = time.time()
@@ -185,7 +204,7 @@ class NodeDirectory:
         info.interval = _seconds(details.get("interval_s")) or info.interval
         if kind == NodeEvent.NODE_UP:
             info.registration.update({k: details[k] for k in ("rpc_version", "devices", "memory_offered_mib",
-                                                              "threads", "rpc_pid") if k in details})
+                                                              "threads", "rpc_pid", "link") if k in details})
             info.registration.setdefault("hostname", (event.get("source") or {}).get("host"))
             self._ensure_backend(address, up=True, reason=f"node {address} up")
         elif kind in (NodeEvent.NODE_DOWN, NodeEvent.RPC_SERVER_EXIT):
@@ -267,7 +286,7 @@ class NodeDirectory:
 
     def status(self) -> dict[str, Any]:
         return {"enabled": self._task is not None, "connected": self.connected, "nodes": len(self.nodes),
-                "last_error": self.last_error}
+                "last_error": self.last_error, "ignored": dict(self.check.ignored), "keyed": self.check.keyed}
 
 
 def _seconds(value: Any) -> float | None:

@@ -6,12 +6,12 @@ shell runs one stunnel client on 127.0.0.1:P that connects there, and llama-serv
 pre-flight asks for it). A link is checked once when it is opened: one connection through it, whose
 outcome stunnel logs (handshake done, refused by the other end's key, nobody there), so a wrong key is
 one line naming the node before llama-server ever tries. The link stays up across coordinator
-restarts and failovers; it is closed when its backend goes away or the shell closes.
+restarts and failovers (a node that restarts keeps its address) and is closed when the shell closes.
 
     links = LinkManager(cluster_key, observer)
     dialled = await links.dial(["10.0.0.5:50052", "10.0.0.6:50052"])    # {identity: "127.0.0.1:P"}
     links.backend_of("127.0.0.1:P")                                      # "10.0.0.5:50052"
-    await links.close("10.0.0.5:50052"); await links.close_all()
+    await links.close_link("10.0.0.5:50052"); await links.close()
 
 Events (component rpc_backend): `link_open` when a link passed its check, `link_failed` (warning)
 when it did not or a later connection was refused, `link_closed` when its stunnel ended.
@@ -90,16 +90,17 @@ class LinkManager:
         link = self._links.get(backend)
         return link.address if link is not None and link.process.running else None
 
-    async def close(self, backend: str) -> None:
+    async def close_link(self, backend: str) -> None:
         link = self._links.pop(backend, None)
         if link is not None:
             link.closing = True
             await link.process.stop()
 
-    async def close_all(self) -> None:
-        for task in self._opening.values():
+    async def close(self) -> None:
+        """Every link (App.close(), once the coordinator is stopped)."""
+        for task in list(self._opening.values()):
             task.cancel()
-        await asyncio.gather(*(self.close(b) for b in list(self._links)), return_exceptions=True)
+        await asyncio.gather(*(self.close_link(b) for b in list(self._links)), return_exceptions=True)
 
     def status(self) -> dict[str, dict[str, Any]]:
         return {b: {"address": link.address, "pid": link.process.pid, "checked": link.checked,

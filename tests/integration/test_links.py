@@ -94,8 +94,8 @@ def test_only_a_key_holder_reaches_rpc_server_and_llama_server_runs_through_the_
             assert accepted(out) >= 3
             assert links.status()[backend]["checked"] is True
         finally:
-            await links.close_all()
-            await strangers.close_all()
+            await links.close()
+            await strangers.close()
             await server.stop()
         assert not server.running
 
@@ -122,7 +122,7 @@ def test_a_link_to_nobody_is_one_line(tmp_path):
                 await links.dial([f"127.0.0.1:{port}"])
             return str(failed.value)
         finally:
-            await links.close_all()
+            await links.close()
 
     message = asyncio.run(scenario())
     assert message == f"link to 127.0.0.1:{port}: the node does not answer (Connection refused (111))", message
