@@ -76,7 +76,9 @@ def dashboard_server(ctx: click.Context, host: str, port_: str, redis_url: str |
     else:
         redis_url = settings.redis_url
         configured = settings.source("redis_url") != "default"
-    key_token = cluster_token(settings)
+    key = cluster_key(settings)
+    key_token = key.derive("dashboard").hex()[:32] if key else None
+    announce = key.derive("announce") if key else None
     if token is not None and not token.strip():
         click.echo("Error: --token='' is not valid: expected a non-empty token", err=True)
         sys.exit(2)
@@ -85,7 +87,7 @@ def dashboard_server(ctx: click.Context, host: str, port_: str, redis_url: str |
 
     if private is None:
         sys.exit(serve(host, number, redis_url, token, replay_n, metrics_hold=hold,
-                       redis_ca_file=settings.redis_ca_file, key_token=key_token))
+                       redis_ca_file=settings.redis_ca_file, key_token=key_token, announce_key=announce))
     # uvicorn re-raises SIGTERM/SIGHUP after its shutdown: turned into an exception here, so the
     # private Redis is stopped (and said so) before the process ends
     import signal
@@ -97,7 +99,7 @@ def dashboard_server(ctx: click.Context, host: str, port_: str, redis_url: str |
         signal.signal(sig, leave)
     try:
         status = serve(host, number, redis_url, token, replay_n, metrics_hold=hold,
-                       redis_ca_file=settings.redis_ca_file, key_token=key_token)
+                       redis_ca_file=settings.redis_ca_file, key_token=key_token, announce_key=announce)
     except Signalled as exc:
         status = 128 + exc.signum
     finally:
@@ -106,17 +108,17 @@ def dashboard_server(ctx: click.Context, host: str, port_: str, redis_url: str |
     sys.exit(status)
 
 
-def cluster_token(settings: Settings) -> str | None:
-    """The dashboard token made from the cluster key, or None without a key; a key file that cannot
-    be used is one line and exit status 2."""
+def cluster_key(settings: Settings):
+    """The cluster key, or None without one; a key file that cannot be used is one line, exit 2.
+    With it the dashboard checks node announcements, and a bind beyond loopback without --token
+    requires a token made from it."""
     from synapticllamas.trust.key import ClusterKeyError, from_settings
 
     try:
-        key = from_settings(settings)
+        return from_settings(settings)
     except ClusterKeyError as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(2)
-    return key.derive("dashboard").hex()[:32] if key else None
 
 
 class Signalled(Exception):

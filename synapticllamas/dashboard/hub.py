@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections import deque
@@ -58,11 +59,18 @@ log = logging.getLogger("synapticllamas.dashboard")
 
 class Hub:
     def __init__(self, redis_url: str, replay: int = 1000, capacity: int = 10000,
-                 redis_ca_file: str | None = None) -> None:
+                 redis_ca_file: str | None = None, announce_key: bytes | None = None) -> None:
+        """`announce_key`: the cluster's; node events and registrations then say whether the key
+        vouches for them (`trust`), and the page shows the nodes it does not as untrusted."""
         from synapticllamas.events.redis_options import redis_options
 
         self.redis_url = redis_url
         self.redis_options = redis_options(redis_url, redis_ca_file)
+        self._verifier = None
+        if announce_key is not None:
+            from synapticllamas.trust.signing import Verifier
+
+            self._verifier = Verifier(announce_key, window=float("inf"))   # the journal is history: no age
         self.metrics = Metrics()    # kept while the hub is closed: counters only grow
         self.public_url = redact_url(redis_url)
         self.replay = replay
@@ -322,7 +330,7 @@ class Hub:
                 continue
             self.metrics.observe(sid, event, live)
             ms, _, seq = sid.partition("-")
-            self._append((int(ms), int(seq or 0), 0), key, frames.frame(sid, event, payload))
+            self._append((int(ms), int(seq or 0), 0), key, self.frame(sid, event, payload))
             self.counters["journal"] += 1
             added = True
         if added:
@@ -339,7 +347,7 @@ class Hub:
             self.fallback_n += 1
             sid = f"{self.last_id}~{self.fallback_n}"
             self.metrics.observe(None, event, live=True)
-            self._append(frames.parse_id(sid), key, frames.frame(sid, event, payload))
+            self._append(frames.parse_id(sid), key, self.frame(sid, event, payload))
             self.counters["pubsub_only"] += 1
             added = True
         if added:
@@ -432,14 +440,31 @@ class Hub:
         return apps
 
     async def nodes(self) -> dict[str, Any]:
-        """The nodes hash: HOST:PORT -> what `main.py node` registered."""
+        """The nodes hash: HOST:PORT -> what `main.py node` registered (and `trust`, with a key)."""
         raw = await self.client().hgetall(NODES_HASH)
         nodes = {}
         for address, text in raw.items():
             data = frames.decode(text)
             if data is not None:
-                nodes[address.decode(errors="replace")] = redact_strings(data)
+                trust = self.trust(data)
+                nodes[address.decode(errors="replace")] = redact_strings(data) | ({"trust": trust} if trust else {})
         return nodes
+
+    def trust(self, obj: dict[str, Any]) -> str | None:
+        """With the cluster key: `signed`, `unsigned` or `other key`; None without one."""
+        if self._verifier is None:
+            return None
+        from synapticllamas.trust.signing import UNSIGNED
+
+        reason = self._verifier.check(obj)
+        return "signed" if reason is None else "unsigned" if reason == UNSIGNED else "other key"
+
+    def frame(self, sid: str, event: dict[str, Any], payload: bytes) -> bytes:
+        """The SSE frame of an event; a node event carries `trust` when the dashboard has the key."""
+        if self._verifier is not None and event.get("component") == "node":
+            event = dict(event, trust=self.trust(event))
+            payload = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+        return frames.frame(sid, event, payload)
 
     async def ping(self) -> str | None:
         """None when Redis answers, else why not (password scrubbed)."""
@@ -501,7 +526,7 @@ class View:
                 for sid, event, payload in older:
                     key = frames.event_key(event, payload)
                     if key not in hub.seen and once.add(key):
-                        self.prefix.append(frames.frame(sid, event, payload))
+                        self.prefix.append(hub.frame(sid, event, payload))
         else:
             self.cursor = max(hub.base, hub.end - replay)
 

@@ -19,6 +19,7 @@ import time
 
 import pytest
 from cluster import SimulatedCluster
+from dashboard_support import Dashboard
 from llama_support import tagged
 from node_support import NODE_PORT, NodesOnHosts
 from support import PYTHON, wait_for
@@ -141,6 +142,19 @@ def test_forged_and_replayed_announcements_change_nothing(trusted):
     shell.send("backends discover")
     _, lines = shell.read_until(r"nodes? announced on")
     assert lines[-1].startswith("2 nodes announced"), lines
+
+    # the dashboard with the key (the shell's machine holds it) marks what the key does not vouch for
+    on_hosts.redis.client().hset("synapticllamas:nodes", "127.0.0.99:50052", json.dumps(
+        {"address": "127.0.0.99:50052", "state": "up", "memory_offered_mib": 999999}))
+    dashboard = Dashboard(on_hosts.tmp, on_hosts.redis.url)
+    try:
+        status, body = dashboard.get("/api/nodes")
+        assert status == 200
+        trust = {n["address"]: n.get("trust") for n in body["nodes"]}
+        assert trust == {**dict.fromkeys(on_hosts.addresses, "signed"), "127.0.0.99:50052": "unsigned"}, trust
+    finally:
+        dashboard.stop()
+        on_hosts.redis.client().hdel("synapticllamas:nodes", "127.0.0.99:50052")
 
 
 def test_a_node_with_another_clusters_key_is_refused_in_one_line(trusted, tmp_path):

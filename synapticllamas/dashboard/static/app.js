@@ -74,6 +74,8 @@
       seq: Number.isSafeInteger(raw.seq) ? raw.seq : null,
       sampled: count(raw.sampled),   // null: the publisher does not say (its gaps count as lost)
       source: { app: text(source.app), host: text(source.host), instance: text(source.instance) || "(unknown)" },
+      // set by the dashboard (not the publisher) when it holds the cluster key: signed, unsigned, other key
+      trust: ["signed", "unsigned", "other key"].includes(raw.trust) ? raw.trust : null,
     };
   }
 
@@ -226,7 +228,7 @@
     let n = nodes.get(address);
     if (!n) {
       n = { address, host: "", instance: "", version: null, devices: [], offered: null, cache: null, state: "unknown",
-            heard: null, interval: null, downAt: null };
+            heard: null, interval: null, downAt: null, trust: null, link: null };
       nodes.set(address, n);
     }
     return n;
@@ -234,6 +236,7 @@
 
   // a node's registration (the nodes hash) or its events
   function nodeFrom(n, d, heard) {
+    if (typeof d.link === "string") n.link = d.link;
     if (typeof d.state === "string") n.state = d.state;
     if (typeof d.rpc_version === "string") n.version = d.rpc_version;
     if (Array.isArray(d.devices)) n.devices = d.devices.filter(isObject);
@@ -278,8 +281,12 @@
     } else if (isType(ev, C.RPC_REGISTRY, T.rpc_registry.HEARTBEAT) && Array.isArray(d.backends)) {
       for (const b of d.backends) if (isObject(b)) backendFrom(a, b.address, b.state, ev.timestamp);
       if (seconds(d.interval_s)) a.heartbeatEvery = d.interval_s;
-    } else if (ev.component === C.NODE && typeof d.address === "string") {
+    } else if (ev.component === C.NODE && typeof d.address === "string"
+               && !(ev.trust && ev.trust !== "signed" && nodes.get(d.address)?.trust === "signed")) {
+      // with the cluster key the dashboard says whether the key vouches for a node event (`trust`):
+      // one it does not vouch for never changes a node that it does, and marks a node of its own
       const n = nodeFor(d.address);
+      if (typeof ev.trust === "string") n.trust = ev.trust;
       n.host = ev.source.host || n.host;
       n.instance = instance;
       nodeFrom(n, d, heard);
@@ -493,6 +500,10 @@
   }
 
   function nodeState(n, now) {
+    if (n.trust && n.trust !== "signed") {
+      return ["untrusted", `its announcements are ${n.trust === "unsigned" ? "not signed" : "signed with another key"}: ` +
+                           "shells with the cluster key ignore it"];
+    }
     if (n.state === "up" && n.interval && n.heard !== null && now - n.heard > 2.5 * n.interval * 1000) {
       return ["overdue", `no heartbeat for ${age(now - n.heard)}; one every ${n.interval}s`];
     }
@@ -512,7 +523,9 @@
       }
       if (!n.devices.length) devices.textContent = "-";
       const cache = n.cache ? (n.cache.enabled ? `${bytes(n.cache.bytes)}${n.cache.max ? ` (max ${bytes(n.cache.max)})` : ""}` : "off") : "-";
-      const [state, why] = nodeState(n, now);
+      const [state, reason] = nodeState(n, now);
+      const why = [reason, n.link === "tls-psk" ? "rpc-server behind an encrypted link" :
+                   n.link === "plain" ? "rpc-server without authentication (--insecure)" : ""].filter(Boolean).join("; ");
       return row([n.address, n.host || "-", n.version ? `v${n.version}` : "-", devices, mib(n.offered), cache,
                   stateCell(state, why), n.heard !== null ? `${age(now - n.heard)} ago` : "-"]);
     });
@@ -674,6 +687,7 @@
         const n = nodeFor(reg.address);
         if (!n.host) n.host = text(reg.hostname);
         if (!n.instance) n.instance = text(reg.instance);
+        if (typeof reg.trust === "string") n.trust = reg.trust;
         // the node's own clock says when it last beat; events heard later take over
         const beat = num(reg.last_heartbeat);
         nodeFrom(n, reg, beat !== null && n.heard === null ? Math.min(Date.now(), beat * 1000) : null);
