@@ -132,8 +132,6 @@ def node(ctx: click.Context, host: str | None, port_: str, redis_url: str | None
         binary = binaries.rpc_server(rpc_server or settings.rpc_server)
     except binaries.NotFound as exc:
         fail(str(exc), 1)
-    if port_in_use(bind, number):
-        fail(f"port {number} on {bind} is in use (another rpc-server?); choose another with --port N", 1)
     if linked:
         from synapticllamas.trust.stunnel import LinkError
         from synapticllamas.trust.stunnel import binary as stunnel
@@ -142,6 +140,8 @@ def node(ctx: click.Context, host: str | None, port_: str, redis_url: str | None
             stunnel()
         except LinkError as exc:
             fail(str(exc), 1)
+    if port_in_use(bind, number):
+        fail(f"port {number} on {bind} is in use (another rpc-server?); choose another with --port N", 1)
     if cache:
         reason = _cache_problem(directory)
         if reason:
