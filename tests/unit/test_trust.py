@@ -172,3 +172,18 @@ def test_the_publisher_signs_what_it_sends():
     assert signing.Verifier(b"k" * 32).check(payload) is None and payload["details"]["path"] == "/x"
     assert Event.from_json(encode(event, signer)).seq == 4        # readers that know nothing of auth still read it
     assert "auth" not in json.loads(encode(event))
+
+
+def test_the_viewer_marks_node_events_the_key_does_not_vouch_for():
+    import io
+
+    from synapticllamas.events.viewer import Viewer
+
+    out = io.StringIO()
+    viewer = Viewer("redis://127.0.0.1:1", 0, out=out, err=io.StringIO(), announce_key=b"k" * 32)
+    signed = node_event(signing.Signer(b"k" * 32), 1, "heartbeat")
+    for payload in (signed, node_event(None, 2, "heartbeat"), node_event(signing.Signer(b"z" * 32), 3, "heartbeat")):
+        assert viewer.handle(json.dumps(payload).encode(), "test")
+    lines = out.getvalue().splitlines()
+    assert not lines[0].startswith("[") and lines[1].startswith("[unsigned] ") and \
+        lines[2].startswith("[bad signature] "), lines
