@@ -520,7 +520,7 @@ def test_two_backends_back_at_once_while_waiting_give_one_launch(tmp_path, small
 
 
 def test_a_spawn_that_fails_during_recovery_backs_off_and_comes_back(tmp_path):
-    mgr, fake, events, registry, net, (a, b, c) = make_cluster_manager(tmp_path)
+    mgr, fake, events, registry, net, (_a, b, _c) = make_cluster_manager(tmp_path)
 
     async def main():
         await registry.start()
@@ -540,7 +540,7 @@ def test_a_spawn_that_fails_during_recovery_backs_off_and_comes_back(tmp_path):
 
 
 def test_a_spawn_that_keeps_failing_during_recovery_ends_fatal(tmp_path):
-    mgr, fake, events, registry, net, (a, b, c) = make_cluster_manager(tmp_path, coordinator_max_restarts=2)
+    mgr, fake, events, registry, net, (_a, b, _c) = make_cluster_manager(tmp_path, coordinator_max_restarts=2)
 
     async def main():
         await registry.start()
@@ -558,7 +558,7 @@ def test_a_spawn_that_keeps_failing_during_recovery_ends_fatal(tmp_path):
 
 
 def test_a_rebalance_that_would_not_fit_keeps_it_running(tmp_path, small_gguf):
-    mgr, fake, events, registry, net, (a, b, c) = make_cluster_manager(tmp_path, model=small_gguf)
+    mgr, fake, _events, registry, net, (_a, _b, c) = make_cluster_manager(tmp_path, model=small_gguf)
 
     async def main():
         await registry.start()
@@ -606,7 +606,7 @@ def test_a_rebalance_whose_restart_fails_is_retried_not_left_stopped(tmp_path):
 
 
 def test_rebalance_waits_for_every_clients_requests_not_only_the_shells(tmp_path):
-    mgr, fake, events, registry, net, (a, b, c) = make_cluster_manager(tmp_path)
+    mgr, _fake, events, registry, net, (a, b, c) = make_cluster_manager(tmp_path)
     outside = {"n": 2}
     mgr.in_flight = lambda: outside["n"]            # what the gateway counts: any client's requests
 
