@@ -83,6 +83,7 @@ class FakeLlama(ChildOps):
         return self.procs[-1]
 
     async def _spawn(self, argv, **_):
+        await asyncio.sleep(0)        # a real spawn yields to the loop (fork, exec, pipes) before it returns
         if self.fail_spawns:
             self.fail_spawns -= 1
             raise FileNotFoundError(2, "No such file or directory")
