@@ -56,7 +56,7 @@ class App:
 
             self._coordinator = CoordinatorManager(self.settings, self.observer, self.registry)
             self._coordinator.offers_for = self.offers
-            self._coordinator.dial_for = self.dial_for  # type: ignore[attr-defined]  # the lead's hook, landing
+            self._coordinator.dial_for = self.dial_for
         return self._coordinator
 
     @coordinator.setter

@@ -76,8 +76,29 @@ class Planner:
         if backends:
             await self._place(plan, target.force)
             if self.dial_for is not None:
-                plan.dial = await self.dial_for(list(backends))
+                await self._dial(plan, target.force)
         return plan
+
+    async def _dial(self, plan: Plan, force: bool) -> None:
+        """What llama-server dials for each backend. A backend whose secured link cannot be used
+        (another cluster key, nobody there: trust/links.py raises LinkError naming it, and says so
+        in a `link_failed` event) is left out with that line, and the model placed on the rest."""
+        from synapticllamas.trust.stunnel import LinkError
+
+        assert self.dial_for is not None
+        while True:
+            try:
+                plan.dial = await self.dial_for(list(plan.backends))
+                return
+            except LinkError as exc:
+                if exc.backend is None or exc.backend not in plan.backends:
+                    raise CoordinatorError(str(exc)) from None
+                plan.backends.remove(exc.backend)
+                plan.left_out[exc.backend] = str(exc)
+                if not plan.backends:
+                    raise NoBackend(f"{exc}; no other healthy RPC backend") from None
+                plan.placement = None
+                await self._place(plan, force)
 
     async def _place(self, plan: Plan, force: bool) -> None:
         """Work out what the model needs on each backend; refuse (NoFit) what cannot fit."""

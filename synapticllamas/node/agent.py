@@ -116,6 +116,7 @@ class NodeAgent:
         self._stop_reason = "exit"
         self._prune: asyncio.TimerHandle | None = None
         self.link_server: Any = None      # trust.link_server.LinkServer, behind a link
+        self.link_refused = 0             # connections earlier link servers refused
 
     # ------------------------------------------------------------ what we say about ourselves
 
@@ -168,10 +169,9 @@ class NodeAgent:
             heartbeat.cancel()
             if self._prune is not None:
                 self._prune.cancel()
+            await self._stop_link()                # the announced port first: no one dials a node that leaves
             if self.server is not None and self.server.running:
                 await self.server.stop(STOP_TIMEOUT)
-            if self.link_server is not None:
-                await self.link_server.stop()
             await self._close_publisher()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
@@ -242,7 +242,6 @@ class NodeAgent:
         host, port = o.rpc_bind
         argv = launch.argv(o.binary, host, port, o.threads, o.devices, o.cache)
         first = self.server is None
-        await self._ensure_link(first)
         try:
             self.server = server = await RpcServerProcess.start(
                 argv, launch.environment(o.cache_dir if o.cache else None), host, port, self._on_line)
@@ -263,6 +262,9 @@ class NodeAgent:
                 return self._exited(server)
             if first:
                 self._check_memory(server)
+            if not await self._start_link(first):
+                await server.stop(STOP_TIMEOUT)
+                return self._exited(server)
             self._came_up(server, latency)
             ends: set[asyncio.Future[Any]] = {server.exited, stop}
             if self.link_server is not None:
@@ -270,19 +272,23 @@ class NodeAgent:
             await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
             if stop.done():
                 return None
+            # the announced port closes with rpc-server: a probe of it then says down, as without a link
+            link = self.link_server
+            await self._stop_link()
             if server.running:                     # the link ended: both start again
-                self.warn(f"node: the encrypted link (stunnel) stopped: {self.link_server.process.last_error()}")
+                self.warn(f"node: the encrypted link (stunnel) stopped: {link.process.last_error()}")
                 await server.stop(STOP_TIMEOUT)
             return self._exited(server)
         finally:
             stop.cancel()
 
-    async def _ensure_link(self, first: bool) -> None:
-        """Behind a link: its server end runs in front of rpc-server's port (started once, and
-        again if it ended). One that cannot start at all (the port is taken) ends the node."""
+    async def _start_link(self, first: bool) -> bool:
+        """Behind a link: its server end in front of rpc-server, started once rpc-server serves (so
+        the announced port is open only while something real is behind it). One that cannot start
+        the first time (the port is taken) ends the node; later, it is a failed start like rpc-server's."""
         o = self.options
-        if o.link_psk is None or o.rpc_port is None or (self.link_server is not None and self.link_server.running):
-            return
+        if o.link_psk is None or o.rpc_port is None:
+            return True
         from synapticllamas.trust.link_server import LinkServer
         from synapticllamas.trust.stunnel import LinkError
 
@@ -293,6 +299,14 @@ class NodeAgent:
             if first:
                 raise NodeError(f"the encrypted link on {o.address} cannot start: {exc}") from None
             self.warn(f"node: the encrypted link on {o.address} cannot start: {exc}")
+            return False
+        return True
+
+    async def _stop_link(self) -> None:
+        link, self.link_server = self.link_server, None
+        if link is not None:
+            self.link_refused += link.refused
+            await link.stop()
 
     def _check_memory(self, server: RpcServerProcess) -> None:
         o, free = self.options, server.banner.free_mib
@@ -366,9 +380,11 @@ class NodeAgent:
             if self.options.cache:
                 self.cache_bytes = await asyncio.to_thread(cache.size, self.options.cache_files)
             server = self.server
+            extra: dict[str, Any] = {}
+            if self.options.link_psk:       # connections that did not prove the key: probes, strangers
+                extra["link_refused"] = self.link_refused + (self.link_server.refused if self.link_server else 0)
             self._emit(NodeEvent.HEARTBEAT, f"rpc_backend_connect on {self.options.address}",
                        rpc_pid=server.pid if server and server.running else None,
                        uptime_s=round(time.monotonic() - self.up_since, 1) if self.up_since else None,
                        cache_bytes=self.cache_bytes, memory_offered_mib=self.memory_offered,
-                       interval_s=self.interval, restarts=self.restarts, link=self.options.link,
-                       **({"link_refused": self.link_server.refused} if self.link_server is not None else {}))
+                       interval_s=self.interval, restarts=self.restarts, link=self.options.link, **extra)

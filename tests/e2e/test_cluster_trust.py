@@ -195,13 +195,18 @@ def test_coordinator_answer_and_failover_over_the_links_and_a_forged_node_down_d
     forged = {"timestamp": time.time(), "component": "node", "event_type": "node_down", "message": f"node {a} down",
               "details": {"address": a, "state": "down", "reason": "signal"}, "level": "info",
               "source": {"app": "synapticllamas-node", "instance": "evil:1", "host": "evil"}, "seq": 10**6}
+    mark = len(on_hosts.sub.events())
     publish(on_hosts, forged)
     shell.expect(rf"ignored an unsigned announcement for {re.escape(a)}")
     shell.send("coordinator status")
     shell.expect(r"state\s+running")
+    assert not [e for e in on_hosts.sub.events()[mark:] if e["component"] == "coordinator"
+                and e["event_type"] in ("stopping", "stop", "failover")]
 
     # a real loss: the node on host1 stops; the coordinator fails over to host0, through its link
+    mark = len(on_hosts.sub.events())
     on_hosts.nodes[1].terminate()
-    shell.expect(r"failover", timeout=60)
+    _, failover = on_hosts.sub.wait_for_event("coordinator", "failover", after=mark, timeout=60)
+    assert failover["details"]["lost"] == [b] and failover["details"]["survivors"] == [a], failover["details"]
     shell.send("coordinator ask \"Once upon a time\" --n 8")
     shell.expect(r"tokens", timeout=60)
