@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from synapticllamas import __version__
-from synapticllamas.events.contract import Component, NodeEvent, RawEvent, SystemEvent
+from synapticllamas.events.contract import Component, NodeEvent, RawEvent, SystemEvent, default_source
 from synapticllamas.events.observer import Observer
 from synapticllamas.llama.supervisor import backoff_delay
 from synapticllamas.node import cache
@@ -73,8 +72,7 @@ class NodeOptions:
 
 
 def node_source() -> dict[str, str]:
-    host = socket.gethostname()
-    return {"app": APP, "instance": f"{host}:{os.getpid()}", "host": host}
+    return default_source(APP)
 
 
 class NodeAgent:

@@ -3,6 +3,7 @@
 with the dashboard; by itself when nothing is configured and nothing answers at the default."""
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import subprocess
@@ -66,7 +67,7 @@ def test_it_starts_a_private_redis_on_the_urls_port_says_so_and_stops_it_on_exit
             assert shell.exit() == 0
         finally:
             shell.kill()
-        assert instance.endswith(f":{shell.pid}")
+        assert re.fullmatch(rf"[^:]+:{shell.pid}:[0-9a-f]{{8}}", instance), instance   # host:pid:random
     finally:
         code, out, err = dash.stop(signal.SIGTERM)
     assert code == 128 + signal.SIGTERM and "Traceback" not in err, err
