@@ -228,7 +228,8 @@ def _kind(kind: str, value: Any, where: str) -> Any:
     if how == "list":
         if not isinstance(value, (list, tuple)):    # a tuple: one of our own events, before its JSON
             raise Invalid(where, f"{_short(value)} is not a list")
-        return [_kind(inner, item, f"{where}[{i}]") for i, item in enumerate(value)]
+        element = f"shape:{inner}" if inner in SHAPES else inner     # list:device, list:address
+        return [_kind(element, item, f"{where}[{i}]") for i, item in enumerate(value)]
     if how == "map":
         if not isinstance(value, dict):
             raise Invalid(where, f"{_short(value)} is not an object")
