@@ -172,6 +172,6 @@ def test_its_password_is_never_on_a_command_line(tmp_path):
             redis.Redis(port=redis_port).ping()                 # it does need the password
         assert redis.Redis(port=redis_port, password=password).ping()
     finally:
-        code, _, err = dash.stop(signal.SIGTERM)
+        _, _, err = dash.stop(signal.SIGTERM)
     assert "Traceback" not in err, err
     assert not accepts(redis_port)
