@@ -78,6 +78,7 @@ class Hub:
         self.counters = {"journal": 0, "pubsub_only": 0, "invalid": 0, "invalid_pubsub": 0, "reconnects": 0}
         self.invalid = Tally()            # why, for /healthz and the log: journal entries
         self.invalid_pubsub = Tally()
+        self._invalid_told = 0.0
         self.status: dict[str, Any] = {"redis": "closed", "url": self.public_url, "error": None}
         self.status_version = 0
         self.beats = 0              # keepalive rounds, while the hub is open
@@ -336,6 +337,11 @@ class Hub:
         its id still passed, so metrics and the pump move on."""
         self.counters["invalid"] = self.invalid.total
         self.metrics.skip(sid)
+        now = time.monotonic()
+        if now - self._invalid_told >= 1.0:      # viewers hear the count in the next status, at most once a second
+            self._invalid_told = now
+            self.status_version += 1
+            self._notify()
         if self.invalid.total in (1, 10, 100, 1000) or self.invalid.total % 10000 == 0:
             log.warning("journal entry %s skipped: not a valid event (%d so far; last: %s)", sid,
                         self.invalid.total, self.invalid.last)
@@ -535,7 +541,7 @@ class View:
         hub, out = self.hub, []
         if self.status_version != hub.status_version:
             self.status_version = hub.status_version
-            out.append(frames.control("status", dict(hub.status, viewers=hub.viewers)))
+            out.append(frames.control("status", dict(hub.status, viewers=hub.viewers, invalid=hub.invalid.total)))
         if self.prefix:
             out.extend(self.prefix)
             self.sent += len(self.prefix)

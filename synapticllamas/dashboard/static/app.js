@@ -39,6 +39,7 @@
   let renderQueued = false;
   let chartsTimer = null, chartsDrawn = 0;
   let skipped = 0, lastSkipped = "";   // feed messages that are not valid events: counted, never shown
+  let skippedByServer = 0;             // journal entries the dashboard itself refused (its status events say)
   const newRows = [];          // rows to append at the next animation frame
 
   // ------------------------------------------------------------ small helpers
@@ -502,10 +503,12 @@
 
     const running = list.filter((a) => a.coordinator && a.coordinator.state === "running").length;
     const liveApps = list.filter((a) => states.get(a.instance)[0] === "live").length;
+    const bad = skipped + skippedByServer;
     $("summary").textContent = `${list.length} app${list.length === 1 ? "" : "s"} (${liveApps} live), ` +
       `${running} coordinator${running === 1 ? "" : "s"} running, ${nodes.size} node${nodes.size === 1 ? "" : "s"}` +
-      (skipped ? `; ${skipped} invalid event${skipped === 1 ? "" : "s"} skipped` : "");
-    $("summary").title = skipped ? `not valid SynapticLlamas events, not shown; last: ${lastSkipped}` : "";
+      (bad ? `; ${bad} invalid event${bad === 1 ? "" : "s"} skipped` : "");
+    $("summary").title = bad ? "messages on the Redis that are not valid SynapticLlamas events: not shown" +
+      (lastSkipped ? `; last refused here: ${lastSkipped}` : "; GET /healthz says why") : "";
   }
 
   function nodeState(n, now) {
@@ -723,6 +726,7 @@
     };
     source.addEventListener("status", (message) => {
       const s = JSON.parse(message.data);
+      if (Number.isSafeInteger(s.invalid)) skippedByServer = s.invalid;
       const wasDown = redisDown;
       redisDown = s.redis === "down"
         ? `Redis at ${s.url} is unreachable (${s.error || "no answer"}). Retrying; events resume by themselves.`
