@@ -165,8 +165,12 @@ def _integer(value: Any, where: str, low: int, high: int) -> int:
 def _float(value: Any, where: str, low: float, high: float, above: bool = False) -> float:
     if _is_number(value) and math.isfinite(value) and (value > low if above else value >= low) and value <= high:
         return float(value) if isinstance(value, float) else value
-    bound = f"more than {low:g}" if above else f"from {low:g}"
-    raise Invalid(where, f"{_short(value)} is not a number {bound} to {high:g}")
+    bound = f"more than {_bound(low)}" if above else f"from {_bound(low)}"
+    raise Invalid(where, f"{_short(value)} is not a number {bound} to {_bound(high)}")
+
+
+def _bound(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
 
 
 def _text(value: Any, where: str, limit: int, pattern: re.Pattern[str] | None = None, empty: bool = True) -> str:
