@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 OVERDUE_INTERVALS = 2.5      # heartbeats a node may miss before it counts as down
 CONNECT_TIMEOUT = 2.0
 PING_EVERY = 15.0            # a subscription on a hung Redis sees nothing: ask it now and then
+CLOSE_WAIT = 1.0             # seconds close() waits for the task to take its cancellation
 
 log = logging.getLogger("synapticllamas.discovery")
 
@@ -83,6 +84,8 @@ class NodeDirectory:
         self._timers: dict[BackendId, asyncio.TimerHandle] = {}
         self._pending: set[asyncio.Task[Any]] = set()
         self._loaded = asyncio.Event()      # the hash was read once and its nodes are backends
+        self._client: Any = None            # the current connection's client (close() may cut it)
+        self._closing = False
 
     # ------------------------------------------------------------ lifecycle
 
@@ -95,7 +98,19 @@ class NodeDirectory:
     async def close(self) -> None:
         self._loaded.clear()
         task, self._task = self._task, None
-        await cancel(task)
+        if task is not None:
+            self._closing = True
+            task.cancel()
+            await asyncio.wait({task}, timeout=CLOSE_WAIT)
+            if not task.done():
+                # redis-py (8.1) can swallow a cancellation that lands in a pub/sub read, and the
+                # task reads on: cut its connection under it, and it ends on the next turn
+                client = self._client
+                if client is not None:
+                    await client.connection_pool.disconnect(inuse_connections=True)
+                task.cancel()
+            await cancel(task)
+            self._closing = False
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
@@ -113,9 +128,9 @@ class NodeDirectory:
         from synapticllamas.util.backoff import Backoff
 
         backoff = Backoff(0.2, 5.0)
-        while True:
-            client = aioredis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT, health_check_interval=0,
-                                       client_name="synapticllamas-discovery")
+        while not self._closing:
+            client = self._client = aioredis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT,
+                                                      health_check_interval=0, client_name="synapticllamas-discovery")
             try:
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(channel_for(Component.NODE))
@@ -142,7 +157,8 @@ class NodeDirectory:
                     await client.aclose()
                 except (RedisError, OSError):
                     pass
-            await asyncio.sleep(backoff.next())
+            if not self._closing:
+                await asyncio.sleep(backoff.next())
 
     async def _listen(self, pubsub: Any) -> None:
         """Messages until the connection breaks. A hung Redis closes nothing: after a quiet
