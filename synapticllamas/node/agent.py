@@ -182,6 +182,9 @@ class NodeAgent:
         while True:
             code = await self._serve_once()
             if code is None:                   # asked to stop
+                # rpc-server first: a shell that hears node_down may probe it, and must find it gone
+                if self.server is not None and self.server.running:
+                    await self.server.stop(STOP_TIMEOUT)
                 self.state = "down"
                 self._emit(NodeEvent.NODE_DOWN, f"node {self.options.address} down ({self._stop_reason})",
                            reason=self._stop_reason)
