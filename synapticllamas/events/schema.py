@@ -31,6 +31,7 @@ import math
 import re
 import unicodedata
 from collections import Counter
+from functools import lru_cache
 from typing import Any
 
 from synapticllamas.events.contract import LEVELS, MAX_MESSAGE_CHARS, Event
@@ -188,20 +189,28 @@ def _text(value: Any, where: str, limit: int, pattern: re.Pattern[str] | None = 
 
 
 def _address(value: Any, where: str) -> Any:
-    from synapticllamas.rpc.addresses import backend_id
-
     if not isinstance(value, str) or len(value) > 300:
         raise Invalid(where, f"{_short(value)} is not a HOST:PORT address")
-    if ":" not in value.strip().lstrip("[").split("]")[-1]:
-        raise Invalid(where, f"{_short(value)} has no port; expected HOST:PORT")
     try:
-        return backend_id(value)
+        return _parsed_address(value)
     except ValueError as exc:
         raise Invalid(where, str(exc)) from None
 
 
-def _kind(kind: str, value: Any, where: str) -> Any:
-    """`value` checked against `kind` (see SHAPES, DETAILS); returns it (an address normalised)."""
+@lru_cache(maxsize=4096)    # the same few addresses come in every heartbeat; failures are not cached
+def _parsed_address(value: str) -> Any:
+    from synapticllamas.rpc.addresses import backend_id
+
+    if type(value) is not str:        # a BackendId is normal already (and must not be cached as a str)
+        return backend_id(value)
+    if ":" not in value.strip().lstrip("[").split("]")[-1]:
+        raise ValueError(f"{_short(value)} has no port; expected HOST:PORT")
+    return backend_id(value)
+
+
+def _kind(kind: str, value: Any, where: str, write: bool = True) -> Any:
+    """`value` checked against `kind` (see SHAPES, DETAILS); returns it (an address normalised;
+    with `write`, objects inside are normalised in place)."""
     if kind == "count":
         return _integer(value, where, 0, MAX_SEQ)
     if kind == "port":
@@ -233,31 +242,62 @@ def _kind(kind: str, value: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):    # a tuple: one of our own events, before its JSON
             raise Invalid(where, f"{_short(value)} is not a list")
         element = f"shape:{inner}" if inner in SHAPES else inner     # list:device, list:address
-        return [_kind(element, item, f"{where}[{i}]") for i, item in enumerate(value)]
+        return [_kind(element, item, f"{where}[{i}]", write) for i, item in enumerate(value)]
     if how == "map":
         if not isinstance(value, dict):
             raise Invalid(where, f"{_short(value)} is not an object")
-        return {_text(k, f"{where} key", MAX_NAME_CHARS): _kind(f"shape:{inner}", v, f"{where}.{k}")
+        return {_text(k, f"{where} key", MAX_NAME_CHARS): _kind(f"shape:{inner}", v, f"{where}.{k}", write)
                 for k, v in value.items()}
     if how == "shape":
-        return _fields(SHAPES[inner], value, where)
+        return _fields(SHAPES[inner], value, where, write)
     raise AssertionError(f"unknown kind {kind!r}")
 
 
-def _fields(spec: dict[str, str], value: Any, where: str) -> dict[str, Any]:
-    """An object whose typed fields (in `spec`) are checked; a copy with addresses normalised."""
+def _fields(spec: dict[str, str], value: Any, where: str, write: bool = True) -> dict[str, Any]:
+    """An object whose typed fields (in `spec`) are checked; with `write`, normalised in place (an
+    address becomes its BackendId): the object is the one json.loads just made, nobody else's."""
     if not isinstance(value, dict):
         raise Invalid(where, f"{_short(value)} is not an object")
-    out = dict(value)
     for key, kind in spec.items():
         item = value.get(key)
         if item is not None:
-            out[key] = _kind(kind, item, f"{where}.{key}" if where else key)
-    return out
+            new = _kind(kind, item, f"{where}.{key}" if where else key, write)
+            if write and new is not item:
+                value[key] = new
+    return value
+
+
+def _fits(value: Any) -> bool:
+    """Whether `value` is within the generic limits: the fast pass, which builds no paths."""
+    stack, count = [(value, 0)], 0
+    while stack:
+        v, depth = stack.pop()
+        count += 1
+        t = type(v)
+        if t is str:
+            if len(v) > MAX_STRING_CHARS:
+                return False
+        elif t is dict:
+            if depth >= MAX_DEPTH or len(v) > MAX_OBJECT_KEYS:
+                return False
+            for k, item in v.items():
+                if len(k) > MAX_KEY_CHARS:
+                    return False
+                stack.append((item, depth + 1))
+        elif t is list:
+            if depth >= MAX_DEPTH or len(v) > MAX_LIST_ITEMS:
+                return False
+            stack.extend((item, depth + 1) for item in v)
+        elif (t is float or t is int) and not -MAX_ANY_NUMBER <= v <= MAX_ANY_NUMBER:
+            return False
+    return count <= MAX_VALUES
 
 
 def _sizes(value: Any, where: str) -> None:
-    """The generic limits on a JSON value (details, a registration): depth, sizes, finite numbers."""
+    """The generic limits on a JSON value (details, a registration): depth, sizes, finite numbers.
+    A fast pass first; the walk that says where runs only for a value that fails it."""
+    if _fits(value):
+        return
     budget = [MAX_VALUES]
 
     def walk(v: Any, path: str, depth: int) -> None:
@@ -309,7 +349,8 @@ def load_json(payload: bytes | str | bytearray | memoryview) -> Any:
     if size > MAX_PAYLOAD_BYTES:
         raise Invalid("size", f"{size} bytes; at most {MAX_PAYLOAD_BYTES}")
     try:
-        return json.loads(payload, parse_constant=_no_constant, parse_float=_finite_float)
+        text = payload if isinstance(payload, str) else bytes(payload).decode("utf-8")
+        return _DECODER.decode(text)
     except Invalid:
         raise
     except RecursionError:
@@ -323,6 +364,9 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise Invalid("json", f"{text[:40]} is not a finite number")
     return value
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)   # made once: it is not cheap
 
 
 # ---------------------------------------------------------------- events
@@ -383,7 +427,7 @@ def check_typed(event: Event) -> None:
     for key, kind in spec.items():
         value = details.get(key)
         if value is not None:
-            _kind(kind, value, f"details.{key}")
+            _kind(kind, value, f"details.{key}", write=False)   # our own dicts are not changed
 
 
 def decode_event(payload: bytes | str | bytearray | memoryview) -> Event:
