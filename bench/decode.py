@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from synapticllamas.events.observer import Observer  # noqa: E402
-from synapticllamas.events.publisher import encode  # noqa: E402
-from synapticllamas.events.schema import decode_event  # noqa: E402
+from synapticllamas.events.observer import Observer
+from synapticllamas.events.publisher import encode
+from synapticllamas.events.schema import decode_event
 
 
 def samples() -> dict[str, bytes]:

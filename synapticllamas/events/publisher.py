@@ -74,6 +74,7 @@ from collections import deque
 from typing import Any
 
 from synapticllamas.config import redact_url
+from synapticllamas.events import schema
 from synapticllamas.events.contract import APPS_HASH, CHANNEL_PATTERN, JOURNAL_FIELD, JOURNAL_STREAM, Event
 from synapticllamas.events.redis_errors import describe
 from synapticllamas.util.backoff import Backoff
@@ -165,14 +166,12 @@ log = logging.getLogger("synapticllamas.publisher")
 def encode(event: Event) -> bytes:
     """The event's JSON, as every reader will accept it (events/schema.py): details that are too big,
     too deep, not finite or cannot be encoded at all are fitted (cut), or replaced by a note."""
-    from synapticllamas.events import schema
-
     try:
         data = event.to_json().encode()
-        if len(data) <= CHECK_ABOVE:
-            schema.check_typed(event)    # a few field checks: the sizes cannot be exceeded this small
-        else:
+        if len(data) > CHECK_ABOVE:
             schema.decode_event(data)
+        elif (event.component, event.event_type) in schema.TYPED:
+            schema.check_typed(event)    # a few field checks: the sizes cannot be exceeded this small
         return data
     except (TypeError, ValueError, RecursionError) as exc:   # schema.Invalid is a ValueError
         problem = f"{type(exc).__name__}: {exc}"[:200]

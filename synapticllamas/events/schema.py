@@ -129,6 +129,17 @@ DETAILS: dict[str, dict[str, dict[str, str]]] = {
 }
 
 
+class _Typed:
+    """`(component, event_type) in TYPED`: whether that type has typed details (a raw line has none)."""
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        component, event_type = key
+        return bool(details_spec(component, event_type))
+
+
+TYPED = _Typed()
+
+
 def details_spec(component: str, event_type: str) -> dict[str, str]:
     per = DETAILS.get(component)
     if per is None:
