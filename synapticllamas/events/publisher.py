@@ -170,7 +170,7 @@ def encode(event: Event) -> bytes:
         data = event.to_json().encode()
         if len(data) > CHECK_ABOVE:
             schema.decode_event(data)
-        elif (event.component, event.event_type) in schema.TYPED:
+        elif event.component in schema.TYPED_COMPONENTS or (event.component, event.event_type) in schema.TYPED_TYPES:
             schema.check_typed(event)    # a few field checks: the sizes cannot be exceeded this small
         return data
     except (TypeError, ValueError, RecursionError) as exc:   # schema.Invalid is a ValueError

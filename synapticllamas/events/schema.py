@@ -129,15 +129,9 @@ DETAILS: dict[str, dict[str, dict[str, str]]] = {
 }
 
 
-class _Typed:
-    """`(component, event_type) in TYPED`: whether that type has typed details (a raw line has none)."""
-
-    def __contains__(self, key: tuple[str, str]) -> bool:
-        component, event_type = key
-        return bool(details_spec(component, event_type))
-
-
-TYPED = _Typed()
+# which (component, event_type) have typed details: a raw line, the bulk of any stream, has none
+TYPED_COMPONENTS = frozenset(c for c, per in DETAILS.items() if "*" in per)
+TYPED_TYPES = frozenset((c, t) for c, per in DETAILS.items() for t in per if t != "*")
 
 
 def details_spec(component: str, event_type: str) -> dict[str, str]:
