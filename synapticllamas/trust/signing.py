@@ -100,6 +100,13 @@ class Verifier:
         return self._clock() - ts
 
 
+def vouched(verifier: Verifier, obj: Any) -> str:
+    """What a reader that only shows (the dashboard, the viewer) says of a node's message: `signed`
+    (with our key), `unsigned` or `other key`. Only the MAC: its verifier has no window (history)."""
+    reason = verifier.check(obj) if isinstance(obj, dict) else UNSIGNED
+    return "signed" if reason is None else "unsigned" if reason == UNSIGNED else "other key"
+
+
 def signed_at(obj: dict[str, Any]) -> float | None:
     auth = obj.get(FIELD)
     ts = auth.get("ts") if isinstance(auth, dict) else None
