@@ -19,6 +19,7 @@ when it did not or a later connection was refused, `link_closed` when its stunne
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import socket
 from collections.abc import Iterable
@@ -163,14 +164,21 @@ class LinkManager:
         try:
             sock.bind(("127.0.0.1", 0))
             outcome_of = link.process.expect(f"127.0.0.1:{sock.getsockname()[1]}")   # before it can happen
-            await loop.sock_connect(sock, ("127.0.0.1", link.port))
+            try:
+                await loop.sock_connect(sock, ("127.0.0.1", link.port))
+            except OSError as exc:
+                # refused: stunnel never took it (no outcome will come). Anything else (a reset): it
+                # took it and closed it at once, e.g. after a refused handshake, which its log says
+                if exc.errno == errno.ECONNREFUSED and not outcome_of.done():
+                    raise LinkError(f"link to {link.backend}: its local end on {link.address} refused "
+                                    f"({exc.strerror})", link.backend) from None
             try:
                 outcome = await asyncio.wait_for(outcome_of, CHECK_TIMEOUT)
             except TimeoutError:
                 raise LinkError(f"link to {link.backend}: no handshake within {CHECK_TIMEOUT:g} s (is the node "
                                 "reachable?)", link.backend) from None
         except OSError as exc:
-            raise LinkError(f"link to {link.backend}: its local end on {link.address} refused ({exc.strerror})",
+            raise LinkError(f"link to {link.backend}: its local end on {link.address} failed ({exc.strerror})",
                             link.backend) from None
         finally:
             sock.close()

@@ -79,7 +79,8 @@ def test_only_a_key_holder_reaches_rpc_server_and_llama_server_runs_through_the_
                 await links.dial([f"127.0.0.1:{rpc_port}"])
 
             # llama-server through the link: the demo model loads and answers
-            assert accepted(out) == 2, out.text()            # the check, and the plain rpc-server's TLS hello
+            # the check, and the plain rpc-server's TLS hello (its line comes through a reader thread)
+            await until(lambda: accepted(out) == 2, 10, "rpc-server's line for the TLS hello")
             again = await links.dial([backend])              # reused: no second check
             assert again == dialled and accepted(out) == 2
             llama = LlamaServer(server_bin, model, tmp_path / "llama.log", rpc=[dialled[backend]], extra=["-lv", "4"])
