@@ -30,6 +30,7 @@ from synapticllamas.trust import signing
 pytestmark = pytest.mark.llama
 
 ACCEPTED = "Accepted client connection"
+SAVED = "[set_tensor] saved to"
 PROBE = """
 import socket, sys
 for port in map(int, sys.argv[2:]):
@@ -60,6 +61,19 @@ def trusted(tmp_path_factory):
 def rpc_clients(on_hosts: NodesOnHosts, address: str) -> int:
     return sum(1 for e in on_hosts.sub.events() if e["component"] == "raw" and e["details"].get("backend") == address
                and ACCEPTED in e["message"])
+
+
+def cached(on_hosts: NodesOnHosts) -> int:
+    """Tensors our nodes' rpc-servers wrote to their caches: rpc-server says `[set_tensor] saved to`
+    for each one it received whole (one it finds in its cache it takes silently)."""
+    return sum(1 for e in on_hosts.sub.events() if e["component"] == "raw" and SAVED in e["message"]
+               and e["details"].get("backend") in on_hosts.addresses)
+
+
+def heard_from_all_since(on_hosts: NodesOnHosts, mark: int) -> None:
+    """A heartbeat of each node after `mark`: a node publishes in order, so its earlier lines are in."""
+    for address in on_hosts.addresses:
+        on_hosts.sub.wait_for_event("node", "heartbeat", address=address, after=mark, timeout=10)
 
 
 def listening(host) -> list[tuple[str, str]]:
@@ -172,6 +186,34 @@ def test_a_node_with_another_clusters_key_is_refused_in_one_line(trusted, tmp_pa
         shell.send("backends")
         _, lines = shell.read_until(r"^\s*" + re.escape(on_hosts.addresses[1]))
         assert address not in "\n".join(lines)
+
+        # were its announcement believed (re-signed here with our key, which no node of ours can
+        # do: its announcements and its link use one key), its link would still refuse ours: the
+        # start says so in one line, leaves it out and places the model on the others
+        real = next(e for e in on_hosts.sub.events() if e["component"] == "node" and e["event_type"] == "node_up"
+                    and e["details"]["address"] == address)
+        publish(on_hosts, signing.Signer(announce_key(on_hosts)).sign(real))
+        shell.send("backends")
+        shell.expect(r"^\s*" + re.escape(address))
+        clients = rpc_clients(on_hosts, address)           # the node's own probe at its start
+        mark = len(on_hosts.sub.events())
+        shell.send("coordinator start")
+        match, lines = shell.read_until(r"Coordinator running .* RPC backends: (.*); ready", timeout=120)
+        assert sorted(match.group(1).split(", ")) == sorted(on_hosts.addresses)
+        refused = f"link to {address} failed to authenticate (wrong cluster key?)"
+        assert any(refused in line for line in lines), lines
+        _, starting = on_hosts.sub.wait_for_event("coordinator", "starting", after=mark, timeout=5)
+        assert starting["details"]["left_out"] == {address: refused}, starting["details"]
+        _, failed = on_hosts.sub.wait_for_event("rpc_backend", "link_failed", after=mark, timeout=5)
+        assert failed["details"]["backend"] == address and failed["details"]["reason"] == "key"
+        assert rpc_clients(on_hosts, address) == clients    # its rpc-server had no client of ours
+        # the weights crossed the links and the nodes' rpc-servers cached them (the next test's start
+        # of the same placement then finds them there)
+        wait_for(lambda: cached(on_hosts) >= 1, 10, what="a tensor cached on a node")
+        shell.send("coordinator stop")
+        shell.expect(r"stopped")
+        shell.send(f"backends remove {address}")
+        shell.expect(re.escape(address))
     finally:
         node.terminate()
         node.wait(20)
@@ -180,11 +222,15 @@ def test_a_node_with_another_clusters_key_is_refused_in_one_line(trusted, tmp_pa
 def test_coordinator_answer_and_failover_over_the_links_and_a_forged_node_down_does_nothing(trusted):
     on_hosts, shell = trusted
     a, b = on_hosts.addresses
+    saved = cached(on_hosts)
     shell.send("coordinator start")
     match, _ = shell.read_until(r"Coordinator running .* RPC backends: (.*); ready", timeout=120)
     assert sorted(match.group(1).split(", ")) == sorted(on_hosts.addresses)
     shell.send("coordinator ask \"Once upon a time\" --n 8")
     shell.expect(r"tokens")
+    # a warm load: the placement of the last start, every big tensor taken from the nodes' caches
+    heard_from_all_since(on_hosts, len(on_hosts.sub.events()))
+    assert cached(on_hosts) == saved
     shell.send("events 200 --component rpc_backend")
     shell.read_until(r"link_open.*" + re.escape(b) + "|" + r"link_open.*" + re.escape(a))
     shell.send("coordinator logs 400")

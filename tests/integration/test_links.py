@@ -127,3 +127,21 @@ def test_a_link_to_nobody_is_one_line(tmp_path):
 
     message = asyncio.run(scenario())
     assert message == f"link to 127.0.0.1:{port}: the node does not answer (Connection refused (111))", message
+
+
+def test_without_stunnel_a_link_is_one_line_naming_the_package(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))       # no stunnel4, no stunnel
+    key = ClusterKey(os.urandom(32), "test")
+
+    async def scenario() -> LinkError:
+        links = LinkManager(key)
+        try:
+            with pytest.raises(LinkError) as failed:
+                await links.dial(["10.9.9.9:50052"])
+            return failed.value
+        finally:
+            await links.close()
+
+    error = asyncio.run(scenario())
+    assert str(error) == "stunnel is not installed (the encrypted RPC links need it): apt-get install stunnel4"
+    assert error.backend is None            # not one node's fault: the pre-flight refuses the start with it
