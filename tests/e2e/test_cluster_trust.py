@@ -156,6 +156,10 @@ def test_forged_and_replayed_announcements_change_nothing(trusted):
     shell.send("backends discover")
     _, lines = shell.read_until(r"nodes? announced on")
     assert lines[-1].startswith("2 nodes announced"), lines
+    # what was ignored, counted by reason; both nodes behind their encrypted links
+    assert "announcements checked with the cluster key, " in lines[-1], lines
+    assert all(f"{reason} " in lines[-1] for reason in ("unsigned", "bad_signature", "replayed", "stale")), lines
+    assert all(any(a in line and line.rstrip().endswith("encrypted") for line in lines) for a in on_hosts.addresses)
 
     # the dashboard with the key (the shell's machine holds it) marks what the key does not vouch for
     on_hosts.redis.client().hset("synapticllamas:nodes", "127.0.0.99:50052", json.dumps(
