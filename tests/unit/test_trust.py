@@ -187,3 +187,37 @@ def test_the_viewer_marks_node_events_the_key_does_not_vouch_for():
     lines = out.getvalue().splitlines()
     assert not lines[0].startswith("[") and lines[1].startswith("[unsigned] ") and \
         lines[2].startswith("[bad signature] "), lines
+
+
+def test_what_a_node_publishes_passes_the_schema_then_the_check_on_the_same_object():
+    """Discovery's one path: schema.load_json, the schema's decode (which normalises the parsed
+    object in place), then AnnouncementCheck on that object, `auth` and all."""
+    from synapticllamas.events import schema
+    from synapticllamas.rpc.addresses import backend_id
+
+    key = b"k" * 32
+    signer, check = signing.Signer(key), AnnouncementCheck(key)
+    address = backend_id("10.0.0.5:50052")                       # a node announces the parser's spelling
+    details = {"address": address, "state": "up", "rpc_version": "7.0.0", "link": "tls-psk", "threads": 2,
+               "devices": [{"name": "CPU", "description": "Xeon", "total_mib": 24105, "free_mib": 24000}],
+               "memory_offered_mib": 24000, "latency_ms": 0.42, "restarts": 0, "cache": Path("/var/cache")}
+    event = Event(1_800_000_000.0, "node", "node_up", "node up", details, "info",
+                  {"app": "synapticllamas-node", "instance": "host1:42:0a0b0c0d", "host": "host1"}, 3, 0)
+    raw = schema.load_json(encode(event, signer))
+    decoded = schema.event_from_dict(raw)
+    assert type(decoded.details["address"]).__name__ == "BackendId" and raw["details"]["address"] is decoded.details[
+        "address"]                                               # normalised in the very object checked
+    assert check.event(raw, decoded.details["address"])
+
+    registration = {"address": address, "instance": "host1:42:0a0b0c0d", "state": "up", "link": "tls-psk",
+                    "devices": details["devices"], "heartbeat_interval": 30.0, "last_heartbeat": 1_800_000_000.5,
+                    "seq": 3, "cache": {"enabled": True, "dir": "/var/cache", "bytes": 0, "max_bytes": None}}
+    field, reg = schema.decode_node_entry(str(address), json.dumps(signer.sign(registration)))
+    assert check.registration(reg, field, window=75)
+
+    # what the schema normalises differently from what was signed fails: the signed form is the
+    # normal one, so only a message made by hand (or forged) can differ
+    spelled = schema.load_json(json.dumps(signer.sign({**event.to_dict(), "details": {**details,
+                                                                                      "address": "LOCALHOST:50052"}})))
+    assert schema.event_from_dict(spelled).details["address"] == "127.0.0.1:50052"
+    assert not check.event(spelled, "127.0.0.1:50052") and check.ignored == {signing.BAD_SIGNATURE: 1}
