@@ -1,5 +1,6 @@
-"""Redis that is not open to anyone: an ACL user with a password, and TLS with a private CA. The
-shell, a node, the dashboard and the terminal viewer each work against both, and a wrong password
+"""Redis that is not open to anyone: an ACL user with a password, the default user with a password
+(requirepass), and TLS with a private CA. The
+shell, a node, the dashboard and the terminal viewer each work against each, and a wrong password
 or an untrusted certificate is one line that says so.
 
 Real servers: redis-server with a config file (the passwords stay out of `ps`) and, for TLS,
@@ -19,6 +20,7 @@ from llama_support import tagged
 from support import PYTHON, ROOT, free_port, run_piped, shell_env, stop_process, wait_for
 
 ACL_PASSWORD = "s3cret-app"
+DEFAULT_PASSWORD = "s3cret-default"
 
 
 def make_certs(where: Path) -> dict[str, Path]:
@@ -62,7 +64,7 @@ def servers(tmp_path_factory):
     certs = make_certs(tmp / "certs")
     acl_port, tls_port = free_port(), free_port()
     acl = ConfiguredRedis(tmp / "acl", [
-        f"port {acl_port}", "requirepass default-secret",
+        f"port {acl_port}", f"requirepass {DEFAULT_PASSWORD}",
         # an ACL user that may touch only our keys and channels
         f"user app on >{ACL_PASSWORD} ~synapticllamas:* &synapticllamas:* +@all"],
         ["-p", str(acl_port), "--user", "app", "--pass", ACL_PASSWORD, "--no-auth-warning"])
@@ -71,6 +73,7 @@ def servers(tmp_path_factory):
         f"tls-key-file {certs['server.key']}", f"tls-ca-cert-file {certs['ca.crt']}", "tls-auth-clients no"],
         ["-p", str(tls_port), "--tls", "--cacert", str(certs["ca.crt"])])
     yield {"acl": (f"redis://app:{ACL_PASSWORD}@127.0.0.1:{acl_port}", {}),
+           "requirepass": (f"redis://:{DEFAULT_PASSWORD}@127.0.0.1:{acl_port}", {}),   # the default user
            "tls": (f"rediss://127.0.0.1:{tls_port}", {"SYNAPTICLLAMAS_REDIS_CA_FILE": str(certs["ca.crt"])})}
     acl.stop()
     tls.stop()
@@ -84,7 +87,7 @@ def client_for(url: str, env: dict[str, str]):
 
 
 @pytest.mark.llama
-@pytest.mark.parametrize("kind", ["acl", "tls"])
+@pytest.mark.parametrize("kind", ["acl", "requirepass", "tls"])
 def test_shell_node_dashboard_and_viewer_all_work(servers, kind, tmp_path):
     url, env = servers[kind]
     client = client_for(url, env)
@@ -98,6 +101,7 @@ def test_shell_node_dashboard_and_viewer_all_work(servers, kind, tmp_path):
             assert done.returncode == 0, done.stdout + done.stderr
             assert "Redis publishing ON -> " in done.stdout, done.stdout
             assert ACL_PASSWORD not in done.stdout + done.stderr           # redacted: redis://app:***@
+            assert DEFAULT_PASSWORD not in done.stdout + done.stderr
             assert "1 node announced on" in done.stdout and node.address in done.stdout, done.stdout
             journal = [json.loads(fields["event"])["event_type"] for _, fields in client.xrange("synapticllamas:events")]
             assert "redis_on" in journal and "unregister" in journal
@@ -116,7 +120,7 @@ def test_shell_node_dashboard_and_viewer_all_work(servers, kind, tmp_path):
                                     env=shell_env(tmp_path / "viewer", **env))
             assert viewer.returncode == 0, viewer.stderr
             assert "redis_on" in viewer.stdout and "node_up" in viewer.stdout, viewer.stdout
-            assert ACL_PASSWORD not in viewer.stdout + viewer.stderr
+            assert ACL_PASSWORD not in viewer.stdout + viewer.stderr and DEFAULT_PASSWORD not in viewer.stdout
         finally:
             assert node.stop() == 0, node.log_path.read_text()
 
