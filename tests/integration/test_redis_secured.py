@@ -1,7 +1,6 @@
 """Redis that is not open to anyone: an ACL user with a password, the default user with a password
-(requirepass), and TLS with a private CA. The
-shell, a node, the dashboard and the terminal viewer each work against each, and a wrong password
-or an untrusted certificate is one line that says so.
+(requirepass), and TLS with a private CA. The shell, a node, the dashboard and the terminal viewer
+each work against each, and a wrong password or an untrusted certificate is one line that says so.
 
 Real servers: redis-server with a config file (the passwords stay out of `ps`) and, for TLS,
 `tls-port` with certificates made here by openssl (a CA, and a server certificate it signs for
