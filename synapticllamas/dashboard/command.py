@@ -14,6 +14,7 @@ from synapticllamas.config import (
     Settings,
     int_at_least,
     load_settings,
+    parse_path,
     parse_redis_url,
     port,
     positive_float,
@@ -69,7 +70,7 @@ def dashboard_server(ctx: click.Context, host: str, port_: str, redis_url: str |
             click.echo(f"Error: {exc}", err=True)
             sys.exit(2)
     elif cluster_key_file is not None:
-        settings = settings.replace(cluster_key_file=cluster_key_file)
+        settings = settings.replace(cluster_key_file=checked(parse_path, "--cluster-key-file", cluster_key_file))
     configured = redis_url is not None
     if redis_url is not None:
         redis_url = checked(parse_redis_url, "--redis-url", redis_url, secret=True)
