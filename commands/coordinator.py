@@ -17,11 +17,12 @@ if TYPE_CHECKING:
     from synapticllamas.llama.lifecycle import StateChange
     from synapticllamas.llama.supervisor import Notice
 
-USAGE = ('coordinator start [--model PATH] [--port N] [--force] | stop | restart | rebalance | status | logs [N] | '
-         'attach URL [--api-key K] | detach | ask "PROMPT" [--n N]')
+USAGE = ('coordinator start [--model PATH] [--port N] [--force] [--spread] | plan [--model PATH] [--spread] | stop | '
+         'restart | rebalance | status | logs [N] | attach URL [--api-key K] | detach | ask "PROMPT" [--n N]')
 SUBCOMMANDS = {
     "start": "start llama-server over the healthy backends, split by the memory each offers; a model that "
              "cannot fit is refused (--force tries anyway); returns when /health is ok (Ctrl-C aborts)",
+    "plan": "the placements that fit, with predicted tokens/s, and the one `start` would choose; starts nothing",
     "stop": "stop it (SIGTERM to its process group, SIGKILL after the stop timeout)",
     "restart": "stop, then start again with the same model and port",
     "rebalance": "restart over every healthy backend, taking back the ones lost earlier (not while a request runs)",
@@ -85,6 +86,60 @@ async def _start(app: App, args: list[str], restart: bool = False) -> Result:
             undo()
         app.ui.end_progress()
     return Result.success(_running_line(status, f"; ready in {time.monotonic() - started:.1f}s"))
+
+
+def _model_arg(app: App, model: str | None) -> Path:
+    from synapticllamas.llama import binaries
+    from synapticllamas.llama.preflight import check_model
+
+    if model is None and not app.settings.model:
+        try:
+            model = str(binaries.demo_model())
+        except binaries.NotFound as exc:
+            raise CommandError(f"no model given (--model PATH or SYNAPTICLLAMAS_MODEL), and {exc}") from None
+    path = Path(model or app.settings.model).expanduser()
+    try:
+        check_model(path)
+    except CoordinatorError as exc:
+        raise CommandError(str(exc)) from None
+    return path
+
+
+def _devices_line(c: dict[str, Any]) -> str:
+    parts = [f"{'this host' if d == 'local' else d} {n}" for d, n in c["layers"].items()]
+    return ", ".join(parts)
+
+
+async def _plan(app: App, args: list[str]) -> Result:
+    from synapticllamas.llama.devices import choose_for
+    from synapticllamas.llama.gguf_layout import GGUFError
+
+    p = parser("coordinator plan")
+    p.add_argument("--model", metavar="PATH")
+    p.add_argument("--spread", action="store_true")
+    ns = parse_args(p, args)
+    model = _model_arg(app, ns.model)
+    backends = app.registry.healthy() if app.settings.distributed else []
+    mode = "spread" if ns.spread else app.settings.placement
+    try:
+        layout, choice = await choose_for(app.placement_inputs, model, app.settings.coordinator_ctx_size, backends,
+                                          mode)
+    except (GGUFError, OSError) as exc:
+        raise CommandError(f"cannot read {shown(str(model), 200)}: {exc}") from None
+    rows = []
+    for c in choice.candidates:
+        s = c.summary()
+        pred = s["prediction"]
+        chosen = c is choice.chosen
+        rows.append(((">" if chosen else " ") + " " + c.name, _devices_line(s),
+                     f"{pred['tokens_per_s']:.1f}" if pred else "-", f"{pred['ms_per_token']:.1f}" if pred else "-",
+                     "yes" if c.fits else "no", s["tensor_split"] if c.backends else "-"))
+    footer = [f"{model.name}, {layout.n_layer} layers, -c {app.settings.coordinator_ctx_size}: "
+              + (choice.reason if choice.chosen else "no placement fits")]
+    footer += choice.notes
+    return Result.table("Placements (layers per device; > the one `coordinator start` chooses)",
+                        ("plan", "layers", "tokens/s", "ms/token", "fits", "--tensor-split"), rows,
+                        footer="\n".join(footer))
 
 
 async def _stop(app: App, args: list[str]) -> Result:
@@ -247,12 +302,12 @@ async def _ask(app: App, args: list[str]) -> Result:
                        f"{result['tokens_per_s']:g} tokens/s]")
 
 
-HANDLERS = {"start": _start, "stop": _stop, "status": _status, "logs": _logs, "attach": _attach,
+HANDLERS = {"start": _start, "plan": _plan, "stop": _stop, "status": _status, "logs": _logs, "attach": _attach,
             "detach": _detach, "ask": _ask, "rebalance": _rebalance}
 
 
 @command("coordinator", "Start and supervise the llama.cpp coordinator (llama-server)", USAGE,
-         subcommands=SUBCOMMANDS, options=("--model", "--port", "--force", "--n", "--api-key"))
+         subcommands=SUBCOMMANDS, options=("--model", "--port", "--force", "--spread", "--n", "--api-key"))
 async def coordinator_command(app: App, args: list[str]) -> Result:
     if not args:
         return await _status(app, [])

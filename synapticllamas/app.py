@@ -18,6 +18,7 @@ from synapticllamas.rpc.registry import RpcRegistry
 from synapticllamas.ui import PlainUI
 
 if TYPE_CHECKING:
+    from synapticllamas.llama.devices import PlacementInputs
     from synapticllamas.llama.placement import Offer
     from synapticllamas.llama.supervisor import CoordinatorManager
     from synapticllamas.rpc.discovery import NodeDirectory, NodeInfo
@@ -42,6 +43,7 @@ class App:
         self._local_backends: LocalBackends | None = None
         self._nodes: NodeDirectory | None = None
         self.conversation = Conversation()     # `chat`'s turns, kept from one `chat` to the next
+        self._placement_inputs: PlacementInputs | None = None
 
     @property
     def coordinator(self) -> CoordinatorManager:
@@ -72,6 +74,21 @@ class App:
 
             self._nodes = NodeDirectory(self.observer, self.registry)
         return self._nodes
+
+    @property
+    def placement_inputs(self) -> PlacementInputs:
+        """What placement knows of each device (hosts, speeds, links); made on first use."""
+        if self._placement_inputs is None:
+            from synapticllamas.llama.devices import PlacementInputs
+            from synapticllamas.rpc.links import LinkTable
+
+            def latency(address: str) -> float | None:
+                backend = self.registry.get(address)
+                return backend.latency_ms if backend is not None else None
+
+            self._placement_inputs = PlacementInputs(self.settings, LinkTable(), self.local_backend,
+                                                     self.announced_node, self.offers, latency)
+        return self._placement_inputs
 
     def local_backend(self, address: str) -> LocalBackend | None:
         """The local backend at `address`, if this shell started one (never makes the component)."""

@@ -32,8 +32,8 @@ from synapticllamas.llama.placement import (
     LOCAL,
     MARGIN_MIB,
     MARGIN_SHARE,
-    MiB,
     HostOffer,
+    MiB,
     Offer,
     Placement,
     compute_mib,
@@ -348,9 +348,10 @@ def choose(world: World, mode: str = "speed") -> Choice:
     if local_only is not None:
         local_only.name = "this host"
     shown: list[Candidate] = []
-    for c in [best, local_only, best_spread, by_memory, *sorted(found, key=lambda c: c.ms)]:
-        if c is not None and all(c is not s and _same(c, s) is False for s in shown):
-            shown.append(c)
+    ranked: list[Candidate | None] = [best, local_only, best_spread, by_memory, *sorted(found, key=lambda c: c.ms)]
+    for option in ranked:
+        if option is not None and all(option is not s and not _same(option, s) for s in shown):
+            shown.append(option)
         if len(shown) >= 6:
             break
     if mode == "memory":

@@ -3,10 +3,20 @@
 Why llama-bench: it ships with the same build as llama-server and rpc-server, so the kernels it
 times are the ones that will run, with the same threads and the same CPU features; timing a graph
 of our own would need ggml bindings and would measure something near, not the thing. What it
-runs: one small generated model per tensor type (llama/bench_model.py: about 48 MiB of layers,
-more than a desktop CPU's last-level cache, so the weights stream from memory as a real model's
-do), and one of many tiny layers for the fixed cost of a layer. Each model generates 8 tokens, 3
-times; the fastest of the three is kept (the least disturbed by other work on the machine).
+runs: one generated model per tensor type (llama/bench_model.py, sparse files that cost nothing
+to make: about 96 MiB of layers, read into memory, not mapped), and one of many tiny layers for the
+fixed cost of a layer. 96 MiB because the weights must stream from memory as a real model's do: on
+this machine a model of up to ~50 MiB ran twice as fast per byte (it stayed in the CPU's cache), and
+from ~60 MiB on the speed per byte stayed the same up to 250 MiB. Each model generates 2 tokens,
+twice; the faster run is kept (the less disturbed by other work on the machine). About 0.7 s of
+CPU for the default types.
+
+Under a CPU quota (a cgroup's cpu.cfs_quota_us, a container's limit) what is wanted is the speed
+of the device when it is not at its quota (the cost model applies the quota itself, llama/cost.py).
+So each model generates one token five times: a token that takes less CPU than the quota allows
+per period runs whole in some of the five, and the fastest is the device's speed. A token longer
+than that is held back in every run; then the mean run is scaled to the share of the benchmark
+the cgroup let run (its cpu.stat's throttled time).
 
 What comes out (DeviceSpeed): nanoseconds per byte of weights for each type, and nanoseconds per
 layer per token (norms, attention, the thread pool's barriers). A stage's time per token is then
@@ -39,11 +49,14 @@ from typing import Any
 from synapticllamas.util.processes import describe_exit, spawn
 
 VERSION = 1
-DEFAULT_TYPES = ("F16", "Q8_0", "Q6_K", "Q4_K", "Q4_1", "Q4_0")
-TARGET_BYTES = 48 * 2**20          # each type's model: about this much of layer weights
+# the types of the models people run (f16, q8_0, q4_K_M = q4_K + q6_K); another type takes the
+# nearest of these by bits per weight (on this machine q4_1 and q4_0 were within 10 % of q4_K)
+DEFAULT_TYPES = ("F16", "Q8_0", "Q6_K", "Q4_K")
+TARGET_BYTES = 96 * 2**20          # each type's model: about this much of layer weights
 OVERHEAD_LAYERS = 16               # the fixed-cost model: many tiny layers
 OVERHEAD_WIDTH, OVERHEAD_FFN = 128, 256
-TOKENS, REPEATS = 8, 3
+TOKENS, REPEATS = 2, 2
+QUOTA_REPEATS = 5                  # under a CPU quota: one token five times (see above)
 TIMEOUT = 60.0                     # a very slow machine: give up rather than hang a start
 CACHE_ENTRIES = 32
 # bits per weight, to stand in for a type that was not measured by the nearest one that was
@@ -99,16 +112,17 @@ class DeviceSpeed:
             if isinstance(kind, str) and kind.upper() in _BPW and _number(value, 1e-6, 1e6):
                 per_byte[kind.upper()] = float(value)
         layer_ns, threads, cpus = raw.get("layer_ns"), raw.get("threads"), raw.get("cpus")
-        if not per_byte or not _number(layer_ns, 0, 1e9) or not _number(cpus, 1e-3, 4096):
+        if not per_byte or not isinstance(layer_ns, (int, float)) or not isinstance(cpus, (int, float)) \
+                or not _number(layer_ns, 0, 1e9) or not _number(cpus, 1e-3, 4096):
             return None
         if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 4096:
             return None
         failed = raw.get("repack_failed")
-        measured = raw.get("measured_at")
+        seconds, measured = raw.get("seconds"), raw.get("measured_at")
         return cls(per_byte, float(layer_ns), threads, float(cpus), raw.get("repack") is True,
                    failed[:80] if isinstance(failed, str) else None,
-                   float(raw["seconds"]) if _number(raw.get("seconds"), 0, 1e6) else 0.0,
-                   float(measured) if _number(measured, 0, 1e11) else 0.0)
+                   float(seconds) if isinstance(seconds, (int, float)) and _number(seconds, 0, 1e6) else 0.0,
+                   float(measured) if isinstance(measured, (int, float)) and _number(measured, 0, 1e11) else 0.0)
 
 
 def _number(value: Any, lo: float, hi: float) -> bool:
@@ -147,8 +161,11 @@ async def _run(argv: list[str], timeout: float) -> tuple[int, str, str]:
         err.decode("utf-8", "replace")
 
 
-def _token_ns(results: Any, files: dict[str, tuple[Path, int, int]]) -> dict[str, float]:
-    """kind -> fastest nanoseconds per generated token, from llama-bench's JSON."""
+def _token_ns(results: Any, files: dict[str, tuple[Path, int, int]], window_ns: float | None = None,
+              running: float = 1.0) -> dict[str, float]:
+    """kind -> nanoseconds per generated token, from llama-bench's JSON: of the fastest run; under
+    a quota (`window_ns` per period), of the mean run times `running` when even the fastest run
+    took longer than the quota allows per period (every run was held back)."""
     by_file = {str(path): kind for kind, (path, _, _) in files.items()}
     out: dict[str, float] = {}
     for row in results if isinstance(results, list) else []:
@@ -157,7 +174,10 @@ def _token_ns(results: Any, files: dict[str, tuple[Path, int, int]]) -> dict[str
         kind = by_file.get(str(row.get("model_filename")))
         samples = [s for s in row.get("samples_ns") or [] if isinstance(s, (int, float)) and s > 0]
         if kind and samples:
-            out[kind] = min(samples) / row["n_gen"]
+            best = min(samples)
+            if window_ns is not None and best >= window_ns:
+                best = sum(samples) / len(samples) * running
+            out[kind] = best / row["n_gen"]
     return out
 
 
@@ -181,19 +201,25 @@ def solve(token_ns: dict[str, float], files: dict[str, tuple[Path, int, int]]) -
 async def measure(llama_bench: Path, threads: int, repack: bool, cpus: float, types: Iterable[str] = DEFAULT_TYPES,
                   devices: str | None = None, timeout: float = TIMEOUT) -> DeviceSpeed:
     """Run the benchmark (seconds); SpeedError with one line if it cannot."""
+    from synapticllamas.util.host import quota_window_ns, throttled_ns
+
     types = tuple(dict.fromkeys(["F16", *(t.upper() for t in types)]))
+    window = quota_window_ns()
+    tokens, repeats = (1, QUOTA_REPEATS) if window is not None else (TOKENS, REPEATS)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="synapticllamas-speed-") as tmp:
         files = await asyncio.to_thread(_write_models, Path(tmp), types)
         models = ",".join(str(path) for path, _, _ in files.values())
         failed = None
         while True:
-            argv = [str(llama_bench), "-m", models, "-n", str(TOKENS), "-r", str(REPEATS), "-t", str(threads),
-                    "-o", "json", "--repack", "1" if repack else "0", "-ngl", "99" if devices else "0"]
+            argv = [str(llama_bench), "-m", models, "-n", str(tokens), "-r", str(repeats), "-t", str(threads),
+                    "-o", "json", "--repack", "1" if repack else "0", "-ngl", "99" if devices else "0",
+                    "-lm", "none"]           # read, not mapped: a hole mapped is one shared zero page
             # a batch finds the crashes of repacked kernels that single tokens do not (AMX, here)
             argv += ["-p", "8"] if repack else ["-p", "0"]
             if devices:
                 argv += ["-dev", devices.replace(",", "/")]
+            held_before, run_started = throttled_ns(), time.monotonic()
             try:
                 code, out, err = await _run(argv, max(1.0, timeout - (time.monotonic() - started)))
             except TimeoutError:
@@ -207,9 +233,13 @@ async def measure(llama_bench: Path, threads: int, repack: bool, cpus: float, ty
             if code != 0:
                 last = (err.strip().splitlines() or ["no output"])[-1][:200]
                 raise SpeedError(f"llama-bench {describe_exit(code)}: {last}")
+            held_after, wall = throttled_ns(), time.monotonic() - run_started
             break
+        running = 1.0
+        if held_before is not None and held_after is not None and wall > 0:
+            running = max(0.02, 1.0 - (held_after - held_before) / 1e9 / wall)
         try:
-            token_ns = _token_ns(json.loads(out), files)
+            token_ns = _token_ns(json.loads(out), files, window, running)
         except ValueError:
             raise SpeedError("llama-bench printed no JSON") from None
     missing = [k for k in files if k not in token_ns]

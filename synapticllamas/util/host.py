@@ -79,27 +79,64 @@ def _read_int(path: Path) -> int | None:
         return None
 
 
-def cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
-    """Cores allowed by the cgroup CPU quota, or None when unlimited (or unknown)."""
+def _quota(root: Path = Path("/sys/fs/cgroup")) -> tuple[float, Path, str] | None:
+    """(cores allowed, the cgroup directory that sets the quota, "v1" or "v2"), or None (unlimited)."""
     groups = _own_cgroups()
-    for controller in ("cpu", "cpu,cpuacct"):
-        if controller in groups:
-            base = root / "cpu" / groups[controller].lstrip("/")
-            # the quota of any ancestor applies too: the smallest wins
-            best: float | None = None
-            for directory in (base, *base.parents):
-                if not str(directory).startswith(str(root / "cpu")):
-                    break
-                quota, period = _read_int(directory / "cpu.cfs_quota_us"), _read_int(directory / "cpu.cfs_period_us")
-                if quota is not None and period and quota > 0:
-                    best = min(best, quota / period) if best is not None else quota / period
-            return best
+    if "cpu" in groups:
+        base = root / "cpu" / groups["cpu"].lstrip("/")
+        # the quota of any ancestor applies too: the smallest wins
+        best: tuple[float, Path, str] | None = None
+        for directory in (base, *base.parents):
+            if not str(directory).startswith(str(root / "cpu")):
+                break
+            quota, period = _read_int(directory / "cpu.cfs_quota_us"), _read_int(directory / "cpu.cfs_period_us")
+            if quota is not None and period and quota > 0 and (best is None or quota / period < best[0]):
+                best = (quota / period, directory, "v1")
+        return best
     if "" in groups:
+        directory = root / groups[""].lstrip("/")
         try:
-            quota, period = (root / groups[""].lstrip("/") / "cpu.max").read_text().split()
-            return int(quota) / int(period) if quota != "max" else None
+            limit, every = (directory / "cpu.max").read_text().split()
+            return (int(limit) / int(every), directory, "v2") if limit != "max" else None
         except (OSError, ValueError):
             return None
+    return None
+
+
+def cpu_quota() -> float | None:
+    """Cores allowed by the cgroup CPU quota, or None when unlimited (or unknown)."""
+    found = _quota()
+    return found[0] if found else None
+
+
+def quota_window_ns() -> int | None:
+    """The CPU time the quota allows per period (cfs_quota_us; v2: cpu.max's first number), in ns."""
+    found = _quota()
+    if found is None:
+        return None
+    _, directory, version = found
+    try:
+        if version == "v1":
+            return int((directory / "cpu.cfs_quota_us").read_text()) * 1000
+        return int((directory / "cpu.max").read_text().split()[0]) * 1000
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def throttled_ns() -> int | None:
+    """How long the cgroup that sets our CPU quota has been held back by it, in total (cpu.stat)."""
+    found = _quota()
+    if found is None:
+        return None
+    _, directory, version = found
+    key, scale = ("throttled_time", 1) if version == "v1" else ("throttled_usec", 1000)
+    try:
+        for line in (directory / "cpu.stat").read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value) * scale
+    except (OSError, ValueError):
+        return None
     return None
 
 
