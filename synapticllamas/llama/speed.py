@@ -13,8 +13,8 @@ CPU for the default types.
 
 Under a CPU quota (a cgroup's cpu.cfs_quota_us, a container's limit) what is wanted is the speed
 of the device when it is not at its quota (the cost model applies the quota itself, llama/cost.py).
-So each model generates one token five times: a token that takes less CPU than the quota allows
-per period runs whole in some of the five, and the fastest is the device's speed. A token longer
+So each model generates one token four times: a token that takes less CPU than the quota allows
+per period runs whole in some of the four, and the fastest is the device's speed. A token longer
 than that is held back in every run; then the mean run is scaled to the share of the benchmark
 the cgroup let run (its cpu.stat's throttled time).
 
@@ -56,7 +56,7 @@ TARGET_BYTES = 96 * 2**20          # each type's model: about this much of layer
 OVERHEAD_LAYERS = 16               # the fixed-cost model: many tiny layers
 OVERHEAD_WIDTH, OVERHEAD_FFN = 128, 256
 TOKENS, REPEATS = 2, 2
-QUOTA_REPEATS = 5                  # under a CPU quota: one token five times (see above)
+QUOTA_REPEATS = 4                  # under a CPU quota: one token four times (see above)
 TIMEOUT = 60.0                     # a very slow machine: give up rather than hang a start
 CACHE_ENTRIES = 32
 # bits per weight, to stand in for a type that was not measured by the nearest one that was
@@ -214,7 +214,8 @@ async def measure(llama_bench: Path, threads: int, repack: bool, cpus: float, ty
         while True:
             argv = [str(llama_bench), "-m", models, "-n", str(tokens), "-r", str(repeats), "-t", str(threads),
                     "-o", "json", "--repack", "1" if repack else "0", "-ngl", "99" if devices else "0",
-                    "-lm", "none"]           # read, not mapped: a hole mapped is one shared zero page
+                    "-lm", "none",           # read, not mapped: a hole mapped is one shared zero page
+                    "--no-warmup"]           # the fastest of the runs is kept: the first is the warm-up
             # a batch finds the crashes of repacked kernels that single tokens do not (AMX, here)
             argv += ["-p", "8"] if repack else ["-p", "0"]
             if devices:
