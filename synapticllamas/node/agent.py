@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from synapticllamas import __version__
 from synapticllamas.events.contract import Component, NodeEvent, RawEvent, SystemEvent
 from synapticllamas.events.observer import Observer
-from synapticllamas.llama.supervisor import backoff_delay
+from synapticllamas.llama.policy import backoff_delay
 from synapticllamas.node import cache
 from synapticllamas.rpc import launch
 from synapticllamas.rpc.server_process import RpcServerFailed, RpcServerProcess

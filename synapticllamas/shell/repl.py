@@ -56,7 +56,6 @@ class Shell:
         self._prompt_app: Any = None                  # prompt_toolkit Application while prompting
         self._lines: asyncio.Queue | None = None      # piped mode's input lines (None = end)
         self._slots: threading.Semaphore | None = None  # bounds how far the stdin reader reads ahead
-        self._log_ready = False
         self._chat_session: Any = None                 # the `chat> ` prompt, made on first use
         load_all()
         app.observer.add_sink(self._on_event)
@@ -335,16 +334,8 @@ class Shell:
         return 1 if self.failures else 0
 
     def _log_internal_error(self, what: str, exc: BaseException) -> str:
-        path = Path(self.app.settings.log_file)
-        if not self._log_ready:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                handler = logging.FileHandler(path, encoding="utf-8")
-                handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-                log.addHandler(handler)
-            except OSError:
-                log.addHandler(logging.StreamHandler(sys.stderr))
-                path = Path("standard error")
-            self._log_ready = True
-        log.error("internal error in %r", what, exc_info=exc)
-        return str(path)
+        """The traceback to the log file (util/internal_errors.py); the caller says one line."""
+        from synapticllamas.util.internal_errors import REPORTED
+
+        log.error("internal error in %r", what, exc_info=exc, extra={REPORTED: True})
+        return self.app.settings.log_file

@@ -26,7 +26,8 @@ from llama_support import (
 from support import free_port, until, wait_for
 
 from synapticllamas.events.observer import Observer
-from synapticllamas.llama.supervisor import CoordinatorError, CoordinatorManager
+from synapticllamas.llama.coordinator import CoordinatorManager
+from synapticllamas.llama.preflight import CoordinatorError
 from synapticllamas.rpc.registry import RpcRegistry
 
 pytestmark = pytest.mark.llama

@@ -13,7 +13,8 @@ from llama_support import TAG_VAR, Collector, settings_for, tagged, tagged_proce
 from support import until
 
 from synapticllamas.events.observer import Observer
-from synapticllamas.llama.supervisor import CoordinatorError, CoordinatorManager
+from synapticllamas.llama.coordinator import CoordinatorManager
+from synapticllamas.llama.preflight import CoordinatorError
 from synapticllamas.rpc.local import LocalBackends
 from synapticllamas.rpc.registry import RpcRegistry
 

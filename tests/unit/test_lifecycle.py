@@ -15,8 +15,10 @@ from llama_support import Collector, settings_for
 from support import until
 
 from synapticllamas.events.observer import Observer
+from synapticllamas.llama.coordinator import CoordinatorManager
 from synapticllamas.llama.lifecycle import ATTACHED, SUPERVISED, IllegalTransition, Lifecycle, State
-from synapticllamas.llama.supervisor import ChildOps, CoordinatorError, CoordinatorManager, backoff_delay
+from synapticllamas.llama.preflight import CoordinatorError
+from synapticllamas.llama.process import ChildOps
 
 STATES = list(State)
 
@@ -74,12 +76,17 @@ class FakeLlama(ChildOps):
         self.healthy = True           # what /health answers
         self.on_term: str | int = "exit"
         self.fail_starts = 0          # the next N spawned processes exit at once with code 1
+        self.fail_spawns = 0          # the next N spawns fail like a binary that is gone
 
     @property
     def last(self) -> FakeProcess:
         return self.procs[-1]
 
     async def _spawn(self, argv, **_):
+        await asyncio.sleep(0)        # a real spawn yields to the loop (fork, exec, pipes) before it returns
+        if self.fail_spawns:
+            self.fail_spawns -= 1
+            raise FileNotFoundError(2, "No such file or directory")
         proc = FakeProcess(next(self.pids))
         proc.argv = list(argv)
         self.procs.append(proc)
@@ -108,16 +115,18 @@ class FakeLlama(ChildOps):
         return (True, "ok") if self.healthy else (False, "/health: connection refused")
 
 
-def make(tmp_path, **values):
+def make(tmp_path, registry=None, **values):
+    """A manager over a fake llama-server; `registry(settings, observer)` makes its registry."""
     model = tmp_path / "model.gguf"
     model.write_bytes(b"GGUF" + bytes(60))
-    values = {"coordinator_backoff": 0.001, "coordinator_stop_timeout": 0.05, **values}
-    settings = settings_for(tmp_path, llama_server=shutil.which("true"), model=str(model), **values)
+    values = {"coordinator_backoff": 0.001, "coordinator_stop_timeout": 0.05, "model": str(model), **values}
+    settings = settings_for(tmp_path, llama_server=shutil.which("true"), **values)
     observer = Observer(sampling=False)
     events = Collector(observer)
     events.observer = observer
     fake = FakeLlama()
-    return CoordinatorManager(settings, observer, None, ops=fake), fake, events
+    reg = registry(settings, observer) if registry is not None else None
+    return CoordinatorManager(settings, observer, reg, ops=fake), fake, events
 
 
 def wait(predicate, what):
@@ -146,22 +155,17 @@ def test_every_transition_is_allowed_or_refused_as_the_table_says(table, source,
         assert lc.state == source and refused == [f"internal error: the coordinator cannot go from {source} to {target}"]
 
 
-def test_a_refused_transition_is_an_error_event_and_leaves_the_state(tmp_path):
+def test_a_state_change_outside_the_supervisors_task_is_refused_as_an_error_event(tmp_path):
     mgr, _, events = make(tmp_path)
 
     async def main():
-        with pytest.raises(IllegalTransition):
-            mgr._change_state(State.RUNNING, "llama.cpp coordinator started")
+        with pytest.raises(IllegalTransition, match="outside the supervisor's task"):
+            mgr.supervisor._change_state(State.RUNNING, "llama.cpp coordinator started")
 
     asyncio.run(main())
     assert mgr.state == "stopped" and events.of("coordinator") == []
     [error] = events.of("system", "error")
-    assert error.level == "error" and "cannot go from stopped to running" in error.message
-
-
-def test_backoff_doubles_and_is_capped():
-    assert [backoff_delay(0.5, n) for n in range(1, 6)] == [0.5, 1.0, 2.0, 4.0, 8.0]
-    assert backoff_delay(1, 7) == 60.0 and backoff_delay(1, 40) == 60.0
+    assert error.level == "error" and "state change to running outside the supervisor's task" in error.message
 
 
 # ---------------------------------------------------------------- the manager, with a fake child
@@ -377,14 +381,12 @@ def make_cluster_manager(tmp_path, model=None, **values):
     from synapticllamas.rpc.registry import RpcRegistry
 
     backends = ("10.9.0.1:50052", "10.9.0.2:50052", "10.9.0.3:50052")
-    mgr, fake, events = make(tmp_path, distributed=True, rpc_backends=backends, **values)
-    if model is not None:
-        mgr.settings = mgr.settings.replace(model=str(model))
     net = FakeNetwork(backends)
-    registry = RpcRegistry(mgr.settings, events.observer, probe_fn=net.probe)
-    registry.on_change.append(mgr._backend_changed)
-    mgr.registry = registry
-    return mgr, fake, events, registry, net, list(backends)
+    if model is not None:
+        values["model"] = str(model)
+    mgr, fake, events = make(tmp_path, lambda settings, observer: RpcRegistry(settings, observer, probe_fn=net.probe),
+                             distributed=True, rpc_backends=backends, **values)
+    return mgr, fake, events, mgr.registry, net, list(backends)
 
 
 def rpc_of(argv):
@@ -476,3 +478,154 @@ def test_stop_while_waiting_cancels_the_wait(tmp_path):
     asyncio.run(main())
     assert [t for t, _ in lifecycle(events)][-2:] == ["waiting", "stop"]
     assert len(fake.procs) == 1
+
+
+def third_each(mgr, small_gguf, backends):
+    """Offers so that each backend holds a third of the model, and two of them cannot hold it."""
+    from synapticllamas.llama.gguf_layout import read_layout
+    from synapticllamas.llama.placement import Offer, plan
+
+    layout = read_layout(small_gguf)
+    ctx = mgr.settings.coordinator_ctx_size
+    third = plan(layout, backends, {x: Offer(10**6, "t") for x in backends}, ctx)
+    each = int(max(p.need_mib for p in third.backends)) + 1
+    assert not plan(layout, backends[:2], {x: Offer(each, "t") for x in backends[:2]}, ctx).fits
+    mgr.offers_for = lambda addresses: {x: Offer(each, "test") for x in addresses}
+
+
+def test_two_backends_back_at_once_while_waiting_give_one_launch(tmp_path, small_gguf):
+    mgr, fake, events, registry, net, (a, b, c) = make_cluster_manager(tmp_path, model=small_gguf)
+    third_each(mgr, small_gguf, [a, b, c])
+
+    async def main():
+        await registry.start()
+        await mgr.start()
+        net.up -= {b, c}
+        registry.report(b, up=False, reason="node b heartbeat overdue")
+        await wait(lambda: mgr.state == "waiting", "waiting")
+        registry.report(c, up=False, reason="node c heartbeat overdue")
+        net.up |= {b, c}
+        registry.report(b, up=True, reason="node b up")        # both in the same turn of the loop
+        registry.report(c, up=True, reason="node c up")
+        await wait(lambda: events.of("coordinator", "failover"), "serving again")
+        state = mgr.state
+        await mgr.stop()
+        return state
+
+    assert asyncio.run(main()) == "running"
+    assert len(fake.procs) == 2 and mgr.supervisor.launches == 2      # the first, and one relaunch
+    assert rpc_of(fake.procs[-1].argv) == [a, b, c]
+    assert [t for t, _ in lifecycle(events)] == ["starting", "start", "stopping", "stop", "waiting", "starting",
+                                                 "start", "failover", "stopping", "stop"]
+    assert not [e for e in events.of("system", "error") if e.level == "error"]
+
+
+def test_a_spawn_that_fails_during_recovery_backs_off_and_comes_back(tmp_path):
+    mgr, fake, events, registry, net, (_a, b, _c) = make_cluster_manager(tmp_path)
+
+    async def main():
+        await registry.start()
+        await mgr.start()
+        fake.fail_spawns = 1                   # the binary is gone for the first relaunch
+        net.up.discard(b)
+        registry.report(b, up=False, reason="gone")
+        await wait(lambda: events.of("coordinator", "failover"), "serving again")
+        await mgr.stop()
+
+    asyncio.run(main())
+    kinds = [t for t, _ in lifecycle(events)]
+    assert kinds[:7] == ["starting", "start", "stopping", "stop", "backoff", "starting", "start"]
+    backoff = events.of("coordinator", "backoff")[0]
+    assert "cannot run" in backoff.details["cause"] and "No such file or directory" in backoff.details["cause"]
+    assert mgr.tries == 0 and not [e for e in events.of("system", "error") if e.level == "error"]
+
+
+def test_a_spawn_that_keeps_failing_during_recovery_ends_fatal(tmp_path):
+    mgr, fake, events, registry, net, (_a, b, _c) = make_cluster_manager(tmp_path, coordinator_max_restarts=2)
+
+    async def main():
+        await registry.start()
+        await mgr.start()
+        fake.fail_spawns = 10
+        net.up.discard(b)
+        registry.report(b, up=False, reason="gone")
+        await wait(lambda: mgr.state == "fatal", "fatal")
+
+    asyncio.run(main())
+    kinds = [t for t, _ in lifecycle(events)]
+    assert kinds == ["starting", "start", "stopping", "stop", "backoff", "backoff", "fatal"]
+    assert "No such file or directory" in events.of("coordinator", "fatal")[0].message
+    assert len(fake.procs) == 1
+
+
+def test_a_rebalance_that_would_not_fit_keeps_it_running(tmp_path, small_gguf):
+    mgr, fake, _events, registry, net, (_a, _b, c) = make_cluster_manager(tmp_path, model=small_gguf)
+
+    async def main():
+        await registry.start()
+        net.up.discard(c)
+        registry.report(c, up=False, reason="not yet")
+        await mgr.start()
+        from synapticllamas.llama.placement import Offer
+
+        mgr.offers_for = lambda addresses: {x: Offer(1, "tiny") for x in addresses}   # nothing fits any more
+        net.up.add(c)
+        registry.report(c, up=True, reason="back")
+        with pytest.raises(CoordinatorError, match="not rebalanced, it keeps running on 2 backends: the model "
+                                                   "does not fit"):
+            await mgr.rebalance()
+        state = mgr.state
+        await mgr.stop()
+        return state
+
+    assert asyncio.run(main()) == "running"
+    assert len(fake.procs) == 1
+
+
+def test_a_rebalance_whose_restart_fails_is_retried_not_left_stopped(tmp_path):
+    mgr, fake, events, registry, net, (a, b, c) = make_cluster_manager(tmp_path)
+
+    async def main():
+        await registry.start()
+        net.up.discard(c)
+        registry.report(c, up=False, reason="not yet")
+        await mgr.start()
+        net.up.add(c)
+        registry.report(c, up=True, reason="back")
+        await wait(lambda: mgr.status()["unused_backends"] == [c], "c usable again")
+        fake.fail_starts = 1                       # the restart over a, b, c fails to load once
+        with pytest.raises(CoordinatorError, match="the rebalance did not complete"):
+            await mgr.rebalance()
+        await wait(lambda: mgr.state == "running", "the retry")
+        backends = mgr.status()["backends"]
+        await mgr.stop()
+        return backends
+
+    assert asyncio.run(main()) == [a, b, c]
+    kinds = [t for t, _ in lifecycle(events)]
+    assert kinds[2:8] == ["stopping", "stop", "starting", "stop", "backoff", "starting"]
+
+
+def test_rebalance_waits_for_every_clients_requests_not_only_the_shells(tmp_path):
+    mgr, _fake, events, registry, net, (a, b, c) = make_cluster_manager(tmp_path)
+    outside = {"n": 2}
+    mgr.in_flight = lambda: outside["n"]            # what the gateway counts: any client's requests
+
+    async def main():
+        await registry.start()
+        net.up.discard(c)
+        registry.report(c, up=False, reason="not yet")
+        await mgr.start()
+        net.up.add(c)
+        registry.report(c, up=True, reason="back")
+        await wait(lambda: mgr.status()["unused_backends"] == [c], "c usable again")
+        with pytest.raises(CoordinatorError, match="2 requests are running; rebalance when it is done"):
+            await mgr.rebalance()
+        outside["n"] = 0
+        status = await mgr.rebalance()
+        await mgr.stop()
+        return status
+
+    assert asyncio.run(main())["backends"] == [a, b, c]
+    [rebalance] = events.of("coordinator", "rebalance")
+    assert rebalance.details["added"] == [c] and rebalance.details["auto"] is False

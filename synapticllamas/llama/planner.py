@@ -1,0 +1,112 @@
+"""The pre-flight: everything that can fail before a llama-server is started, and the plan it runs.
+
+Every start goes through `Planner.plan()`: the user's, a restart after a crash, a failover, a
+rebalance. It finds the binary and the model (exists, is a GGUF file), checks the port, takes the
+healthy backends from one registry round (minus the ones the last failure pointed at, for an
+automatic start), and sizes the model on them (placement.py): a model that cannot fit is refused
+(NoFit) before anything starts. Each failure is CoordinatorError with one line for the user.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from synapticllamas.events.contract import SystemEvent
+from synapticllamas.llama.hooks import Hooks, Notice
+from synapticllamas.llama.preflight import CoordinatorError, NoBackend, NoFit, Plan, Target, check_model, port_in_use
+
+if TYPE_CHECKING:
+    from synapticllamas.llama.placement import Offer
+    from synapticllamas.rpc.registry import RpcRegistry
+
+
+class Planner:
+    def __init__(self, settings: Any, registry: RpcRegistry | None, hooks: Hooks) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.hooks = hooks
+        # what each backend offers to placements (App wires nodes and local backends in), and the
+        # free memory llama-server reported for plain rpc-servers at its last load
+        self.offers_for: Callable[[list[str]], dict[str, Offer]] | None = None
+        self.reported_free: dict[str, int] = {}
+        # the address llama-server dials for each backend (secured links); None: the backends themselves
+        self.dial_for: Callable[[list[str]], Awaitable[dict[str, str]]] | None = None
+
+    async def plan(self, target: Target, auto: bool, suspects: set[str] | frozenset[str] = frozenset(),
+                   own_port: bool = False) -> Plan:
+        """Raises CoordinatorError (NoFit when the model does not fit on the backends there are,
+        NoBackend when none is healthy). `own_port`: the port is held by the llama-server this plan
+        replaces (a rebalance), so it is not checked."""
+        from synapticllamas.llama import binaries
+
+        s = self.settings
+        try:
+            binary = binaries.llama_server(s.llama_server)
+            model_path = target.model or (Path(s.model) if s.model else binaries.demo_model())
+        except binaries.NotFound as exc:
+            raise CoordinatorError(str(exc)) from None
+        check_model(model_path)
+        host, port = s.coordinator_host, target.port or s.coordinator_port
+        if not own_port and port_in_use(host, port):
+            raise CoordinatorError(f"port {port} on {host} is already in use; choose another with "
+                                   f"`coordinator start --port N` (or SYNAPTICLLAMAS_COORDINATOR_PORT)")
+        backends: list[str] = []
+        left_out: dict[str, str] = {}
+        if s.distributed:
+            if self.registry is None:
+                raise CoordinatorError("distributed mode needs the backend registry, which is not available")
+            await self.registry.check()
+            healthy = self.registry.healthy()
+            for key in self.registry.addresses():
+                if key not in healthy:
+                    left_out[key] = "down"
+                elif auto and key in suspects:
+                    left_out[key] = "unreachable after the last failure"
+                else:
+                    backends.append(key)
+            if not backends:
+                known = ", ".join(f"{k} ({why})" for k, why in left_out.items())
+                raise NoBackend(
+                    (f"no healthy RPC backend ({known})" if known else "no RPC backend is configured")
+                    + " in distributed mode; start two local ones with `backends spawn 2`, or add one with "
+                    "`backends add HOST:PORT`")
+        plan = Plan(binary, model_path, host, port, backends, left_out)
+        if backends:
+            await self._place(plan, target.force)
+            if self.dial_for is not None:
+                plan.dial = await self.dial_for(list(backends))
+        return plan
+
+    async def _place(self, plan: Plan, force: bool) -> None:
+        """Work out what the model needs on each backend; refuse (NoFit) what cannot fit."""
+        from synapticllamas.llama import placement
+        from synapticllamas.llama.gguf_layout import GGUFError, read_layout
+        from synapticllamas.llama.preflight import supports_flag
+
+        try:
+            layout = await asyncio.to_thread(read_layout, plan.model)
+        except (GGUFError, OSError) as exc:
+            # llama.cpp may still load what we cannot size: start without a plan, and say so
+            self.hooks.call("on_error", Notice(SystemEvent.ERROR, f"placement skipped: {exc}",
+                                               {"model_path": str(plan.model)}, "warning"))
+            return
+        offers = self.offers_for(plan.backends) if self.offers_for else {}
+        for address in plan.backends:
+            if (address not in offers or offers[address].mib is None) and address in self.reported_free:
+                offers[address] = placement.Offer(self.reported_free[address], "free at the last load")
+        placed = placement.plan(layout, plan.backends, offers, self.settings.coordinator_ctx_size)
+        if not placed.fits and not force:
+            raise NoFit(placed.refusal())
+        if not placed.fits:
+            placed.notes.append("it does not fit by the plan; started anyway (--force)")
+        plan.placement = placed
+        plan.fit_flag = await asyncio.to_thread(supports_flag, plan.binary, "--fit")
+
+    def learned(self, plan: Plan, devices: dict[str, dict[str, Any]]) -> None:
+        """A run came up: keep the free memory llama-server reported for each of its backends, for
+        the next plan when nothing else says what a backend offers."""
+        for address, device in devices.items():
+            if address in plan.backends and device.get("free_mib") is not None:
+                self.reported_free[address] = device["free_mib"]
