@@ -20,8 +20,9 @@ if TYPE_CHECKING:
 USAGE = ('coordinator start [--model PATH] [--port N] [--force] [--spread] | plan [--model PATH] [--spread] | stop | '
          'restart | rebalance | status | logs [N] | attach URL [--api-key K] | detach | ask "PROMPT" [--n N]')
 SUBCOMMANDS = {
-    "start": "start llama-server over the healthy backends, split by the memory each offers; a model that "
-             "cannot fit is refused (--force tries anyway); returns when /health is ok (Ctrl-C aborts)",
+    "start": "start llama-server on the fastest placement that fits (this host's CPU and the healthy backends, "
+             "maybe fewer of them; --spread: every backend holds layers); a model that cannot fit is refused "
+             "(--force tries anyway); returns when /health is ok (Ctrl-C aborts)",
     "plan": "the placements that fit, with predicted tokens/s, and the one `start` would choose; starts nothing",
     "stop": "stop it (SIGTERM to its process group, SIGKILL after the stop timeout)",
     "restart": "stop, then start again with the same model and port",
@@ -38,23 +39,28 @@ DEFAULT_TOKENS = 32
 
 
 def _running_line(status: dict[str, Any], note: str = "") -> str:
-    backends = ", ".join(status["backends"]) or "none (standard mode)"
-    return (f"Coordinator running at {status['url']} (pid {status['pid']}); model {status['model']}; "
+    choice = status.get("choice")
+    backends = ", ".join(status["backends"]) or ("none, this host's CPU" if choice else "none (standard mode)")
+    line = (f"Coordinator running at {status['url']} (pid {status['pid']}); model {status['model']}; "
             f"RPC backends: {backends}{note}")
+    if choice:
+        line += f"\nPlacement: {choice['reason']}"
+    return line
 
 
 async def _start(app: App, args: list[str], restart: bool = False) -> Result:
     mgr = app.coordinator
     model: str | None = None
     port: int | None = None
-    force = False
+    force = spread = False
     if not restart:
         p = parser("coordinator start")
         p.add_argument("--model", metavar="PATH")
         p.add_argument("--port", type=port_arg)
         p.add_argument("--force", action="store_true")
+        p.add_argument("--spread", action="store_true")
         ns = parse_args(p, args)
-        model, port, force = ns.model, ns.port, ns.force
+        model, port, force, spread = ns.model, ns.port, ns.force, ns.spread
         if model is None and not app.settings.model:
             from synapticllamas.llama import binaries
 
@@ -78,7 +84,7 @@ async def _start(app: App, args: list[str], restart: bool = False) -> Result:
                    mgr.hooks.subscribe("on_load_progress", on_progress)]
     started = time.monotonic()
     try:
-        status = await (mgr.restart() if restart else mgr.start(model, port, force))
+        status = await (mgr.restart() if restart else mgr.start(model, port, force, spread))
     except CoordinatorError as exc:
         raise CommandError(str(exc)) from None
     finally:

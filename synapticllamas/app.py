@@ -53,6 +53,7 @@ class App:
 
             self._coordinator = CoordinatorManager(self.settings, self.observer, self.registry)
             self._coordinator.offers_for = self.offers
+            self._coordinator.planner.inputs = self.placement_inputs
         return self._coordinator
 
     @coordinator.setter

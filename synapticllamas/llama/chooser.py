@@ -83,10 +83,13 @@ class Choice:
     reason: str                        # one line for `coordinator start`
     notes: list[str] = field(default_factory=list)
 
-    def summary(self) -> dict[str, Any]:
-        return {"mode": self.mode, "chosen": self.chosen.summary() if self.chosen else None,
-                "idle": list(self.idle), "reason": self.reason, "notes": list(self.notes),
-                "candidates": [c.summary() for c in self.candidates]}
+    def summary(self, brief: bool = False) -> dict[str, Any]:
+        """brief: the chosen plan and the reason only (what `starting` events and status carry)."""
+        out: dict[str, Any] = {"mode": self.mode, "chosen": self.chosen.summary() if self.chosen else None,
+               "idle": list(self.idle), "reason": self.reason, "notes": list(self.notes)}
+        if not brief:
+            out["candidates"] = [c.summary() for c in self.candidates]
+        return out
 
 
 @dataclass

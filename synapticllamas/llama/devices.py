@@ -91,6 +91,7 @@ class PlacementInputs:
         self.offers = offers
         self.latency = latency          # the registry's last probe of a backend (ms)
         self.notes: list[str] = []
+        self.measure = True              # off: speeds only from the cache (a split by memory needs none)
         self._speeds: dict[str, DeviceSpeed | None] = {}
 
     def host(self) -> HostInfo:
@@ -98,8 +99,16 @@ class PlacementInputs:
 
         return this_host(self.settings.host_id)
 
+    def speed_of(self, key: str) -> DeviceSpeed | None:
+        """The speed measured for this host's CPU (key LOCAL: with repacking) in the last world()."""
+        from synapticllamas.llama.placement import LOCAL
+
+        wanted = "True:" if key == LOCAL else "False:"
+        return next((s for k, s in self._speeds.items() if k.startswith(wanted)), None)
+
     async def local_speed(self, repack: bool, threads: int | None = None) -> DeviceSpeed | None:
-        """This host's speed: llama-server's CPU (repack) or a local rpc-server's (not); cached on disk."""
+        """This host's speed: llama-server's CPU (repack) or a local rpc-server's (not); cached on
+        disk. With `measure` off (placement by memory), only what the cache holds."""
         from synapticllamas.llama import binaries, speed
         from synapticllamas.util.host import threads_for
 
@@ -114,6 +123,11 @@ class PlacementInputs:
             self.notes.append(f"device speed not measured: {exc}")
             self._speeds[key] = None
             return None
+        if not self.measure:
+            hit = speed.cached(cache_file(), speed.cache_key(bench, threads, repack, host.cpus, host.id,
+                                                             speed.DEFAULT_TYPES))
+            self._speeds[key] = hit
+            return hit
         try:
             measured, _ = await speed.speed_of(bench, cache_file(), threads, repack, host.cpus, host.id)
         except speed.SpeedError as exc:
@@ -133,8 +147,8 @@ class PlacementInputs:
         local_mib = self.settings.coordinator_memory
         if local_mib != 0:
             devices[LOCAL] = DeviceInfo(LOCAL, host.id, await self.local_speed(repack=True), None, host.name)
-            if local_mib is not None:
-                offers[LOCAL] = Offer(local_mib, "SYNAPTICLLAMAS_COORDINATOR_MEMORY")
+            offers[LOCAL] = Offer(local_mib, "SYNAPTICLLAMAS_COORDINATOR_MEMORY") if local_mib is not None \
+                else Offer(host.mem_available_mib, "this host's free memory")
         for address in backends:
             self.links.rtt(address, self.latency(address))
             link = self.links.get(address)
@@ -174,6 +188,7 @@ async def choose_for(inputs: PlacementInputs, model: Path, n_ctx: int, backends:
 
     layout = await asyncio.to_thread(read_layout, model)
     inputs.notes = []
+    inputs.measure = mode != "memory"
     world = await inputs.world(layout, n_ctx or layout.n_ctx_train, backends)
     choice = choose(world, mode)
     choice.notes[:0] = inputs.notes

@@ -118,7 +118,7 @@ class Placement:
 
     def host_need_mib(self, host: str) -> float:
         need = sum(b.need_mib for b in self.devices if self.host_of.get(b.address) == host)
-        if self.host_of.get(LOCAL) == host:
+        if self.local is None and self.host_of.get(LOCAL) == host:
             need += self.host_mib          # token_embd stays with llama-server whatever the split
         return need
 
@@ -232,9 +232,9 @@ def _plan_split(layout: ModelLayout, backends: list[str], offers: dict[str, Offe
 
 
 def _local_plan(layout: ModelLayout, n_ctx: int, cpu_layers: int, output: bool, offer: Offer) -> BackendPlan:
-    """This host's CPU: its first layers (and the output layer when nothing is offloaded), their KV
-    cache and a compute buffer; token_embd is counted in Placement.host_mib."""
-    weights = sum(layout.layer_bytes[:cpu_layers]) + (layout.output_bytes if output else 0)
+    """This host's CPU: token_embd, its first layers (and the output layer when nothing is
+    offloaded), their KV cache and a compute buffer."""
+    weights = layout.embd_bytes + sum(layout.layer_bytes[:cpu_layers]) + (layout.output_bytes if output else 0)
     if output and layout.tied_output:
         weights -= layout.output_bytes         # a tied output uses token_embd itself: no copy on the CPU
     return BackendPlan(LOCAL, offer.mib, offer.source, 0.0, (0, cpu_layers - 1) if cpu_layers else None, output,
