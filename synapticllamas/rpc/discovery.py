@@ -185,13 +185,13 @@ class NodeDirectory:
         info.interval = _seconds(details.get("interval_s")) or info.interval
         if kind == NodeEvent.NODE_UP:
             info.registration.update({k: details[k] for k in ("rpc_version", "devices", "memory_offered_mib",
-                                                              "threads", "rpc_pid") if k in details})
+                                                              "threads", "rpc_pid", "host", "speed") if k in details})
             info.registration.setdefault("hostname", (event.get("source") or {}).get("host"))
             self._ensure_backend(address, up=True, reason=f"node {address} up")
         elif kind in (NodeEvent.NODE_DOWN, NodeEvent.RPC_SERVER_EXIT):
             self._ensure_backend(address, up=False, reason=str(event.get("message") or f"node {address} down"))
         elif kind == NodeEvent.HEARTBEAT:
-            for key in ("cache_bytes", "memory_offered_mib"):
+            for key in ("cache_bytes", "memory_offered_mib", "host", "speed"):
                 if key in details:
                     info.registration[key] = details[key]
             backend = self.registry.get(address)
