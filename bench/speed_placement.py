@@ -276,7 +276,7 @@ async def part_cluster_async(tmp: Path, big: Path, tokens: int, runs: int) -> No
     assert best is not None
     tool, memory = rows[0][1], rows[1][1]
     name = {a: f"host{i} ({int(q * 100)} %)" for i, (a, q) in enumerate(zip(addresses, QUOTAS, strict=True))}
-    print(f"\nheterogeneous cluster: {layout.n_layer} layers of f16 ({big.stat().st_size / 2**20:.0f} MiB), three hosts "
+    print(f"\nheterogeneous cluster: {layout.n_layer} layers of f16 ({layout.total_bytes / 2**20:.0f} MiB), three hosts "
           f"with {', '.join(f'{int(q * 100)} %' for q in QUOTAS)} of a core behind 100 Mbit/s, offers "
           f"{', '.join(map(str, OFFERS))} MiB; {tokens} tokens x {runs} (median)\n")
     print("| plan | layers per host | generation tokens/s | predicted ms/token | measured ms/token | measured / predicted |")

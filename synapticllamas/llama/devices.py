@@ -99,6 +99,20 @@ class PlacementInputs:
 
         return this_host(self.settings.host_id)
 
+    def host_of_backend(self, address: str, here: HostInfo | None = None) -> tuple[str, str, int | None]:
+        """(host id, its name, its free memory if known) of a backend: this host for a local backend,
+        a plain one on loopback or a node that says so; a node's own host; else a host of its own."""
+        here = here or self.host()
+        node = self.node(address)
+        if self.local_backend(address) is not None or (node is None and is_loopback(address)):
+            return here.id, f"{here.name} (this host)", here.mem_available_mib
+        if node is not None:
+            said = announced(node.registration)
+            if said.host_id == here.id:
+                return here.id, f"{here.name} (this host)", here.mem_available_mib
+            return (said.host_id or f"node {address}", said.host_name or address, said.mem_available_mib)
+        return f"backend {address}", address, None
+
     def speed_of(self, key: str) -> DeviceSpeed | None:
         """The speed measured for this host's CPU (key LOCAL: with repacking) in the last world()."""
         from synapticllamas.llama.placement import LOCAL
@@ -152,28 +166,22 @@ class PlacementInputs:
         for address in backends:
             self.links.rtt(address, self.latency(address))
             link = self.links.get(address)
-            local = self.local_backend(address)
-            node = self.node(address)
-            if local is not None or (node is None and is_loopback(address)):
-                threads = local.threads if local is not None and getattr(local, "threads", None) else None
-                devices[address] = DeviceInfo(address, host.id, await self.local_speed(False, threads), link,
-                                              host.name)
-                continue
-            if node is not None:
-                said = announced(node.registration)
-                host_id = said.host_id or f"node {address}"
-                if host_id == host.id:
-                    pass                     # a node on this host: its memory is this host's, counted once
-                elif host_id not in hosts or hosts[host_id].mib is None:
-                    hosts[host_id] = HostOffer(host_id, said.host_name or address, said.mem_available_mib,
-                                               "its free memory, as the node announced")
-                elif said.mem_available_mib is not None:
-                    old = hosts[host_id]
-                    hosts[host_id] = HostOffer(host_id, old.name, min(old.mib or said.mem_available_mib,
-                                                                      said.mem_available_mib), old.source)
-                devices[address] = DeviceInfo(address, host_id, said.speed, link, said.host_name or address)
-                continue
-            devices[address] = DeviceInfo(address, f"backend {address}", None, link, address)
+            ident, name, free = self.host_of_backend(address, host)
+            if ident not in hosts or (hosts[ident].mib is None and free is not None):
+                hosts[ident] = HostOffer(ident, name, free, "its free memory, as the node announced"
+                                         if self.node(address) is not None else "its free memory")
+            elif free is not None and ident != host.id:       # two nodes of one host: the smaller figure
+                old = hosts[ident]
+                hosts[ident] = HostOffer(ident, old.name, min(old.mib or free, free), old.source)
+            if ident == host.id and (self.local_backend(address) is not None or is_loopback(address)):
+                local = self.local_backend(address)
+                threads = local.threads if local is not None else None
+                devices[address] = DeviceInfo(address, ident, await self.local_speed(False, threads), link, name)
+            elif self.node(address) is not None:
+                devices[address] = DeviceInfo(address, ident, announced(self.node(address).registration).speed,
+                                              link, name)
+            else:
+                devices[address] = DeviceInfo(address, ident, None, link, name)
         return World(layout, n_ctx, devices, offers, hosts, list(backends))
 
 

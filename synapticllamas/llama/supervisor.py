@@ -553,17 +553,23 @@ class Supervisor:
 
         backends = list(run.plan.backends)
         dialled = [run.plan.dialled(b) for b in backends]
-        baseline = await load_progress.bytes_sent(dialled)
-        if baseline is None:
+        first = await load_progress.connections(dialled)
+        if first is None:
             return
+        baseline = sum(n for n, _ in first.values())
+        # per backend: when its counter first and last moved, what it had sent (the link's bandwidth)
+        moved: dict[str, list[float]] = {}
+        before = {peer: n for peer, (n, _) in first.items()}
         # the model buffer lines of all backends arrive in one burst: sum them at each sample
         upload = load_progress.Upload(dialled, 1, baseline)
         model = run.plan.model
         while self.run is run and self.state == State.STARTING:
             await asyncio.sleep(load_progress.SAMPLE_EVERY)
-            sent = await load_progress.bytes_sent(dialled)
-            if sent is None or self.run is not run or self.state != State.STARTING:
+            now = await load_progress.connections(dialled)
+            if now is None or self.run is not run or self.state != State.STARTING:
                 return
+            sent = sum(n for n, _ in now.values())
+            self._note_links(run, now, before, moved)
             total = sum(d.get("model_mib", 0.0) for key, d in run.report.devices.items() if key in backends)
             upload.expected = max(1, int(total * 2**20))
             percent = upload.percent(sent)
@@ -580,6 +586,22 @@ class Supervisor:
                                                             {**details, "percent": upload.reported}))
             if percent >= 100:
                 return
+
+    def _note_links(self, run: Run, now: dict[str, tuple[int, float | None]], before: dict[str, int],
+                    moved: dict[str, list[float]]) -> None:
+        """Tell the planner's link table what the upload showed per backend: the kernel's round trip
+        on llama-server's connection, and the rate while its bytes went out (rpc/links.py)."""
+        links = self.planner.inputs.links if self.planner.inputs is not None else None
+        if links is None:
+            return
+        at = time.monotonic()
+        for backend in run.plan.backends:
+            n, rtt = now.get(run.plan.dialled(backend), (0, None))
+            links.rtt(backend, rtt)
+            if n > before.get(run.plan.dialled(backend), 0):
+                span = moved.setdefault(backend, [at - load_progress_sample(), at])
+                span[1] = at
+                links.upload(backend, n - before.get(run.plan.dialled(backend), 0), span[1] - span[0])
 
     # ------------------------------------------------------------ stop
 
@@ -950,6 +972,12 @@ def _report_failure(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         # a bug of ours: the traceback goes to the log file, the user sees one line (App's handler)
         log.error("coordinator task %s failed: %s", task.get_name(), task.exception(), exc_info=task.exception())
+
+
+def load_progress_sample() -> float:
+    from synapticllamas.llama.load_progress import SAMPLE_EVERY
+
+    return SAMPLE_EVERY
 
 
 def _local_use(devices: dict[str, dict[str, Any]]) -> dict[str, Any]:
