@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 WIDTH = 1024
 FFN = 2816
@@ -58,12 +59,13 @@ def _string(text: str) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _kv(key: str, kind: int, value: object) -> bytes:
+def _kv(key: str, kind: int, value: Any) -> bytes:
     out = _string(key) + struct.pack("<I", kind)
     if kind == _STRING:
         return out + _string(str(value))
     if kind == _ARRAY:
-        item, items = value                                        # type: ignore[misc]
+        item: int = value[0]
+        items: list[Any] = value[1]
         out += struct.pack("<IQ", item, len(items))
         if item == _STRING:
             return out + b"".join(_string(s) for s in items)
