@@ -93,9 +93,9 @@ def test_coordinator_plan_refuses_bad_input_in_one_line(tmp_path):
         shell.send("coordinator plan --model /no/such.gguf", "coordinator plan --bogus", "status")
         shell.read_until(r"model /no/such\.gguf does not exist", stream="stderr")
         shell.read_until(r"unrecognized arguments: --bogus", stream="stderr")
-        shell.read_until(r"^Status|mode")
+        shell.read_until(r"distributed")
         shell.send("exit")
-        assert shell.wait() == 0
+        assert shell.wait() == 1                     # some commands failed; the shell went on
         assert "Traceback" not in shell.output()
     finally:
         shell.kill()
@@ -138,7 +138,7 @@ def test_backends_on_one_machine_are_counted_once(tmp_path, tag):
                          r"counted once", line), line
         assert not llama_servers_with(tag)
         shell.send("exit")
-        assert shell.wait() == 0, shell.output()
+        assert shell.wait() == 1, shell.output()        # the start was refused; the shell went on
     finally:
         shell.kill()
         node.terminate()
