@@ -179,8 +179,14 @@ async def _status(app: App, args: list[str]) -> Result:
     if failover:
         rows.append(("last failover", f"lost {', '.join(failover['lost'])}; serving again on "
                      f"{', '.join(failover['survivors'])} after {failover['downtime_s']:g}s"))
+    choice = s.get("choice")
+    if choice:
+        chosen = (choice.get("chosen") or {}).get("prediction") or {}
+        measured = s.get("measured_ms_per_token")
+        rows.append(("placement", f"{choice['reason']}" + (f"; last request {measured:g} ms/token (predicted "
+                                                          f"{chosen.get('ms_per_token')})" if measured else "")))
     for b in s.get("placement") or []:
-        rows.append((b["address"], _placement_line(b)))
+        rows.append(("this host's CPU" if b.get("local") else b["address"], _placement_line(b)))
     footer = None
     if s.get("unused_backends"):
         footer = (f"Running on {len(s['backends'])} backends while {len(s['backends']) + len(s['unused_backends'])} "

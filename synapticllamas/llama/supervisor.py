@@ -838,6 +838,8 @@ class Supervisor:
                 self._internal_notice(f"automatic rebalance skipped: {exc}")
             return
         if self.run is not run or self.state != State.RUNNING or not set(plan.backends) - set(before):
+            # the fastest plan leaves them idle: they are not "unused" any more (no rebalance again)
+            run.plan.idle = [b for b in dict.fromkeys([*run.plan.idle, *plan.idle]) if b not in before]
             why = plan.choice.reason if plan.choice is not None else ""
             _resolve(intent.reply, error=CoordinatorError(
                 f"the coordinator already uses every healthy backend ({', '.join(before) or 'none'})" if not why
@@ -879,6 +881,7 @@ class Supervisor:
             "last_exit": self.last_exit,
             "placement": self.placement_status(plan),
             "choice": plan.choice.summary(brief=True) if plan and plan.choice is not None else None,
+            "measured_ms_per_token": round(run.interp.measured_ms, 2) if run and run.interp.measured_ms else None,
             "idle_backends": list(plan.idle) if plan else [],
             "unused_backends": self.unused_backends(),
             "last_failover": self.last_failover,
