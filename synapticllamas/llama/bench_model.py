@@ -12,7 +12,7 @@ streaming from memory as a real model's do.
 
 The header is written here, by the GGUF format's rules (version 3, little-endian), not with the
 `gguf` package: importing it (and numpy) costs more CPU than the benchmark's runs on a node with a
-fifth of a core, and a node's start waits for the benchmark. tests/unit/test_speed_placement.py
+fifth of a core, and a node's start waits for the benchmark. tests/unit/test_speed_plans.py
 reads the files back with llama/gguf_layout.py.
 
 Shape: llama architecture, width 1024 (8 heads of 128), feed-forward 2816 (both multiples of 256,

@@ -1,6 +1,6 @@
 """Placement for speed with the real parts: llama-bench measures the devices, llama-server serves the
 plan chosen, ggml-rpc-servers and nodes are real, the simulated hosts are network namespaces with
-cgroup CPU quotas (tests/cluster.py). The arithmetic is tested in tests/unit/test_speed_placement.py,
+cgroup CPU quotas (tests/cluster.py). The arithmetic is tested in tests/unit/test_speed_plans.py,
 the speed itself in bench/speed_placement.py (no timed assertions here)."""
 import json
 import os
