@@ -897,7 +897,7 @@ class Supervisor:
         for b in plan.placement.devices:
             used = actual.get(b.address, {}) if b.address != "local" else _local_use(actual)
             out.append({**b.summary(), "model_mib": used.get("model_mib"), "kv_mib": used.get("kv_mib"),
-                        "compute_mib": used.get("compute_mib")})
+                        "compute_mib": used.get("compute_mib"), "host": plan.placement.host_of.get(b.address)})
         return out
 
     def unused_backends(self) -> list[str]:
