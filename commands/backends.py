@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from synapticllamas.commands.formatting import duration
 from synapticllamas.commands.registry import CommandError, Result, UsageError, command, parse_args, parser, positive_int
-from synapticllamas.util.text import shown
+from synapticllamas.util.text import safe, shown
 
 if TYPE_CHECKING:
     from synapticllamas.app import App
@@ -218,24 +218,32 @@ async def _discover(app: App, args: list[str]) -> Result:
         return Result.text(f"Node discovery is not running ({why}).")
     now = time.time()
     rows = []
+    # every field was checked by the schema (events/schema.py); what is shown is escaped all the same
     for info in sorted(directory.nodes.values(), key=lambda n: n.address):
         reg = info.registration
-        devices = ", ".join(f"{d.get('name')} {d.get('free_mib')}/{d.get('total_mib')} MiB"
+        devices = ", ".join(f"{safe(str(d.get('name')))} {_n(d.get('free_mib'))}/{_n(d.get('total_mib'))} MiB"
                             for d in reg.get("devices") or [] if isinstance(d, dict)) or "-"
         backend = app.registry.get(info.address)
-        rows.append((info.address, shown(str(reg.get("hostname") or "-")), info.state,
+        rows.append((info.address, shown(str(reg.get("hostname") or "-")), safe(info.state),
                      backend.state if backend else "-",
                      f"{duration(now - info.last_heard)} ago" if info.last_heard else "-",
-                     info.rpc_version or "-", devices,
+                     shown(info.rpc_version or "-"), devices,
                      f"{info.memory_offered_mib} MiB" if info.memory_offered_mib is not None else "-",
                      _mib(reg.get("cache", {}).get("bytes") if isinstance(reg.get("cache"), dict) else None)))
     where = f"announced on {app.publisher.shown_url}" if app.publisher else "announced on Redis"
     note = "connected" if status["connected"] else f"not connected ({status['last_error'] or 'connecting'})"
+    if status.get("invalid"):
+        note += (f"; {status['invalid']} invalid message{'s' if status['invalid'] != 1 else ''} skipped "
+                 f"(last: {shown(status['last_invalid'] or '', 100)})")
     if not rows:
         return Result.text(f"No nodes {where} yet ({note}). Start one on a worker with 'python3 main.py node'.")
     return Result.table("Nodes", ("address", "host", "node says", "backend", "last heard", "rpc version",
                                   "devices (free/total)", "offered", "cache"), rows,
                         footer=f"{len(rows)} node{'s' if len(rows) != 1 else ''} {where}; discovery {note}.")
+
+
+def _n(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "?"
 
 
 def _mib(value: Any) -> str:

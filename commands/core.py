@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from synapticllamas.commands.formatting import duration
 from synapticllamas.commands.registry import REGISTRY, ExitShell, Result, UsageError, command, lookup, suggest
 from synapticllamas.config import SPECS
+from synapticllamas.util.text import shown
 
 if TYPE_CHECKING:
     from synapticllamas.app import App
@@ -54,6 +55,19 @@ def redis_summary(redis: dict[str, Any]) -> str:
             f"{redis.get('dropped', 0)} dropped")
 
 
+def discovery_summary(d: dict[str, Any]) -> str:
+    """Node discovery in one line, with what it skipped: a shell that stopped hearing nodes says so."""
+    n = d.get("nodes", 0)
+    where = "following" if d.get("connected") else f"not connected ({d.get('last_error') or 'connecting'})"
+    parts = [f"{where}; {n} node{'s' if n != 1 else ''} announced"]
+    if d.get("invalid"):
+        parts.append(f"{d['invalid']} invalid message{'s' if d['invalid'] != 1 else ''} skipped "
+                     f"(last: {shown(d.get('last_invalid') or '', 100)})")
+    if d.get("failures"):
+        parts.append(f"{d['failures']} messages failed (see the log file)")
+    return "; ".join(parts)
+
+
 def coordinator_summary(coord: dict[str, Any]) -> str:
     state = coord.get("state", "stopped")
     parts = [state]
@@ -80,6 +94,7 @@ async def status_command(app: App, args: list[str]) -> Result:
         ("coordinator", coordinator_summary(s["coordinator"])),
         ("backends", f"{backends.get('up', 0)} up of {backends.get('configured', 0)} configured"
                      + (f", {backends['down']} down" if backends.get("down") else "")),
+        *([("nodes", discovery_summary(s["discovery"]))] if s["discovery"].get("enabled") else []),
         ("events", f"{ev['emitted']} emitted, {ev['kept']} kept, {ev['sampled_out']} sampled out"),
         ("uptime", duration(time.time() - app.started_at)),
     ]

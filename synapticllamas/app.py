@@ -98,7 +98,7 @@ class App:
 
     def announced_node(self, address: str) -> NodeInfo | None:
         """What the node at `address` announced, if discovery has heard of it (never makes the component)."""
-        return self._nodes.nodes.get(address) if self._nodes is not None else None
+        return self._nodes.get(address) if self._nodes is not None else None
 
     def offers(self, backends: list[str]) -> dict[str, Offer]:
         """What each backend offers to placements, where we know it: a local backend's `--memory`
@@ -245,5 +245,6 @@ class App:
             "redis": self.publisher.status() if self.publisher else {"enabled": False},
             "coordinator": self._coordinator.status() if self._coordinator else {"state": "stopped"},
             "backends": self.registry.status() if self.registry else {"configured": 0, "up": 0},
+            "discovery": self._nodes.status() if self._nodes is not None else {"enabled": False},
             "events": self.observer.stats(),
         }

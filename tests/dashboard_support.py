@@ -97,7 +97,7 @@ def healthz_answers(port: int) -> bool:
 
 
 def instance_of(client: Any, pid: int, timeout: float = 20) -> str:
-    """The instance id ("host:pid") under which the shell with this pid registered."""
+    """The instance id ("host:pid:random") under which the shell with this pid registered."""
     def find():
         for instance, text in client.hgetall(APPS).items():
             try:

@@ -1,14 +1,16 @@
-"""/contract.js: the event contract's names (components, event types, levels) for the page's script.
+"""/contract.js: the event contract's names (components, event types, levels) and the event schema's
+rules (limits, patterns, typed details) for the page's script.
 
-Generated from synapticllamas/events/contract.py, so the page compares against the same constants
-the emitters use and a renamed event type cannot leave the page behind.
+Generated from synapticllamas/events/contract.py and events/schema.py, so the page compares against
+the same constants the emitters use, and refuses the same malformed events the Python readers
+refuse: a renamed event type or a changed limit cannot leave the page behind.
 """
 from __future__ import annotations
 
 import json
 from functools import lru_cache
 
-from synapticllamas.events import contract
+from synapticllamas.events import contract, schema
 
 
 def _names(namespace: type) -> dict[str, str]:
@@ -30,6 +32,7 @@ def script() -> str:
             contract.Component.RAW: _names(contract.RawEvent),
             contract.Component.NODE: _names(contract.NodeEvent),
         },
+        "schema": schema.rules(),
     }
-    return ("// Generated from synapticllamas/events/contract.py: the names the page follows.\n"
+    return ("// Generated from synapticllamas/events/contract.py and schema.py: the names and rules the page follows.\n"
             f"window.SYNAPTICLLAMAS_CONTRACT = Object.freeze({json.dumps(data, sort_keys=True)});\n")

@@ -90,6 +90,20 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # 1 = PR_SET_PDEATHSIG
 
 
+def quoted(value: str) -> str:
+    """A value for redis.conf: double-quoted, with the escapes Redis's config parser reads."""
+    return '"' + "".join(c if c.isalnum() or c in " -_.:/@+=,~!#$%^&*()[]{}<>?|;'`" else f"\\x{ord(c):02x}"
+                         for c in value) + '"'
+
+
+def redis_config(host: str, port: int, directory: str, password: str | None) -> str:
+    lines = [f"bind {host}", f"port {port}", 'save ""', "appendonly no", f"dir {quoted(directory)}",
+             "daemonize no", "logfile redis.log"]
+    if password:
+        lines.append(f"requirepass {quoted(password)}")
+    return "\n".join(lines) + "\n"
+
+
 class EmbeddedRedis:
     def __init__(self, url: str, binary: str | None = None) -> None:
         self.host, self.port, self._password = where(url)
@@ -111,12 +125,14 @@ class EmbeddedRedis:
                 reason = (exc.strerror or str(exc)).lower()
                 raise EmbeddedRedisError(f"--embedded-redis cannot listen on {self.address}: {reason} (if a Redis "
                                          "already runs there, leave out --embedded-redis to use it)") from None
-        self._dir = tempfile.TemporaryDirectory(prefix="synapticllamas-redis-")
-        argv = [self.binary, "--bind", self.host, "--port", str(self.port), "--save", "", "--appendonly", "no",
-                "--dir", self._dir.name, "--daemonize", "no", "--logfile", "redis.log"]
-        if self._password:
-            argv += ["--requirepass", self._password]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        self._dir = tempfile.TemporaryDirectory(prefix="synapticllamas-redis-")   # mode 0700
+        # the settings go in a config file only its owner reads, not on the command line, where
+        # `ps` and /proc/PID/cmdline show a password to every user of the machine
+        config = Path(self._dir.name) / "redis.conf"
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(redis_config(self.host, self.port, self._dir.name, self._password))
+        self.proc = subprocess.Popen([self.binary, str(config)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, cwd=self._dir.name, start_new_session=True,
                                      preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         deadline = time.monotonic() + START_TIMEOUT

@@ -13,7 +13,9 @@ from collections.abc import Hashable
 from typing import Any
 
 from synapticllamas.events.contract import JOURNAL_FIELD as _FIELD
+from synapticllamas.events.contract import Event
 from synapticllamas.events.dedup import identity
+from synapticllamas.events.schema import Invalid, Tally, decode_event
 
 JOURNAL_FIELD = _FIELD.encode()   # the journal entry's field holding the event JSON, as Redis returns it
 
@@ -41,24 +43,26 @@ def stream_part(text: str) -> str:
     return f"{ms}-{seq}"
 
 
-def decode(payload: bytes) -> dict[str, Any] | None:
-    """The event object, or None when the payload is not a JSON object (it is then not shown)."""
+def decode(payload: bytes, tally: Tally | None = None) -> Event | None:
+    """The event, checked by the schema (events/schema.py), or None: it is then not shown, and
+    counted in `tally`."""
     try:
-        data = json.loads(payload)
-    except ValueError:   # includes invalid UTF-8
+        return decode_event(payload)
+    except Invalid as exc:
+        if tally is not None:
+            tally.count(exc)
         return None
-    return data if isinstance(data, dict) else None
 
 
-def event_key(event: dict[str, Any], payload: bytes) -> Hashable:
+def event_key(event: Event, payload: bytes) -> Hashable:
     """What makes an event unique: its app instance and seq (per the contract), else its text."""
-    return identity(event.get("source"), event.get("seq")) or payload
+    return identity(event.source, event.seq) or payload
 
 
-def frame(sse_id: str, event: dict[str, Any], payload: bytes) -> bytes:
+def frame(sse_id: str, event: Event, payload: bytes) -> bytes:
     """One SSE message. The payload is sent as published unless it spans lines (SSE data is one line)."""
     if b"\n" in payload or b"\r" in payload:
-        payload = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+        payload = event.to_json().encode()
     return b"id: " + sse_id.encode() + b"\ndata: " + payload + b"\n\n"
 
 

@@ -38,9 +38,10 @@ import redis.asyncio as aioredis
 from synapticllamas.config import redact_url
 from synapticllamas.dashboard import frames
 from synapticllamas.dashboard.metrics import Metrics
-from synapticllamas.events.contract import APPS_HASH, CHANNEL_PATTERN, JOURNAL_STREAM, NODES_HASH
+from synapticllamas.events.contract import APPS_HASH, CHANNEL_PATTERN, JOURNAL_STREAM, NODES_HASH, Event
 from synapticllamas.events.dedup import SeenEvents
 from synapticllamas.events.redis_errors import describe
+from synapticllamas.events.schema import Invalid, Tally, decode_registration
 from synapticllamas.util.backoff import Backoff
 from synapticllamas.util.tasks import cancel
 
@@ -70,9 +71,14 @@ class Hub:
         self.last_id = "0-0"        # newest journal id read
         self.fallback_n = 0         # k of the last `<last_id>~k` given to a pub/sub-only event
         self.loaded = False         # the journal's last N have been read for this opening
-        self.pending: dict[Hashable, tuple[float, dict[str, Any], bytes]] = {}
+        self.pending: dict[Hashable, tuple[float, Event, bytes]] = {}
         self.seen = SeenEvents(self.capacity)    # keys of the events in the ring: each is shown once
-        self.counters = {"journal": 0, "pubsub_only": 0, "invalid": 0, "reconnects": 0}
+        # invalid: journal entries that are not valid events (events/schema.py), skipped; invalid_pubsub:
+        # pub/sub messages that are not (their journal entry, if any, is counted under invalid too)
+        self.counters = {"journal": 0, "pubsub_only": 0, "invalid": 0, "invalid_pubsub": 0, "reconnects": 0}
+        self.invalid = Tally()            # why, for /healthz and the log: journal entries
+        self.invalid_pubsub = Tally()
+        self._invalid_told = 0.0
         self.status: dict[str, Any] = {"redis": "closed", "url": self.public_url, "error": None}
         self.status_version = 0
         self.beats = 0              # keepalive rounds, while the hub is open
@@ -252,9 +258,9 @@ class Hub:
             if message["type"] != "pmessage":
                 continue
             payload = message["data"]
-            event = frames.decode(payload)
+            event = frames.decode(payload, self.invalid_pubsub)
             if event is None:
-                self.counters["invalid"] += 1
+                self.counters["invalid_pubsub"] = self.invalid_pubsub.total
                 continue
             key = frames.event_key(event, payload)
             if key not in self.seen and key not in self.pending:
@@ -293,9 +299,11 @@ class Hub:
             for raw_id, fields in page:
                 sid = raw_id.decode()
                 payload = frames.entry_payload(fields)
-                event = frames.decode(payload) if payload is not None else None
+                event = frames.decode(payload, self.invalid) if payload is not None else None
                 if event is not None:
                     metrics.observe(sid, event, live=False)
+                else:
+                    self._skipped(sid)
             if len(page) < BATCH:
                 return
             low = "(" + page[-1][0].decode()
@@ -308,9 +316,9 @@ class Hub:
             sid = raw_id.decode()
             self.last_id, self.fallback_n = sid, 0
             payload = frames.entry_payload(fields)
-            event = frames.decode(payload) if payload is not None else None
+            event = frames.decode(payload, self.invalid) if payload is not None else None
             if event is None or payload is None:
-                self.counters["invalid"] += 1
+                self._skipped(sid)
                 continue
             key = frames.event_key(event, payload)
             self.pending.pop(key, None)
@@ -323,6 +331,20 @@ class Hub:
             added = True
         if added:
             self._notify()
+
+    def _skipped(self, sid: str) -> None:
+        """A journal entry that is no valid event: counted (the last reason is in /healthz), and
+        its id still passed, so metrics and the pump move on."""
+        self.counters["invalid"] = self.invalid.total
+        self.metrics.skip(sid)
+        now = time.monotonic()
+        if now - self._invalid_told >= 1.0:      # viewers hear the count in the next status, at most once a second
+            self._invalid_told = now
+            self.status_version += 1
+            self._notify()
+        if self.invalid.total in (1, 10, 100, 1000) or self.invalid.total % 10000 == 0:
+            log.warning("journal entry %s skipped: not a valid event (%d so far; last: %s)", sid,
+                        self.invalid.total, self.invalid.last)
 
     def _expire_pending(self) -> None:
         now, added = time.monotonic(), False
@@ -400,7 +422,7 @@ class Hub:
         return self._client
 
     async def read_journal(self, since: str | None, limit: int, before: str | None = None
-                           ) -> list[tuple[str, dict[str, Any], bytes]]:
+                           ) -> list[tuple[str, Event, bytes]]:
         """Journal entries after `since` (exclusive; the last `limit` when None), oldest first."""
         if since is None:
             entries = await self.client().xrevrange(JOURNAL_STREAM, count=limit)
@@ -417,24 +439,38 @@ class Hub:
                 out.append((raw_id.decode(), event, payload))
         return out
 
-    async def apps(self) -> dict[str, Any]:
+    async def apps(self) -> tuple[dict[str, Any], int]:
+        """The apps hash: instance -> registration, each checked by the schema; and how many entries
+        were skipped (not valid registrations)."""
         raw = await self.client().hgetall(APPS_HASH)
-        apps = {}
+        apps, skipped = {}, 0
         for instance, text in raw.items():
-            data = frames.decode(text)
-            if data is not None:
-                apps[instance.decode(errors="replace")] = redact_strings(data)
-        return apps
+            try:
+                name = instance.decode()
+                data = decode_registration(text)
+                if not name or len(name) > 128 or not name.isprintable():
+                    raise Invalid("field", "not a printable instance id")
+            except (Invalid, UnicodeDecodeError):
+                skipped += 1
+                continue
+            apps[name] = redact_strings(data)
+        return apps, skipped
 
-    async def nodes(self) -> dict[str, Any]:
-        """The nodes hash: HOST:PORT -> what `main.py node` registered."""
+    async def nodes(self) -> tuple[dict[str, Any], int]:
+        """The nodes hash: HOST:PORT -> what `main.py node` registered, each checked by the schema
+        (the field a HOST:PORT, normalised); and how many entries were skipped."""
+        from synapticllamas.events.schema import decode_node_entry
+
         raw = await self.client().hgetall(NODES_HASH)
-        nodes = {}
-        for address, text in raw.items():
-            data = frames.decode(text)
-            if data is not None:
-                nodes[address.decode(errors="replace")] = redact_strings(data)
-        return nodes
+        nodes, skipped = {}, 0
+        for field, text in raw.items():
+            try:
+                address, data = decode_node_entry(field, text)
+            except Invalid:
+                skipped += 1
+                continue
+            nodes[str(address)] = redact_strings(data)
+        return nodes, skipped
 
     async def ping(self) -> str | None:
         """None when Redis answers, else why not (password scrubbed)."""
@@ -505,7 +541,7 @@ class View:
         hub, out = self.hub, []
         if self.status_version != hub.status_version:
             self.status_version = hub.status_version
-            out.append(frames.control("status", dict(hub.status, viewers=hub.viewers)))
+            out.append(frames.control("status", dict(hub.status, viewers=hub.viewers, invalid=hub.invalid.total)))
         if self.prefix:
             out.extend(self.prefix)
             self.sent += len(self.prefix)

@@ -21,11 +21,13 @@ from synapticllamas.events.contract import (
     BackendEvent,
     Component,
     CoordinatorEvent,
+    Event,
     ModelEvent,
     NodeEvent,
     RegistryEvent,
     SystemEvent,
 )
+from synapticllamas.events.dedup import SeenEvents, identity
 from synapticllamas.events.gaps import Gaps
 
 NODE_APP = "synapticllamas-node"
@@ -37,6 +39,12 @@ COORDINATOR_STATES = {
     CoordinatorEvent.STOP: "stopped", CoordinatorEvent.BACKOFF: "backoff", CoordinatorEvent.FATAL: "fatal",
 }
 BUFFERS = ("model", "kv", "compute", "output")
+# Bounds of the fold: anyone who can publish can invent instances and node addresses.
+FORGET_AFTER = 3600.0    # seconds without a word after which an app or node is forgotten
+MAX_APPS = 500           # apps (shells and nodes) kept; beyond, the least recently heard go
+MAX_NODES = 500
+SWEEP_EVERY = 10.0       # seconds between sweeps (on the next event, or at a scrape)
+SEEN = 50000             # (instance, seq) keys kept to drop repeats
 
 
 def number(value: Any) -> float | None:
@@ -102,10 +110,14 @@ class Node:
 
 
 class Metrics:
+    """The fold. Bounded: apps and nodes not heard of for FORGET_AFTER (or beyond MAX_APPS /
+    MAX_NODES, the least recently heard first) are forgotten with their counters, and counted."""
+
     def __init__(self) -> None:
         self.started = time.time()
         self.last_id: frames.Key | None = None    # newest journal entry observed
-        self.gaps = Gaps()
+        self.gaps = Gaps(max_instances=MAX_APPS * 2)
+        self.seen = SeenEvents(SEEN)              # (instance, seq): a batch re-sent after a Redis crash counts once
         self.apps: dict[str, App] = {}
         self.nodes: dict[str, Node] = {}
         self.events: Counter[tuple[str, str]] = Counter()
@@ -114,39 +126,41 @@ class Metrics:
         self.restarts: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()    # what apps said they dropped (system/events_dropped)
         self.observed = 0
+        self.forgotten = Counter[str]()           # apps / nodes forgotten to keep the fold bounded
+        self._next_sweep = 0.0
 
     def wants(self, sid: str) -> bool:
         """Whether the journal entry `sid` is newer than everything observed (catch-up overlaps)."""
         return self.last_id is None or frames.parse_id(sid) > self.last_id
 
-    def observe(self, sid: str | None, event: dict[str, Any], live: bool) -> None:
-        """One event, once, in journal order. `sid`: its journal id (None: seen on pub/sub only).
-        `live`: it arrived just now (else it is replayed: it was heard at its own timestamp)."""
+    def skip(self, sid: str) -> None:
+        """A journal entry that is no valid event: nothing to count, but it was read."""
+        if "~" not in sid:
+            key = frames.parse_id(sid)
+            if self.last_id is None or key > self.last_id:
+                self.last_id = key
+
+    def observe(self, sid: str | None, event: Event, live: bool) -> None:
+        """One decoded event (events/schema.py), once, in journal order. `sid`: its journal id (None:
+        seen on pub/sub only). `live`: it arrived just now (else it is replayed: it was heard at its
+        own timestamp)."""
         if sid is not None and "~" not in sid:
             key = frames.parse_id(sid)
             if self.last_id is not None and key <= self.last_id:
                 return
             self.last_id = key
-        source = as_dict(event.get("source"))
-        instance = str(source.get("instance") or "(unknown)")
-        component, event_type = str(event.get("component", "")), str(event.get("event_type", ""))
-        details = as_dict(event.get("details"))
-        seq = event.get("seq") if isinstance(event.get("seq"), int) and not isinstance(event.get("seq"), bool) \
-            else None
-        sampled = event.get("sampled")
-        sampled = sampled if isinstance(sampled, int) and not isinstance(sampled, bool) and sampled >= 0 else None
-        register = component == Component.SYSTEM and event_type == SystemEvent.REGISTER
-        known = self.gaps.apps.get(instance)
-        if seq is not None and known is not None and known.last_seq is not None and seq <= known.last_seq \
-                and not register:
+        identity_key = identity(event.source, event.seq)
+        if identity_key is not None and not self.seen.add(identity_key):
             return    # a repeat (a batch re-sent after a Redis crash)
-        self.gaps.note(instance, seq, sampled, register)
+        source = event.source
+        instance = str(source.get("instance") or "(unknown)")
+        component, event_type, details = event.component, event.event_type, event.details
+        register = component == Component.SYSTEM and event_type == SystemEvent.REGISTER
+        self.gaps.note(instance, event.seq or None, event.sampled, register)
         self.observed += 1
-        level = str(event.get("level", "info")).lower()
-        self.events[(component, level)] += 1
+        self.events[(component, event.level)] += 1
         now = time.time()
-        timestamp = number(event.get("timestamp")) or now
-        heard = now if live else min(now, timestamp)
+        heard = now if live else min(now, event.timestamp)
         app = self.apps.get(instance)
         if app is None:
             app = self.apps[instance] = App()
@@ -161,15 +175,48 @@ class Metrics:
         elif component in (Component.COORDINATOR, Component.MODEL):
             self._coordinator(app, instance, event_type, details)
         elif component == Component.RPC_BACKEND:
-            self._backend(app, event_type, details, timestamp)
+            self._backend(app, event_type, details, event.timestamp)
         elif component == Component.RPC_REGISTRY and event_type == RegistryEvent.HEARTBEAT:
             if positive(details.get("interval_s")):
                 app.heartbeat_every = float(details["interval_s"])
             for b in details.get("backends") or ():
                 if isinstance(b, dict) and isinstance(b.get("address"), str):
-                    self._set_backend(app, b["address"], str(b.get("state", "unknown")), timestamp)
+                    self._set_backend(app, b["address"], str(b.get("state") or "unknown"), event.timestamp)
         elif component == Component.NODE:
             self._node(app, instance, event_type, details, heard)
+        if now >= self._next_sweep:
+            self.sweep(now)
+
+    # ------------------------------------------------------------ staying bounded
+
+    def sweep(self, now: float) -> None:
+        """Forget apps and nodes nobody heard of for FORGET_AFTER (or 4 of their heartbeat
+        intervals, if longer), then the least recently heard beyond MAX_APPS / MAX_NODES."""
+        self._next_sweep = now + SWEEP_EVERY
+        for instance, app in list(self.apps.items()):
+            every = app.expected_interval() or 0.0
+            if now - app.heard > max(FORGET_AFTER, 4 * every):
+                self._forget_app(instance)
+        for instance in sorted(self.apps, key=lambda i: self.apps[i].heard)[:max(0, len(self.apps) - MAX_APPS)]:
+            self._forget_app(instance)
+        for address, node in list(self.nodes.items()):
+            if now - node.heard > max(FORGET_AFTER, 4 * (node.interval or 0.0)):
+                self._forget_node(address)
+        for address in sorted(self.nodes, key=lambda a: self.nodes[a].heard)[:max(0, len(self.nodes) - MAX_NODES)]:
+            self._forget_node(address)
+
+    def _forget_app(self, instance: str) -> None:
+        del self.apps[instance]
+        self.gaps.forget(instance)
+        for counter in (self.requests, self.restarts, self.dropped):
+            counter.pop(instance, None)
+        for key in [k for k in self.tokens if k[0] == instance]:
+            del self.tokens[key]
+        self.forgotten["app"] += 1
+
+    def _forget_node(self, address: str) -> None:
+        del self.nodes[address]
+        self.forgotten["node"] += 1
 
     def _coordinator(self, app: App, instance: str, event_type: str, details: dict[str, Any]) -> None:
         state = details.get("state")
@@ -235,8 +282,12 @@ class Metrics:
 
     # ------------------------------------------------------------ the text format
 
-    def render(self, redis_up: bool) -> str:
+    def render(self, redis_up: bool, invalid: dict[str, int] | None = None) -> str:
+        """The exposition. Every family's samples follow its HELP and TYPE (Exposition refuses
+        anything else). The app's label is `app_instance`: `instance` is the label Prometheus sets
+        to the scraped target, and would rename ours to exported_instance."""
         now = time.time()
+        self.sweep(now)
         out = Exposition()
         shells = {i: a for i, a in self.apps.items() if a.app != NODE_APP}
         states = {i: a.state(now) for i, a in shells.items()}
@@ -245,14 +296,14 @@ class Metrics:
         out.family("synapticllamas_app_info", "gauge", "Every app the dashboard heard of, with its state")
         for instance, a in sorted(shells.items()):
             r = a.registration
-            out.sample("synapticllamas_app_info", {"instance": instance, "app": a.app, "state": states[instance],
-                                                   "mode": str(r.get("mode", "")), "version": str(r.get("version", ""))},
-                       1)
+            out.sample("synapticllamas_app_info", {"app_instance": instance, "app": a.app, "state": states[instance],
+                                                   "mode": label_text(r.get("mode")),
+                                                   "version": label_text(r.get("version"))}, 1)
         out.family("synapticllamas_coordinator_up", "gauge", "1 while the app's coordinator (llama-server) runs")
         for instance, a in sorted(shells.items()):
             if a.coordinator is not None:
                 up = a.coordinator == "running" and states[instance] != "stopped"
-                out.sample("synapticllamas_coordinator_up", {"instance": instance}, int(up))
+                out.sample("synapticllamas_coordinator_up", {"app_instance": instance}, int(up))
         out.family("synapticllamas_backends", "gauge", "RPC backends of the apps not stopped, by state")
         latest: dict[str, tuple[float, str]] = {}
         for instance, a in shells.items():
@@ -269,53 +320,60 @@ class Metrics:
             if a.coordinator == "running" and states[instance] != "stopped":
                 for (backend, kind), mib in sorted(a.model_memory.items()):
                     out.sample("synapticllamas_model_memory_bytes",
-                               {"instance": instance, "backend": backend, "kind": kind}, round(mib * MIB))
+                               {"app_instance": instance, "backend": backend, "kind": kind}, round(mib * MIB))
 
         out.family("synapticllamas_events_total", "counter", "Events received, by component and level")
         for (component, level), n in sorted(self.events.items()):
             out.sample("synapticllamas_events_total", {"component": component, "level": level}, n)
+        gaps = sorted(self.gaps.items())
+        # confirmed gaps only (events/gaps.py): a gap one forged event made is dropped, and a counter never goes back
         out.family("synapticllamas_events_lost_total", "counter",
                    "Events an app created and kept that never arrived (dropped in an outage, or trimmed from the journal)")
+        for instance, t in gaps:
+            out.sample("synapticllamas_events_lost_total", {"app_instance": instance}, t.confirmed_lost)
         out.family("synapticllamas_events_sampled_total", "counter",
                    "Events an app left out by sampling on purpose (SOLLOL_OBSERVER_SAMPLE_RATE): not lost")
-        for instance, t in sorted(self.gaps.apps.items()):
-            out.sample("synapticllamas_events_lost_total", {"instance": instance}, t.lost)
-            out.sample("synapticllamas_events_sampled_total", {"instance": instance}, t.sampled)
+        for instance, t in gaps:
+            out.sample("synapticllamas_events_sampled_total", {"app_instance": instance}, t.confirmed_sampled)
         out.family("synapticllamas_events_dropped_total", "counter",
                    "Events apps reported dropping from their outage buffer (system/events_dropped)")
         for instance, n in sorted(self.dropped.items()):
-            out.sample("synapticllamas_events_dropped_total", {"instance": instance}, n)
+            out.sample("synapticllamas_events_dropped_total", {"app_instance": instance}, n)
         out.family("synapticllamas_inference_requests_total", "counter",
                    "Requests llama-server finished (coordinator/inference events), whoever sent them")
         for instance, n in sorted(self.requests.items()):
-            out.sample("synapticllamas_inference_requests_total", {"instance": instance}, n)
+            out.sample("synapticllamas_inference_requests_total", {"app_instance": instance}, n)
         out.family("synapticllamas_inference_tokens_total", "counter", "Tokens of finished requests, by kind")
         for (instance, kind), n in sorted(self.tokens.items()):
-            out.sample("synapticllamas_inference_tokens_total", {"instance": instance, "kind": kind}, n)
+            out.sample("synapticllamas_inference_tokens_total", {"app_instance": instance, "kind": kind}, n)
         out.family("synapticllamas_coordinator_restarts_total", "counter",
                    "Automatic coordinator restarts: after a crash or a lost backend (coordinator/starting with "
                    "reason restart or failover)")
         for instance, a in sorted(shells.items()):
             if a.coordinator is not None or self.restarts[instance]:
-                out.sample("synapticllamas_coordinator_restarts_total", {"instance": instance}, self.restarts[instance])
+                out.sample("synapticllamas_coordinator_restarts_total", {"app_instance": instance},
+                           self.restarts[instance])
 
         out.family("synapticllamas_node_up", "gauge", "1 while the node's rpc-server is up and its heartbeats arrive")
         for address, node in sorted(self.nodes.items()):
             out.sample("synapticllamas_node_up", {"node": address}, int(node.up(now)))
+        devices = [(address, d) for address, node in sorted(self.nodes.items()) for d in node.devices]
         out.family("synapticllamas_node_memory_total_bytes", "gauge", "A node device's memory, as rpc-server reports it")
+        for address, d in devices:
+            if number(d.get("total_mib")) is not None:
+                out.sample("synapticllamas_node_memory_total_bytes", {"node": address, "device": label_text(d.get("name"))},
+                           round(float(d["total_mib"]) * MIB))
         out.family("synapticllamas_node_memory_free_bytes", "gauge", "A node device's free memory when rpc-server started")
-        for address, node in sorted(self.nodes.items()):
-            for d in node.devices:
-                labels = {"node": address, "device": str(d.get("name", "?"))}
-                if number(d.get("total_mib")) is not None:
-                    out.sample("synapticllamas_node_memory_total_bytes", labels, round(float(d["total_mib"]) * MIB))
-                if number(d.get("free_mib")) is not None:
-                    out.sample("synapticllamas_node_memory_free_bytes", labels, round(float(d["free_mib"]) * MIB))
+        for address, d in devices:
+            if number(d.get("free_mib")) is not None:
+                out.sample("synapticllamas_node_memory_free_bytes", {"node": address, "device": label_text(d.get("name"))},
+                           round(float(d["free_mib"]) * MIB))
         out.family("synapticllamas_node_memory_offered_bytes", "gauge", "Memory a node offers to placements (--memory)")
-        out.family("synapticllamas_node_cache_bytes", "gauge", "Size of a node's rpc-server tensor cache")
         for address, node in sorted(self.nodes.items()):
             if node.offered_mib is not None:
                 out.sample("synapticllamas_node_memory_offered_bytes", {"node": address}, round(node.offered_mib * MIB))
+        out.family("synapticllamas_node_cache_bytes", "gauge", "Size of a node's rpc-server tensor cache")
+        for address, node in sorted(self.nodes.items()):
             if node.cache_bytes is not None:
                 out.sample("synapticllamas_node_cache_bytes", {"node": address}, node.cache_bytes)
 
@@ -324,23 +382,46 @@ class Metrics:
         out.family("synapticllamas_dashboard_events_observed_total", "counter",
                    "Events this dashboard process counted (journal and live feed, repeats dropped)")
         out.sample("synapticllamas_dashboard_events_observed_total", {}, self.observed)
+        out.family("synapticllamas_dashboard_messages_invalid_total", "counter",
+                   "Messages from Redis that are not valid events (the event schema refused them) and were skipped, "
+                   "by where they came from")
+        for where, n in sorted((invalid or {"journal": 0, "pubsub": 0}).items()):
+            out.sample("synapticllamas_dashboard_messages_invalid_total", {"source": where}, n)
+        out.family("synapticllamas_dashboard_forgotten_total", "counter",
+                   "Apps and nodes the metrics forgot (silent for an hour, or beyond the bound), with their series")
+        for kind in ("app", "node"):
+            out.sample("synapticllamas_dashboard_forgotten_total", {"kind": kind}, self.forgotten[kind])
         out.family("process_start_time_seconds", "gauge",
                    "When this dashboard process started (Unix time): counters restart from the journal after it")
         out.sample("process_start_time_seconds", {}, round(self.started, 3))
         return out.text()
 
 
+def label_text(value: Any) -> str:
+    """A registration's free-form field as a label value: text only, short."""
+    return value[:128] if isinstance(value, str) else ""
+
+
 class Exposition:
-    """The Prometheus text format (0.0.4): HELP and TYPE once per family, then its samples."""
+    """The Prometheus text format (0.0.4): HELP and TYPE once per family, then its samples, and only
+    its samples: a sample of another family here would be read as part of this one (or untyped)."""
 
     def __init__(self) -> None:
         self.lines: list[str] = []
+        self.current: str | None = None
+        self.families: set[str] = set()
 
     def family(self, name: str, kind: str, help_text: str) -> None:
+        if name in self.families:
+            raise ValueError(f"metric family {name} written twice")
+        self.families.add(name)
+        self.current = name
         self.lines.append(f"# HELP {name} {help_text.replace(chr(92), chr(92) * 2).replace(chr(10), ' ')}")
         self.lines.append(f"# TYPE {name} {kind}")
 
     def sample(self, name: str, labels: dict[str, str], value: float) -> None:
+        if name != self.current:
+            raise ValueError(f"a sample of {name} under the family {self.current}: group each family's samples")
         shown = str(int(value)) if float(value).is_integer() else repr(float(value))   # exact, never 1.7e+09
         if labels:
             inner = ",".join(f'{k}="{escape(v)}"' for k, v in labels.items())

@@ -96,28 +96,31 @@ def create_app(redis_url: str, token: str | None = None, replay: int = 1000,
                 return bad_request(f"since={since[:60]!r} is not valid: Redis refused it ({exc}); "
                                    f"expected {frames.ID_ACCEPTED}")
             return unavailable(hub, exc)
-        return JSONResponse({"events": [{"id": sid, "event": event} for sid, event, _ in entries],
+        return JSONResponse({"events": [{"id": sid, "event": event.to_dict()} for sid, event, _ in entries],
                              "last_id": entries[-1][0] if entries else since}, headers=NO_STORE)
 
     async def api_apps(request: Request) -> Response:
         try:
-            apps = await hub.apps()
+            apps, skipped = await hub.apps()
         except Exception as exc:
             return unavailable(hub, exc)
-        return JSONResponse({"apps": [apps[k] | {"instance": k} for k in sorted(apps)]}, headers=NO_STORE)
+        return JSONResponse({"apps": [apps[k] | {"instance": k} for k in sorted(apps)], "skipped": skipped},
+                            headers=NO_STORE)
 
     async def api_nodes(request: Request) -> Response:
         try:
-            nodes = await hub.nodes()
+            nodes, skipped = await hub.nodes()
         except Exception as exc:
             return unavailable(hub, exc)
-        return JSONResponse({"nodes": [nodes[k] | {"address": k} for k in sorted(nodes)]}, headers=NO_STORE)
+        return JSONResponse({"nodes": [nodes[k] | {"address": k} for k in sorted(nodes)], "skipped": skipped},
+                            headers=NO_STORE)
 
     async def metrics(request: Request) -> Response:
         # from the events the hub reads; the scrape keeps it reading for metrics_hold seconds
         await hub.hold(metrics_hold)
-        return Response(hub.metrics.render(redis_up=hub.status["redis"] == "up"), media_type=PROMETHEUS_TEXT,
-                        headers=NO_STORE)
+        return Response(hub.metrics.render(redis_up=hub.status["redis"] == "up",
+                                           invalid={"journal": hub.invalid.total, "pubsub": hub.invalid_pubsub.total}),
+                        media_type=PROMETHEUS_TEXT, headers=NO_STORE)
 
     async def healthz(request: Request) -> Response:
         error = await hub.ping()
@@ -131,6 +134,8 @@ def create_app(redis_url: str, token: str | None = None, replay: int = 1000,
             "subscribed": hub.subscribed,
             "events_in_memory": len(hub.ring),
             "counters": hub.counters,
+            # what failed the event schema (events/schema.py) and was skipped: per field, and the last reason
+            "invalid": {"journal": hub.invalid.status(), "pubsub": hub.invalid_pubsub.status()},
         }, headers=NO_STORE)
 
     @contextlib.asynccontextmanager

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,19 +107,25 @@ JOURNAL_STREAM = "synapticllamas:events"    # capped stream: late subscribers re
 JOURNAL_FIELD = "event"                     # each journal entry holds the event JSON in this field
 APPS_HASH = "synapticllamas:apps"           # instance id -> registration JSON
 NODES_HASH = "synapticllamas:nodes"         # a node's HOST:PORT -> its registration JSON
-
-
-def _count_or_none(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+MAX_MESSAGE_CHARS = 65536                   # an event's message; longer ones are cut (events/schema.py)
 
 
 def channel_for(component: str) -> str:
     return CHANNEL_PREFIX + component
 
 
+def instance_id(host: str | None = None, pid: int | None = None) -> str:
+    """`HOST:PID:RANDOM`, e.g. `worker1:4242:3fa9c1e0`: host and pid for people, and 32 random bits,
+    because `HOST:PID` alone is not unique: two containers named after their host both run as PID 1,
+    and would share one apps entry and one last_seq key (one then drops its own unsent batch as
+    "already sent"). One value per process and publisher source; readers never parse it."""
+    host = socket.gethostname() if host is None else host
+    return f"{host}:{os.getpid() if pid is None else pid}:{secrets.token_hex(4)}"
+
+
 def default_source(app: str = "synapticllamas") -> dict[str, str]:
     host = socket.gethostname()
-    return {"app": app, "instance": f"{host}:{os.getpid()}", "host": host}
+    return {"app": app, "instance": instance_id(host), "host": host}
 
 
 @dataclass(slots=True)
@@ -153,32 +160,20 @@ class Event:
         }
 
     def to_json(self) -> str:
-        # default=str: a stray Path or exception in details must not lose the event
-        return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False, default=str)
+        # default=str: a stray Path or exception in details must not lose the event; no NaN or
+        # Infinity (not JSON: readers refuse them), ValueError instead (the publisher fits those)
+        return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False, default=str, allow_nan=False)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Event:
-        try:
-            return cls(
-                timestamp=float(data["timestamp"]),
-                component=str(data["component"]),
-                event_type=str(data["event_type"]),
-                message=str(data.get("message", "")),
-                details=dict(data.get("details") or {}),
-                level=str(data.get("level", "info")),
-                source=dict(data.get("source") or {}),
-                seq=int(data.get("seq", 0)),
-                sampled=_count_or_none(data.get("sampled")),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"not a SynapticLlamas event: {exc}") from None
+        """Every field checked by the schema (events/schema.py); raises schema.Invalid (a ValueError)."""
+        from synapticllamas.events.schema import event_from_dict
+
+        return event_from_dict(data)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Event:
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise ValueError(f"not a SynapticLlamas event: {exc}") from None
-        if not isinstance(data, dict):
-            raise ValueError("not a SynapticLlamas event: not a JSON object")
-        return cls.from_dict(data)
+        """One published event, decoded and checked by the schema; raises schema.Invalid (a ValueError)."""
+        from synapticllamas.events.schema import decode_event
+
+        return decode_event(text)

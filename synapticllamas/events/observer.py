@@ -11,7 +11,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from synapticllamas.events.contract import LEVEL_RANK, Event, default_source
+from synapticllamas.events.contract import LEVEL_RANK, MAX_MESSAGE_CHARS, Event, default_source
 
 Sink = Callable[[Event], None]
 
@@ -83,6 +83,10 @@ class Observer:
         if sample and self.sampling and LEVEL_RANK.get(level, 1) <= 1 and not self.sampler.keep():
             self.sampled_out += 1
             return None
+        if len(message) > MAX_MESSAGE_CHARS:    # readers refuse longer ones (events/schema.py)
+            from synapticllamas.events.schema import cut_message
+
+            message = cut_message(message)
         event = Event(self.clock(), component, event_type, message, details or {}, level, self.source, self.seq,
                       self.sampled_out)
         self.buffer.append(event)

@@ -65,6 +65,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import os
 import secrets
 import threading
@@ -73,6 +74,7 @@ from collections import deque
 from typing import Any
 
 from synapticllamas.config import redact_url
+from synapticllamas.events import schema
 from synapticllamas.events.contract import APPS_HASH, CHANNEL_PATTERN, JOURNAL_FIELD, JOURNAL_STREAM, Event
 from synapticllamas.events.redis_errors import describe
 from synapticllamas.util.backoff import Backoff
@@ -156,15 +158,40 @@ class _Refused(Exception):
     """Redis answered but refused a batch (EXECABORT, NOAUTH...): nothing of it ran."""
 
 
+CHECK_ABOVE = 8192   # bytes: a smaller event of ours is within every size limit readers apply
+_misfits: set[tuple[str, str]] = set()
+log = logging.getLogger("synapticllamas.publisher")
+
+
 def encode(event: Event) -> bytes:
-    """The event's JSON; one whose details cannot be encoded (a cycle...) still goes out, without them."""
+    """The event's JSON, as every reader will accept it (events/schema.py): details that are too big,
+    too deep, not finite or cannot be encoded at all are fitted (cut), or replaced by a note."""
     try:
-        return event.to_json().encode()
-    except (TypeError, ValueError, RecursionError) as exc:
-        bare = Event(event.timestamp, event.component, event.event_type, event.message,
-                     {"unencodable_details": f"{type(exc).__name__}: {exc}"[:200]}, event.level, event.source,
-                     event.seq, event.sampled)
-        return bare.to_json().encode()
+        data = event.to_json().encode()
+        if len(data) > CHECK_ABOVE:
+            schema.decode_event(data)
+        elif event.component in schema.TYPED_COMPONENTS or (event.component, event.event_type) in schema.TYPED_TYPES:
+            schema.check_typed(event)    # a few field checks: the sizes cannot be exceeded this small
+        return data
+    except (TypeError, ValueError, RecursionError) as exc:   # schema.Invalid is a ValueError
+        problem = f"{type(exc).__name__}: {exc}"[:200]
+        if isinstance(exc, schema.Invalid) and exc.where.startswith("details.") and \
+                (event.component, event.event_type) not in _misfits:
+            _misfits.add((event.component, event.event_type))   # our bug: once per type in the log
+            log.warning("our own %s/%s event fails the event schema (%s): sent with its details fitted",
+                        event.component, event.event_type, exc)
+    message = schema.cut_message(str(event.message))
+    candidate = b""
+    for attempt in range(2):
+        details = schema.fit(event.details) if attempt == 0 else {"unencodable_details": problem}
+        try:
+            candidate = Event(event.timestamp, event.component, event.event_type, message, details,
+                              event.level, event.source, event.seq, event.sampled).to_json().encode()
+            schema.decode_event(candidate)
+            return candidate
+        except (TypeError, ValueError, RecursionError) as exc:
+            problem = f"{type(exc).__name__}: {exc}"[:200]
+    return candidate   # only when our own timestamp or source is broken: nothing better to send
 
 
 def _instance_of(field: Any, registration: Any) -> str:

@@ -38,6 +38,7 @@ class Viewer:
         from synapticllamas.config import redact_url
         from synapticllamas.events.dedup import SeenEvents, identity
         from synapticllamas.events.gaps import Gaps
+        from synapticllamas.events.schema import Tally
 
         self.url = url
         self.shown_url = redact_url(url)
@@ -50,6 +51,7 @@ class Viewer:
         self._seen = SeenEvents(REMEMBERED)
         self._identity = identity
         self.gaps = Gaps()                   # every event counts, filtered out or not
+        self.skipped = Tally()               # messages that are not valid events (events/schema.py)
         self._last_id: bytes | None = None   # newest journal entry at the last (re)connection
         self.field = JOURNAL_FIELD.encode()
 
@@ -61,10 +63,8 @@ class Viewer:
 
     def handle(self, payload: bytes, where: str) -> bool:
         """Print one event unless it was shown before or is filtered out. True if printed."""
-        try:
-            event = Event.from_json(payload)
-        except ValueError:
-            self.say(f"(skipped a message on {where} that is not a SynapticLlamas event)")
+        event = self.decode(payload, where)
+        if event is None:
             return False
         key = self._identity(event.source, event.seq)
         if key is not None and not self._seen.add(key):
@@ -95,13 +95,31 @@ class Viewer:
 
             self.say(f"-- {safe(describe(instance, gap))} --")
 
+    def decode(self, payload: bytes, where: str) -> Event | None:
+        """The event, or None: a message that is not a valid event is said (one line, its reason
+        escaped), counted for the summary and skipped; it never stops the viewer."""
+        from synapticllamas.events.schema import Invalid, decode_event
+        from synapticllamas.util.text import shown
+
+        try:
+            return decode_event(payload)
+        except Invalid as exc:
+            self.skipped.count(exc)
+            self.say(f"(skipped a message on {shown(where, 80)}: not a valid SynapticLlamas event: {shown(str(exc), 200)})")
+            return None
+
     def summary(self) -> None:
-        """Per app with a gap: how many events sampling left out (not lost) and how many were lost."""
+        """Per app with a gap: how many events sampling left out (not lost) and how many were lost;
+        then how many messages were skipped as not valid events."""
         from synapticllamas.util.text import safe
 
-        for instance, t in sorted(self.gaps.apps.items()):
-            if t.sampled or t.lost:
-                self.say(f"{safe(instance)}: {t.sampled} sampled out by the app (not lost), {t.lost} lost")
+        for instance, t in sorted(self.gaps.items()):
+            if t.sampled or t.lost or t.out_of_sequence:
+                stray = f", {t.out_of_sequence} out of sequence (not counted)" if t.out_of_sequence else ""
+                self.say(f"{safe(instance)}: {t.sampled} sampled out by the app (not lost), {t.lost} lost{stray}")
+        if self.skipped.total:
+            self.say(f"{self.skipped.total} message{'s' if self.skipped.total != 1 else ''} skipped: not valid "
+                     f"SynapticLlamas events (last: {safe(self.skipped.last or '')})")
 
     # ------------------------------------------------------------ reading
 
@@ -200,9 +218,11 @@ class Viewer:
         return scanned
 
     def matches(self, payload: bytes) -> bool:
+        from synapticllamas.events.schema import Invalid, decode_event
+
         try:
-            event = Event.from_json(payload)
-        except ValueError:
+            event = decode_event(payload)
+        except Invalid:
             return False
         return self._passes(event)
 

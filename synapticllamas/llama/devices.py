@@ -19,7 +19,7 @@ far it is.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -150,14 +150,14 @@ class PlacementInputs:
         self._speeds[key] = measured
         return measured
 
-    async def world(self, layout: ModelLayout, n_ctx: int, backends: list[str]) -> World:
+    async def world(self, layout: ModelLayout, n_ctx: int, backends: Sequence[str]) -> World:
         from synapticllamas.llama.chooser import World
 
         host = self.host()
         devices: dict[str, DeviceInfo] = {}
         hosts: dict[str, HostOffer] = {host.id: HostOffer(host.id, f"{host.name} (this host)", host.mem_available_mib,
                                                           "its free memory")}
-        offers = dict(self.offers(backends))
+        offers = dict(self.offers(list(backends)))
         local_mib = self.settings.coordinator_memory
         if local_mib != 0:
             devices[LOCAL] = DeviceInfo(LOCAL, host.id, await self.local_speed(repack=True), None, host.name)
@@ -185,7 +185,7 @@ class PlacementInputs:
         return World(layout, n_ctx, devices, offers, hosts, list(backends))
 
 
-async def choose_for(inputs: PlacementInputs, model: Path, n_ctx: int, backends: list[str],
+async def choose_for(inputs: PlacementInputs, model: Path, n_ctx: int, backends: Sequence[str],
                      mode: str) -> tuple[ModelLayout, Any]:
     """Read the model's layout and choose: (layout, chooser.Choice). GGUFError/OSError if the
     model cannot be read."""

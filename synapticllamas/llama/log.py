@@ -15,46 +15,57 @@ MAX_PARSED = 4096   # longer lines are kept as they are, but not matched against
 _PREFIX = re.compile(r"^\d+\.\d+\.\d+\.\d+ ([IWEDT]) (.*)$")
 _LEVELS = {"I": "info", "W": "warning", "E": "error", "D": "debug", "T": "debug"}
 
+# Every pattern is anchored to the form llama.cpp itself prints, never searched for inside a line:
+# text from clients (a prompt, a request path) can reach a log line, and a line that merely
+# contains "Failed to connect to HOST:PORT" must not make the supervisor blame a backend.
+# A logged message is `[tag ]function: text` (`srv    load_model: ...`, `slot print_timing: ...`,
+# `llama_model_loader: ...`; the function name is padded and cut to 12 characters).
+_SRC = r"^(?:[a-z]{2,5} +)?[A-Za-z_]\w*(?:\(\))?: +"
+# GGML_ABORT writes `FILE:LINE: message` to stderr itself, without the log prefix
+_FILE_LINE = r"[\w./+-]+\.(?:c|cc|cpp|h):\d+: "     # a source path: no quotes, no spaces
+_ABORTED = "^" + _FILE_LINE
+
 # Model loading, in the order llama-server prints it at -lv 4. Each step is one `model_loading`
 # progress event; llama.cpp gives no percentage, so progress is "step k of n", not a made-up %.
 LOAD_STEPS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("opening model file", re.compile(r"load_model: loading model '(?P<path>.*)'")),
-    ("reading metadata", re.compile(r"llama_model_loader: loaded meta data with (?P<kv>\d+) key-value pairs "
+    ("opening model file", re.compile(_SRC + r"loading model '(?P<path>.*)'\s*$")),
+    ("reading metadata", re.compile(_SRC + r"loaded meta data with (?P<kv>\d+) key-value pairs "
                                     r"and (?P<tensors>\d+) tensors")),
-    ("loading tensors", re.compile(r"load_tensors: loading model tensors")),
-    ("creating context", re.compile(r"llama_context: constructing llama_context")),
-    ("warming up", re.compile(r"warming up the model")),
+    ("loading tensors", re.compile(_SRC + r"loading model tensors")),
+    ("creating context", re.compile(_SRC + r"constructing llama_context\s*$")),
+    ("warming up", re.compile(_SRC + r"warming up the model")),
 )
 LOAD_STEP_COUNT = len(LOAD_STEPS) + 1   # the last step is "model loaded"
 
-_LOADED = re.compile(r"llama_server: model loaded\s*$|main: model loaded\s*$")
-_LISTENING = re.compile(r"listening on (?P<url>https?://\S+)")
-_CONNECT_FAILED = re.compile(r"Failed to connect to (?P<backend>\S+?)\s*$")
-_RPC_CRASHED = re.compile(r"Remote RPC server crashed")
-_DEVICE = re.compile(r"- (?P<name>RPC\d+)\s*: (?P<backend>\S+) \((?P<total>\d+) MiB, (?P<free>\d+) MiB free\)")
-_BUFFER = re.compile(r"(?<!\w)(?P<device>\w+)(?:\[(?P<backend>[^\]]+)\])?\s+(?P<what>model|KV|compute|output) "
-                     r"buffer size =\s*(?P<mib>[\d.]+) MiB")
-_OFFLOADED = re.compile(r"offloaded (?P<done>\d+)/(?P<total>\d+) layers")
-_MODEL_FAILED = re.compile(r"failed to load model|error loading model|exiting due to model loading error")
-_BIND_FAILED = re.compile(r"couldn't bind HTTP server socket, hostname: (?P<host>[^,]+), port: (?P<port>\d+)")
-_FILE_SIZE = re.compile(r"print_info: file size\s*=\s*(?P<mib>[\d.]+) MiB")
-_ABORT = re.compile(r"^\S+\.(?:c|cpp|h):\d+: (?P<what>.+)$")   # GGML_ABORT: file.cpp:566: message
-# ggml-rpc-server
-_RPC_ENDPOINT = re.compile(r"^\s*endpoint\s*: (?P<endpoint>\S+)")
+_LOADED = re.compile(r"^(?:srv +)?(?:llama_server|main): +model loaded\s*$")
+_LISTENING = re.compile(_SRC + r"(?:server is )?listening on (?P<url>https?://\S+)\s*$")
+# ggml-rpc's two aborts, bare lines (older builds printed them without FILE:LINE)
+_CONNECT_FAILED = re.compile(rf"^(?:{_FILE_LINE})?Failed to connect to (?P<backend>\S+)\s*$")
+_RPC_CRASHED = re.compile(rf"^(?:{_FILE_LINE})?Remote RPC server crashed or returned malformed response\s*$")
+_DEVICE = re.compile(_SRC + r"- (?P<name>RPC\d+)\s*: (?P<backend>\S+) \((?P<total>\d+) MiB, (?P<free>\d+) MiB free\)\s*$")
+_BUFFER = re.compile(_SRC + r"(?P<device>\w+)(?:\[(?P<backend>[^\]\s]+)\])? +(?P<what>model|KV|compute|output) "
+                     r"buffer size = +(?P<mib>\d+(?:\.\d+)?) MiB\s*$")
+_OFFLOADED = re.compile(_SRC + r"offloaded (?P<done>\d+)/(?P<total>\d+) layers")
+_MODEL_FAILED = re.compile(_SRC + r"(?:failed to load model|error loading model|exiting due to model loading error)")
+_BIND_FAILED = re.compile(_SRC + r"couldn't bind HTTP server socket, hostname: (?P<host>[^,]+), port: (?P<port>\d+)\s*$")
+_FILE_SIZE = re.compile(_SRC + r"file size += +(?P<mib>\d+(?:\.\d+)?) MiB")
+_ABORT = re.compile(_ABORTED + r"(?P<what>.+)$")   # GGML_ABORT: file.cpp:566: message
+# ggml-rpc-server: bare printf lines (never a llama.cpp log line: those are matched above)
+_RPC_ENDPOINT = re.compile(r"^\s*endpoint\s*: (?P<endpoint>\S+)\s*$")
 _RPC_ACCEPTED = re.compile(r"^Accepted client connection")
 _RPC_CLOSED = re.compile(r"^Client connection closed")
 # per request, for every client: "slot print_timing: id  3 | task 0 | prompt eval time =  40.27 ms /  4 tokens (...)"
-_TIMING = re.compile(r"print_timing: id +(?P<slot>\d+) \| task (?P<task>\d+) \| +(?P<what>prompt eval|eval|total) time "
-                     r"= +(?P<ms>[\d.]+) ms / +(?P<tokens>\d+) tokens(?: \( *[\d.]+ ms per token, +(?P<rate>[\d.]+) "
-                     r"tokens per second\))?")
-_RPC_STARTING = re.compile(r"^Starting RPC server v(?P<version>\S+)")
+_TIMING = re.compile(r"^slot +print_timing: id +(?P<slot>\d+) \| task (?P<task>\d+) \| +(?P<what>prompt eval|eval|total) "
+                     r"time = +(?P<ms>[\d.]+) ms / +(?P<tokens>\d+) tokens(?: \( *[\d.]+ ms per token, +(?P<rate>[\d.]+) "
+                     r"tokens per second\))?\s*$")
+_RPC_STARTING = re.compile(r"^Starting RPC server v(?P<version>\S+)\s*$")
 _RPC_CACHE_DIR = re.compile(r"^\s*local cache\s*: (?P<dir>\S(?:.*\S)?)\s*$")
 # a device of rpc-server's banner: "  CPU: AMD EPYC (24105 MiB, 24105 MiB free)". Greedy, anchored
 # parts only: every output line goes through these on the loop, so no pattern may backtrack
 # quadratically on a long line of spaces.
 _RPC_DEVICE = re.compile(r"^\s+(?P<name>[^\s:()]+):(?P<description>.*)\((?P<total>\d+) MiB, (?P<free>\d+) MiB free\)\s*$")
 _RPC_CACHE_SAVED = re.compile(r"^\[set_tensor\] saved to '(?P<path>.+)'\s*$")
-_RPC_BIND_FAILED = re.compile(r"Failed to create server socket|bind failed|Address already in use")
+_RPC_BIND_FAILED = re.compile(r"^(?:Failed to create server socket|.*\bbind failed\b|.*Address already in use)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,42 +101,60 @@ def parse(text: str) -> LogLine:
     def line(kind: str, lvl: str | None = None, **details: Any) -> LogLine:
         return LogLine(text, message, lvl or level, kind, details)
 
-    # failures first: they matter most and some share words with ordinary lines
-    if (hit := _CONNECT_FAILED.search(message)):
-        return line("rpc_connect_failed", "error", backend=hit.group("backend"))
-    if _RPC_CRASHED.search(message):
+    # failures first: they matter most and some share words with ordinary lines. The aborts are
+    # bare lines (GGML_ABORT prints them itself); the endpoint must be an address, which it is
+    # in llama.cpp's own line, and the one it names is given in the address parser's spelling
+    if not m and (hit := _CONNECT_FAILED.match(message)):
+        from synapticllamas.rpc.addresses import backend_id_or_none
+
+        backend = backend_id_or_none(hit.group("backend"))
+        if backend is not None:
+            return line("rpc_connect_failed", "error", backend=backend)
+    if not m and _RPC_CRASHED.match(message):
         return line("rpc_crashed", "error")
-    if (hit := _BIND_FAILED.search(message)):
+    if m and (hit := _BIND_FAILED.match(message)):
         return line("bind_failed", "error", host=hit.group("host").strip(), port=int(hit.group("port")))
-    if level == "error" and _MODEL_FAILED.search(message):
+    if level == "error" and _MODEL_FAILED.match(message):
         return line("model_failed", "error")
     if not m and (hit := _ABORT.match(message)):
         return line("abort", "error", error=hit.group("what"))
+    if m:
+        return _logged(text, message, level, line)
+    return _bare(message, line)
+
+
+def _logged(text: str, message: str, level: str, line: Any) -> LogLine:
+    """A llama.cpp log line (timestamp and level prefix): llama-server's own messages."""
     for step, (stage, pattern) in enumerate(LOAD_STEPS, 1):
-        if (hit := pattern.search(message)):
+        if (hit := pattern.match(message)):
             # the counts (\d+ groups) as numbers; the path stays text, even when it is "123"
             extra = {k: (v if k == "path" else int(v)) for k, v in hit.groupdict().items()}
             return LogLine(text, message, level, "load_step",
                            {"stage": stage, "step": step, "steps": LOAD_STEP_COUNT, **extra})
-    if _LOADED.search(message):
+    if _LOADED.match(message):
         return line("model_loaded", stage="model loaded", step=LOAD_STEP_COUNT, steps=LOAD_STEP_COUNT)
-    if (hit := _LISTENING.search(message)):
+    if (hit := _LISTENING.match(message)):
         return line("listening", url=hit.group("url"))
-    if (hit := _TIMING.search(message)):
+    if (hit := _TIMING.match(message)):
         rate = hit.group("rate")
         return line("timing", slot=int(hit.group("slot")), task=int(hit.group("task")), what=hit.group("what"),
                     ms=float(hit.group("ms")), tokens=int(hit.group("tokens")),
                     tokens_per_second=float(rate) if rate else None)
-    if (hit := _BUFFER.search(message)):
+    if (hit := _BUFFER.match(message)):
         device = hit.group("backend") or hit.group("device")
         return line("buffer", device=device, what=hit.group("what").lower(), mib=_mib(hit.group("mib")))
-    if (hit := _DEVICE.search(message)):
+    if (hit := _DEVICE.match(message)):
         return line("device", name=hit.group("name"), backend=hit.group("backend"),
                     total_mib=int(hit.group("total")), free_mib=int(hit.group("free")))
-    if (hit := _OFFLOADED.search(message)):
+    if (hit := _OFFLOADED.match(message)):
         return line("offloaded", layers=int(hit.group("done")), total_layers=int(hit.group("total")))
-    if (hit := _FILE_SIZE.search(message)):
+    if (hit := _FILE_SIZE.match(message)):
         return line("file_size", mib=_mib(hit.group("mib")))
+    return line("log")
+
+
+def _bare(message: str, line: Any) -> LogLine:
+    """A line without the log prefix: ggml-rpc-server's banner and notices (printf)."""
     if (hit := _RPC_STARTING.match(message)):
         return line("rpc_server_started", version=hit.group("version"))
     if (hit := _RPC_ENDPOINT.match(message)):
@@ -138,7 +167,7 @@ def parse(text: str) -> LogLine:
     if (hit := _RPC_DEVICE.match(message)):
         return line("rpc_device", name=hit.group("name"), description=hit.group("description").strip(),
                     total_mib=int(hit.group("total")), free_mib=int(hit.group("free")))
-    if _RPC_BIND_FAILED.search(message):
+    if _RPC_BIND_FAILED.match(message):
         return line("rpc_bind_failed", "error")
     if _RPC_ACCEPTED.match(message):
         return line("rpc_client_connected")

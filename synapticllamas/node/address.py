@@ -30,16 +30,57 @@ def route_to(host: str, port: int) -> str:
         return str(sock.getsockname()[0])
 
 
+class NoRoute(ValueError):
+    """No route to a Redis beyond this machine: the address to announce cannot be chosen."""
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def default_host(redis_url: str) -> str:
-    """The address to bind to when --host is not given: the route to Redis, or loopback."""
+    """The address to bind to when --host is not given: the one on the route to Redis. Loopback
+    only when Redis is on this machine (a unix socket or a loopback address): anywhere else, a node
+    announcing 127.0.0.1 would make every remote shell dial its own loopback, so NoRoute instead."""
     host = redis_host(redis_url)
     if host is None:
         return "127.0.0.1"
     port = urlsplit(redis_url).port or 6379
     try:
         return route_to(host, port)
-    except OSError:
-        return "127.0.0.1"
+    except OSError as exc:
+        if is_loopback(host):
+            return "127.0.0.1"
+        shown_host = f"[{host}]" if ":" in host else host
+        raise NoRoute(f"no route to Redis at {shown_host}:{port} ({(exc.strerror or str(exc)).lower()}) to choose "
+                      "the address rpc-server announces; pass --host ADDR, this machine's address on the network "
+                      "the coordinators reach") from None
+
+
+def bind_address(host: str) -> str:
+    """--host as rpc-server needs it and shells will dial it: an IP address in its normal spelling
+    (`localhost` -> 127.0.0.1; rpc-server binds numeric addresses only, so a name is resolved
+    here). ValueError says why it cannot be used."""
+    from synapticllamas.rpc.addresses import normal_host
+
+    normal = normal_host(host.strip("[]"))
+    if normal is None:
+        raise ValueError("expected an IP address or host name of this machine")
+    try:
+        return str(ipaddress.ip_address(normal))
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(normal, None, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ValueError(f"the name does not resolve here ({(exc.strerror or str(exc)).lower()}); "
+                         "give an address of this machine") from None
+    return str(infos[0][4][0])
 
 
 def is_wildcard(host: str) -> bool:

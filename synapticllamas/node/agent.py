@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,11 +20,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from synapticllamas import __version__
-from synapticllamas.events.contract import Component, NodeEvent, RawEvent, SystemEvent
+from synapticllamas.events.contract import Component, NodeEvent, RawEvent, SystemEvent, default_source
 from synapticllamas.events.observer import Observer
 from synapticllamas.llama.policy import backoff_delay
 from synapticllamas.node import cache
 from synapticllamas.rpc import launch
+from synapticllamas.rpc.addresses import Address, BackendId
 from synapticllamas.rpc.server_process import RpcServerFailed, RpcServerProcess
 from synapticllamas.util.ticker import Ticker
 
@@ -64,8 +64,9 @@ class NodeOptions:
     max_restarts: int
 
     @property
-    def address(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+    def address(self) -> BackendId:
+        """What the node announces, in the address parser's spelling: the registry key shells use."""
+        return Address(self.host, self.port).key
 
     @property
     def cache_files(self) -> Path:
@@ -73,8 +74,7 @@ class NodeOptions:
 
 
 def node_source() -> dict[str, str]:
-    host = socket.gethostname()
-    return {"app": APP, "instance": f"{host}:{os.getpid()}", "host": host}
+    return default_source(APP)
 
 
 class NodeAgent:
@@ -104,6 +104,8 @@ class NodeAgent:
         self._stop = asyncio.Event()
         self._stop_reason = "exit"
         self._prune: asyncio.TimerHandle | None = None
+        self._cache_error: str | None = None      # said once; None while the cache can be read
+        self._beat_error: str | None = None
 
     # ------------------------------------------------------------ what we say about ourselves
 
@@ -192,6 +194,9 @@ class NodeAgent:
         while True:
             code = await self._serve_once()
             if code is None:                   # asked to stop
+                # rpc-server first: a shell that hears node_down may probe it, and must find it gone
+                if self.server is not None and self.server.running:
+                    await self.server.stop(STOP_TIMEOUT)
                 self.state = "down"
                 self._emit(NodeEvent.NODE_DOWN, f"node {self.options.address} down ({self._stop_reason})",
                            reason=self._stop_reason)
@@ -307,29 +312,59 @@ class NodeAgent:
         o = self.options
         if not o.cache:
             return
-        if o.cache_max_bytes is not None:
-            pruned = cache.prune(o.cache_files, o.cache_max_bytes)
-            if pruned.files:
-                self.say(f"node: cache over {o.cache_max_bytes / 2**30:g} GB: removed the {pruned.files} least "
-                         f"recently used files ({pruned.bytes / 2**20:.0f} MiB)")
-        self.cache_bytes = cache.size(o.cache_files)
+        try:
+            if o.cache_max_bytes is not None:
+                pruned = cache.prune(o.cache_files, o.cache_max_bytes)
+                if pruned.files:
+                    self.say(f"node: cache over {o.cache_max_bytes / 2**30:g} GB: removed the {pruned.files} least "
+                             f"recently used files ({pruned.bytes / 2**20:.0f} MiB)")
+            self._cache_read(cache.size(o.cache_files))
+        except OSError as exc:
+            self._cache_failed(exc)
+
+    def _cache_read(self, size: int) -> None:
+        self.cache_bytes = size
+        if self._cache_error is not None:
+            self._cache_error = None
+            self.say(f"node: the cache directory {self.options.cache_files} can be read again")
+
+    def _cache_failed(self, exc: OSError) -> None:
+        """The cache directory cannot be read (its permissions changed, the disk went away): said
+        once, the size is the last one read, and the node goes on serving and heartbeating."""
+        reason = (exc.strerror or str(exc)).lower()
+        if reason != self._cache_error:
+            self._cache_error = reason
+            self.warn(f"node: cannot read the cache directory {self.options.cache_files} ({reason}); its size is not "
+                      "updated until it can be; rpc-server and the heartbeats go on")
 
     async def _heartbeat(self) -> None:
         """Every SOLLOL_RPC_BACKEND_HEARTBEAT_INTERVAL: one event, and the registration refreshed
-        (last_heartbeat, cache size). The only periodic work of a node."""
+        (last_heartbeat, cache size). The only periodic work of a node, and nothing ends it: a
+        shell takes a node that stops beating for dead and fails over."""
         ticker = Ticker(self.interval)
         while True:
             await ticker.next()
-            if self.options.cache:
-                self.cache_bytes = await asyncio.to_thread(cache.size, self.options.cache_files)
-            server = self.server
-            again: dict[str, Any] = {}
-            # the quota or the binary changed: measure again, but never under a client's load
-            if server is not None and server.clients == 0 and self.speed.changed():
-                await self.speed.measure()
-                again = self.speed.summary()
-            self._emit(NodeEvent.HEARTBEAT, f"rpc_backend_connect on {self.options.address}",
-                       rpc_pid=server.pid if server and server.running else None,
-                       uptime_s=round(time.monotonic() - self.up_since, 1) if self.up_since else None,
-                       cache_bytes=self.cache_bytes, memory_offered_mib=self.memory_offered,
-                       interval_s=self.interval, restarts=self.restarts, **again)
+            try:
+                await self._beat()
+            except Exception as exc:   # a bug: say it once per kind, and beat again next time
+                if type(exc).__name__ != self._beat_error:
+                    self._beat_error = type(exc).__name__
+                    self.warn(f"node: a heartbeat failed ({exc!r}); the next ones are tried as usual")
+
+    async def _beat(self) -> None:
+        if self.options.cache:
+            try:
+                self._cache_read(await asyncio.to_thread(cache.size, self.options.cache_files))
+            except OSError as exc:
+                self._cache_failed(exc)
+        server = self.server
+        again: dict[str, Any] = {}
+        # the quota or the binary changed: measure again, but never under a client's load
+        if server is not None and server.clients == 0 and self.speed.changed():
+            await self.speed.measure()
+            again = self.speed.summary()
+        self._emit(NodeEvent.HEARTBEAT, f"rpc_backend_connect on {self.options.address}",
+                   rpc_pid=server.pid if server and server.running else None,
+                   uptime_s=round(time.monotonic() - self.up_since, 1) if self.up_since else None,
+                   cache_bytes=self.cache_bytes, memory_offered_mib=self.memory_offered,
+                   interval_s=self.interval, restarts=self.restarts, **again)

@@ -35,7 +35,8 @@ def _entries(directory: Path) -> list[tuple[float, int, Path]]:
 
 
 def size(directory: Path) -> int:
-    """Bytes in the cache (0 when it does not exist yet)."""
+    """Bytes in the cache (0 when it does not exist yet). Raises OSError when it cannot be read
+    (PermissionError...): the caller says so and carries on."""
     return sum(n for _, n, _ in _entries(directory))
 
 

@@ -86,9 +86,15 @@ def node(ctx: click.Context, host: str | None, port_: str, redis_url: str | None
     restarts = checked(int_at_least(0), "--max-restarts", max_restarts)
     if devices is not None and not devices.strip():
         fail("--device='' is not valid: expected a comma-separated list of devices, e.g. CUDA0,CUDA1", 2)
-    bind = (host or "").strip() if host is not None else address.default_host(url)
-    if host is not None and not bind:
+    if host is None:
+        try:
+            bind = address.default_host(url)
+        except address.NoRoute as exc:
+            fail(str(exc), 2)
+    elif not host.strip():
         fail("--host='' is not valid: expected an address of this machine", 2)
+    else:
+        bind = checked(address.bind_address, "--host", host.strip())
     if address.is_wildcard(bind) and not listen_all:
         fail(f"--host={bind!r} would expose rpc-server on every interface, and it has no authentication; "
              "give this machine's address on the cluster network, or add --listen-all if every network "

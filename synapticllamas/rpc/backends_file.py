@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from synapticllamas.rpc.addresses import parse_address
+from synapticllamas.rpc.addresses import BackendId, parse_address
 
 HEADER = ("# SynapticLlamas RPC backends: one HOST:PORT per line (default port 50052), '#' comments.\n"
           "# 'backends add' and 'backends remove' edit this file.\n")
@@ -20,7 +20,7 @@ HEADER = ("# SynapticLlamas RPC backends: one HOST:PORT per line (default port 5
 @dataclass(frozen=True)
 class Entry:
     line: int
-    key: str          # normalised address (rpc_addresses.Address.key)
+    key: BackendId    # normalised address (rpc/addresses.py)
 
 
 def _content(line: str) -> str:

@@ -8,17 +8,25 @@ the backends file) as soon as its `node_up` arrives; `node_down` or `rpc_server_
 down at once, and so does a heartbeat overdue by 2.5 intervals (a timer per node, reset by each
 heartbeat). That timer is the one liveness signal that works while the coordinator holds the
 backend: rpc-server serves one client, so a held backend is never probed.
+
+Every message and hash entry goes through the event schema (events/schema.py) first: what fails is
+counted (status(): `invalid`, `last_invalid`) and skipped, and nothing a node sends can end the
+task. Nodes are keyed by BackendId, the address parser's normal form, like the registry, so a
+node announced as `localhost:50052` is the backend 127.0.0.1:50052 on every path.
 """
 from __future__ import annotations
 
 import asyncio
-import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from synapticllamas.events.contract import NODES_HASH, Component, NodeEvent, SystemEvent, channel_for
+from synapticllamas.events.schema import Invalid, Tally
+from synapticllamas.rpc.addresses import BackendId
 from synapticllamas.util.tasks import cancel
+from synapticllamas.util.text import shown
 
 if TYPE_CHECKING:
     from synapticllamas.events.observer import Observer
@@ -27,11 +35,15 @@ if TYPE_CHECKING:
 OVERDUE_INTERVALS = 2.5      # heartbeats a node may miss before it counts as down
 CONNECT_TIMEOUT = 2.0
 PING_EVERY = 15.0            # a subscription on a hung Redis sees nothing: ask it now and then
+CLOSE_WAIT = 1.0             # seconds close() waits for the task to take its cancellation
+
+log = logging.getLogger("synapticllamas.discovery")
 
 
 @dataclass
 class NodeInfo:
-    address: str
+    """What a node announced; `registration`'s typed fields were checked by the schema."""
+    address: BackendId
     registration: dict[str, Any] = field(default_factory=dict)
     state: str = "unknown"            # what the node last said: up, restarting, down, ...
     last_heard: float | None = None   # time.time() of its last event (or the hash's last_heartbeat)
@@ -54,22 +66,26 @@ class NodeInfo:
 
     @property
     def memory_offered_mib(self) -> int | None:
-        value = self.registration.get("memory_offered_mib")
-        return value if isinstance(value, int) and not isinstance(value, bool) else None
+        value = self.registration.get("memory_offered_mib")   # a checked "mib" (events/schema.py)
+        return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 class NodeDirectory:
     def __init__(self, observer: Observer, registry: RpcRegistry) -> None:
         self.observer = observer
         self.registry = registry
-        self.nodes: dict[str, NodeInfo] = {}
+        self.nodes: dict[BackendId, NodeInfo] = {}
         self.url: str | None = None
         self.connected = False
         self.last_error: str | None = None
+        self.skipped = Tally()              # messages and hash entries that are not valid (events/schema.py)
+        self.failures = 0                   # messages whose handling failed (a bug): logged, skipped
         self._task: asyncio.Task[None] | None = None
-        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._timers: dict[BackendId, asyncio.TimerHandle] = {}
         self._pending: set[asyncio.Task[Any]] = set()
         self._loaded = asyncio.Event()      # the hash was read once and its nodes are backends
+        self._client: Any = None            # the current connection's client (close() may cut it)
+        self._closing = False
 
     # ------------------------------------------------------------ lifecycle
 
@@ -82,7 +98,19 @@ class NodeDirectory:
     async def close(self) -> None:
         self._loaded.clear()
         task, self._task = self._task, None
-        await cancel(task)
+        if task is not None:
+            self._closing = True
+            task.cancel()
+            await asyncio.wait({task}, timeout=CLOSE_WAIT)
+            if not task.done():
+                # redis-py (8.1) can swallow a cancellation that lands in a pub/sub read, and the
+                # task reads on: cut its connection under it, and it ends on the next turn
+                client = self._client
+                if client is not None:
+                    await client.connection_pool.disconnect(inuse_connections=True)
+                task.cancel()
+            await cancel(task)
+            self._closing = False
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
@@ -100,9 +128,9 @@ class NodeDirectory:
         from synapticllamas.util.backoff import Backoff
 
         backoff = Backoff(0.2, 5.0)
-        while True:
-            client = aioredis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT, health_check_interval=0,
-                                       client_name="synapticllamas-discovery")
+        while not self._closing:
+            client = self._client = aioredis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT,
+                                                      health_check_interval=0, client_name="synapticllamas-discovery")
             try:
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(channel_for(Component.NODE))
@@ -120,12 +148,17 @@ class NodeDirectory:
             except (RedisError, OSError) as exc:
                 self.connected = False
                 self.last_error = describe(exc, connect_timeout=CONNECT_TIMEOUT, reply_timeout=PING_EVERY)
+            except Exception as exc:   # our bug: say so in status, and follow again
+                log.exception("node discovery failed")
+                self.connected = False
+                self.last_error = f"internal error: {exc!r}"[:200]
             finally:
                 try:
                     await client.aclose()
                 except (RedisError, OSError):
                     pass
-            await asyncio.sleep(backoff.next())
+            if not self._closing:
+                await asyncio.sleep(backoff.next())
 
     async def _listen(self, pubsub: Any) -> None:
         """Messages until the connection breaks. A hung Redis closes nothing: after a quiet
@@ -141,24 +174,34 @@ class NodeDirectory:
                 continue
             pinged = False
             if message.get("type") == "message":
-                self._on_message(message.get("data"))
+                self._handle(message.get("data"))
+
+    def _handle(self, data: Any) -> None:
+        """One message: never fatal. Not a valid event: counted; a failure of ours: logged, counted."""
+        try:
+            self._on_message(data)
+        except Invalid as exc:
+            self.skipped.count(exc)
+        except Exception:
+            self.failures += 1
+            log.exception("a node message could not be handled")
 
     # ------------------------------------------------------------ what nodes say
 
-    def _from_registration(self, address: Any, text: Any) -> None:
-        """One entry of the nodes hash, read when the shell connects."""
+    def _from_registration(self, field_: Any, text: Any) -> None:
+        """One entry of the nodes hash, read when the shell connects; an invalid one is counted."""
+        from synapticllamas.events.schema import decode_node_entry
+
         try:
-            reg = json.loads(text)
-            key = address.decode() if isinstance(address, bytes) else str(address)
-        except (ValueError, UnicodeDecodeError):
-            return
-        if not isinstance(reg, dict):
+            key, reg = decode_node_entry(field_, text)
+        except Invalid as exc:
+            self.skipped.count(exc)
             return
         info = self.nodes.setdefault(key, NodeInfo(key))
         info.registration = reg
-        info.state = str(reg.get("state") or "unknown")
-        info.interval = _seconds(reg.get("heartbeat_interval"))
-        info.last_heard = _seconds(reg.get("last_heartbeat"))
+        info.state = reg.get("state") or "unknown"
+        info.interval = reg.get("heartbeat_interval")
+        info.last_heard = reg.get("last_heartbeat")
         overdue = self._overdue_by(info)
         if overdue is not None and overdue > 0:
             self._ensure_backend(key, up=False, reason=f"node {key} silent for {self._silence(info)}")
@@ -167,29 +210,30 @@ class NodeDirectory:
         self._arm(info)
 
     def _on_message(self, data: Any) -> None:
-        try:
-            event = json.loads(data)
-        except (TypeError, ValueError):
+        """One message on the node channel, decoded by the schema (raises Invalid)."""
+        from synapticllamas.events.schema import decode_event
+
+        event = decode_event(data)
+        if event.component != Component.NODE:
             return
-        if not isinstance(event, dict) or event.get("component") != Component.NODE:
-            return
-        raw_details = event.get("details")
-        details: dict[str, Any] = raw_details if isinstance(raw_details, dict) else {}
+        details = event.details
         address = details.get("address")
-        if not isinstance(address, str) or not address:
-            return
-        kind = event.get("event_type")
+        if address is None:
+            raise Invalid("details.address", "missing: a node event names its HOST:PORT")
+        kind = event.event_type
         info = self.nodes.setdefault(address, NodeInfo(address))
         info.last_heard = time.time()
-        info.state = str(details.get("state") or info.state)
-        info.interval = _seconds(details.get("interval_s")) or info.interval
+        info.state = details.get("state") or info.state
+        info.interval = details.get("interval_s") or info.interval
         if kind == NodeEvent.NODE_UP:
             info.registration.update({k: details[k] for k in ("rpc_version", "devices", "memory_offered_mib",
                                                               "threads", "rpc_pid", "host", "speed") if k in details})
-            info.registration.setdefault("hostname", (event.get("source") or {}).get("host"))
+            info.registration.setdefault("hostname", event.source.get("host"))
             self._ensure_backend(address, up=True, reason=f"node {address} up")
         elif kind in (NodeEvent.NODE_DOWN, NodeEvent.RPC_SERVER_EXIT):
-            self._ensure_backend(address, up=False, reason=str(event.get("message") or f"node {address} down"))
+            # the node's own words end up in `backends list`: escaped and cut
+            said = shown(event.message, 160) if event.message else f"node {address} down"
+            self._ensure_backend(address, up=False, reason=said)
         elif kind == NodeEvent.HEARTBEAT:
             for key in ("cache_bytes", "memory_offered_mib", "host", "speed"):
                 if key in details:
@@ -204,7 +248,7 @@ class NodeDirectory:
 
     # ------------------------------------------------------------ the registry side
 
-    def _ensure_backend(self, address: str, up: bool, reason: str) -> None:
+    def _ensure_backend(self, address: BackendId, up: bool, reason: str) -> None:
         if self.registry.get(address) is not None:
             self.registry.report(address, up=up, reason=reason)
             return
@@ -212,7 +256,7 @@ class NodeDirectory:
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    async def _add(self, address: str, up: bool, reason: str) -> None:
+    async def _add(self, address: BackendId, up: bool, reason: str) -> None:
         try:
             await self.registry.add(address, persist=False, source="node")
         except ValueError as exc:     # a name that does not resolve here, or already configured
@@ -241,12 +285,12 @@ class NodeDirectory:
         self._timers[info.address] = asyncio.get_running_loop().call_later(
             OVERDUE_INTERVALS * info.interval, self._overdue, info.address)
 
-    def _disarm(self, address: str) -> None:
+    def _disarm(self, address: BackendId) -> None:
         timer = self._timers.pop(address, None)
         if timer is not None:
             timer.cancel()
 
-    def _overdue(self, address: str) -> None:
+    def _overdue(self, address: BackendId) -> None:
         self._timers.pop(address, None)
         info = self.nodes.get(address)
         if info is None:
@@ -255,6 +299,13 @@ class NodeDirectory:
                              f"{self._silence(info)}")
 
     # ------------------------------------------------------------ queries
+
+    def get(self, address: str) -> NodeInfo | None:
+        """What the node at `address` (any spelling of it) announced, if anything."""
+        from synapticllamas.rpc.addresses import backend_id_or_none
+
+        ident = backend_id_or_none(address)
+        return self.nodes.get(ident) if ident is not None else None
 
     async def wait_loaded(self, timeout: float) -> bool:
         """Until the announced nodes are backends (the first read done), at most `timeout` s:
@@ -267,7 +318,8 @@ class NodeDirectory:
 
     def status(self) -> dict[str, Any]:
         return {"enabled": self._task is not None, "connected": self.connected, "nodes": len(self.nodes),
-                "last_error": self.last_error}
+                "last_error": self.last_error, "invalid": self.skipped.total, "last_invalid": self.skipped.last,
+                "failures": self.failures}
 
 
 def _seconds(value: Any) -> float | None:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from synapticllamas.rpc import backends_file
-from synapticllamas.rpc.addresses import parse_address
+from synapticllamas.rpc.addresses import BackendId, backend_id, backend_id_or_none, parse_address
 from synapticllamas.rpc.probe import ProbeFailure, ProbeResult, is_ip, probe, resolve
 from synapticllamas.util.tasks import cancel
 from synapticllamas.util.text import shown
@@ -45,7 +45,7 @@ Probe = Callable[[str, int, float], Awaitable[ProbeResult]]
 
 @dataclass(eq=False)
 class Backend:
-    key: str                  # normalised HOST:PORT, as configured (names stay names)
+    key: BackendId            # normalised HOST:PORT, as configured (names stay names)
     host: str
     port: int
     source: str               # flag, env, config, file, added, runtime, local
@@ -73,10 +73,11 @@ class RpcRegistry:
         self.settings = settings
         self.observer = observer
         self._probe = probe_fn
-        self._backends: dict[str, Backend] = {}     # insertion order = configured order
+        # keyed by BackendId only (rpc/addresses.py): every public method normalises what it is given
+        self._backends: dict[BackendId, Backend] = {}     # insertion order = configured order
         self._round_lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
-        self._held: frozenset[str] = frozenset()     # in use by the coordinator: not probed
+        self._held: frozenset[BackendId] = frozenset()     # in use by the coordinator: not probed
         self.file_errors: list[str] = []
         # called with (address, old state, new state, reason) after each change: the coordinator
         # follows the backends it holds this way (a failover), not through event strings
@@ -102,9 +103,10 @@ class RpcRegistry:
 
     def _insert(self, key: str, source: str, persisted: bool) -> Backend:
         address = parse_address(key)
-        backend = Backend(key, address.host, address.port, source, persisted,
-                          resolved=key if is_ip(address.host) else None)
-        self._backends[key] = backend
+        ident = address.key
+        backend = Backend(ident, address.host, address.port, source, persisted,
+                          resolved=ident if is_ip(address.host) else None)
+        self._backends[ident] = backend
         return backend
 
     def _load_file(self) -> None:
@@ -131,19 +133,17 @@ class RpcRegistry:
 
     # ------------------------------------------------------------ queries
 
-    def addresses(self) -> list[str]:
+    def addresses(self) -> list[BackendId]:
         return list(self._backends)
 
     def backends(self) -> list[Backend]:
         return list(self._backends.values())
 
     def get(self, address: str) -> Backend | None:
-        try:
-            return self._backends.get(parse_address(address).key)
-        except ValueError:
-            return None
+        ident = backend_id_or_none(address)
+        return self._backends.get(ident) if ident is not None else None
 
-    def healthy(self) -> list[str]:
+    def healthy(self) -> list[BackendId]:
         """Up backends in configured order, each real backend once (two names for one IP:PORT
         would make the coordinator use it twice)."""
         seen: set[str] = set()
@@ -157,12 +157,12 @@ class RpcRegistry:
 
     def held(self, address: str) -> bool:
         """True while the coordinator is connected to this backend (it is not probed then)."""
-        return address in self._held
+        return backend_id_or_none(address) in self._held
 
     def hold(self, addresses: Iterable[str]) -> None:
         """Called by the coordinator: the backends llama-server is connected to (empty: none).
         Round-wide checks skip them."""
-        self._held = frozenset(addresses)
+        self._held = frozenset(ident for a in addresses if (ident := backend_id_or_none(a)) is not None)
 
     def summary(self, backend: Backend) -> dict[str, Any]:
         return {"address": backend.key, "state": backend.state, "latency_ms": backend.latency_ms,
@@ -176,7 +176,7 @@ class RpcRegistry:
 
     # ------------------------------------------------------------ editing
 
-    async def add(self, address: str, persist: bool = True, source: str | None = None) -> str:
+    async def add(self, address: str, persist: bool = True, source: str | None = None) -> BackendId:
         """Add a backend; returns its key. Raises ValueError (one line) for a bad, unresolvable or
         duplicate address, or a backends file that cannot be written."""
         parsed = parse_address(address)
@@ -191,7 +191,7 @@ class RpcRegistry:
         if key in self._backends:
             spelled = "" if address.strip() == key else f" as {key}"
             raise ValueError(f"backend {quoted} is already configured{spelled}")
-        resolved = key
+        resolved: str = key
         if not is_ip(parsed.host):
             try:
                 _, ip = await asyncio.wait_for(resolve(parsed.host, parsed.port), RESOLVE_TIMEOUT)
@@ -216,9 +216,9 @@ class RpcRegistry:
                             "local": backend.local, "resolved": resolved})
         return key
 
-    async def remove(self, address: str) -> str:
+    async def remove(self, address: str) -> BackendId:
         """Remove a backend (and its line in the backends file); returns its key."""
-        key = parse_address(address).key
+        key = backend_id(address)
         backend = self._backends.get(key)
         if backend is None:
             known = ", ".join(list(self._backends)[:5]) + (", ..." if len(self._backends) > 5 else "")
@@ -241,7 +241,8 @@ class RpcRegistry:
             if addresses is None:
                 targets = [b for b in self._backends.values() if b.key not in self._held]
             else:
-                targets = [b for b in self._backends.values() if b.key in addresses]
+                wanted = {ident for a in addresses if (ident := backend_id_or_none(a)) is not None}
+                targets = [b for b in self._backends.values() if b.key in wanted]
             await asyncio.gather(*(self._probe_one(b) for b in targets))
 
     async def _probe_one(self, backend: Backend) -> None:
@@ -256,8 +257,9 @@ class RpcRegistry:
 
     def report(self, address: str, up: bool, reason: str, latency_ms: float | None = None) -> None:
         """Something other than a probe knows a backend's state for certain (a local backend's
-        process accepted a connection, or exited)."""
-        backend = self._backends.get(address)
+        process accepted a connection, or exited, or a node announced it). Any spelling of the
+        address does: `localhost:50052` reports 127.0.0.1:50052."""
+        backend = self.get(address)
         if backend is None:
             return
         if up:

@@ -10,16 +10,19 @@ from typing import Any, TextIO
 
 from synapticllamas.commands.registry import Result
 from synapticllamas.ui import PlainUI, Streams
+from synapticllamas.util.text import safe
 
 _STYLES = {"info": "", "success": "green", "warning": "yellow", "error": "bold red"}
 
 
 def cell(value: Any) -> str:
+    """One table cell as text. Cells show what others sent (node announcements, backend reasons,
+    llama.cpp lines): control characters are escaped, so none can move the cursor or recolour."""
     if value is None:
         return "-"
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
-    return str(value)
+    return safe(str(value))
 
 
 def plain_table(headers: list[str], rows: list[list[str]]) -> str:

@@ -241,9 +241,11 @@ def test_a_hung_redis_shows_the_banner_and_events_flow_again_after_it_wakes(env)
     assert watched.errors == [], f"console errors: {watched.errors}"
 
 
-def test_malformed_events_from_another_publisher_break_no_panel(env):
+def test_malformed_events_and_a_forged_seq_from_another_publisher_break_no_panel(env):
     """Anyone who can publish on the shared Redis can send any JSON: fields of the wrong type,
-    missing or not objects. The page must show what it can and keep every panel updating."""
+    missing or not objects, absurd numbers, escape sequences, and real apps' instances with any seq.
+    What is not a valid event is skipped and counted (the summary says how many); a forged seq
+    freezes no app's counts; every panel keeps updating."""
     watched = env.open()
     page = watched.page
     good = ContractPublisher(env.client, "good:1")
@@ -255,7 +257,7 @@ def test_malformed_events_from_another_publisher_break_no_panel(env):
         base | {"source": {"app": "other", "instance": 12345}, "message": "numeric instance", "details": {},
                 "seq": 1},
         base | {"source": {"instance": "odd:2"}, "message": {"not": "a string"}, "details": "not an object"},
-        base | {"source": "not an object", "message": None},                        # no details, no seq
+        base | {"source": "not an object", "message": None},
         base | {"source": {"instance": "odd:3"}, "component": "coordinator", "event_type": "start",
                 "message": 7, "details": [1, 2], "seq": "3"},
         base | {"source": {"instance": "odd:4"}, "component": "rpc_registry", "event_type": "heartbeat",
@@ -264,6 +266,9 @@ def test_malformed_events_from_another_publisher_break_no_panel(env):
                 "message": "odd types everywhere", "details": {"address": {"a": 1}}},
         base | {"source": {"instance": "odd:6"}, "component": "rpc_backend", "event_type": "connect",
                 "message": "backend as an object", "details": {"address": {"host": "h"}, "state": 1}},
+        base | {"timestamp": 1e20, "source": {"instance": "odd:7"}, "message": "from the far future"},
+        base | {"source": {"instance": "odd:8"}, "component": "node", "event_type": "node_up", "message": "escape",
+                "details": {"address": "10.0.0.9:50052", "rpc_version": "7\x1b]0;x\x07"}},
     ]
     pipe = env.client.pipeline(transaction=True)
     for ev in odd:
@@ -271,18 +276,26 @@ def test_malformed_events_from_another_publisher_break_no_panel(env):
         pipe.xadd("synapticllamas:events", {"event": text})
         pipe.publish("synapticllamas:llama_cpp:system", text)
     pipe.execute()
-    good.emit("system", "note", "second good event")
+    # a forged event with the good app's instance and a huge seq; the good app goes on below it
+    forger = ContractPublisher(env.client, "good:1")
+    forger.emit("system", "note", "forged far ahead", seq=2**53 - 1)
+    for i in range(3):
+        good.emit("system", "note", f"good event {i + 2}")
 
     events = page.locator("#events tbody")
-    expect()(events).to_contain_text("second good event", timeout=5000)
-    expect()(events).to_contain_text('{"not":"a string"}')          # a non-string message, as JSON
-    expect()(events).to_contain_text("odd types everywhere")         # an unknown level is not hidden
-    expect()(page.locator("#apps tbody tr", has_text="12345")).to_be_visible()
-    expect()(page.locator("#apps tbody tr", has_text="odd:6")).to_be_visible()
+    expect()(events).to_contain_text("good event 4", timeout=5000)
+    for text in ("numeric instance", "odd types everywhere", "backend as an object", "from the far future", "escape"):
+        expect()(events).not_to_contain_text(text)
+    expect()(page.locator("#apps tbody tr", has_text="odd:6")).to_have_count(0)
+    good_row = page.locator("#apps tbody tr", has_text="good:1")
+    expect()(good_row).to_be_visible()
+    # its four events and the forged one are counted; the forged seq made no gap: nothing lost, nothing sampled
+    cells = good_row.locator("td")
+    assert [cells.nth(i).inner_text() for i in (6, 7, 8)] == ["5", "0", "0"], good_row.inner_text()
+    expect()(page.locator("#summary")).to_contain_text(f"{len(odd)} invalid events skipped", timeout=5000)
     # the panels keep re-rendering: a new app after the malformed ones still appears
     ContractPublisher(env.client, "later:9").emit("system", "note", "from a later app")
     expect()(page.locator("#apps tbody tr", has_text="later:9")).to_be_visible(timeout=5000)
-    expect()(page.locator("#summary")).to_contain_text("apps")
     # two more renders of the panels with all of them listed (the summary is the last thing written),
     # at least one of them the per-second one (wait_for_function would need the 'unsafe-eval' the CSP refuses)
     page.evaluate("""() => {
@@ -292,6 +305,8 @@ def test_malformed_events_from_another_publisher_break_no_panel(env):
     }""")
     wait_for(lambda: page.evaluate("window.__renders") >= 2, 5, what="two renders of the panels")
     assert watched.errors == [], f"console errors: {watched.errors}"
+    health = env.dashboard.get("/healthz")[1]
+    assert health["invalid"]["journal"]["invalid"] == len(odd), health
 
 
 def test_filters_pause_row_cap_and_staleness(env):
@@ -499,7 +514,7 @@ def test_events_dropped_in_a_real_outage_show_as_lost_loudly(env):
     expect()(marker).to_have_count(1)
     assert colour(page, "#events .lost", f"+{total} lost") == LOST_ORANGE
     assert "dropped in a Redis outage" in marker.get_attribute("title")
-    lost = metrics(env.dashboard)[("synapticllamas_events_lost_total", (("instance", instance),))]
+    lost = metrics(env.dashboard)[("synapticllamas_events_lost_total", (("app_instance", instance),))]
     assert lost == total
     assert shell.exit() == 0, shell.output()
     assert watched.errors == [], f"console errors: {watched.errors}"
@@ -563,7 +578,7 @@ def test_three_shells_two_nodes_one_redis_the_page_and_metrics_show_all_and_noth
             samples = metrics(env.dashboard)
             assert samples[("synapticllamas_apps", ())] == 4        # three shells and `wide`
             for inst in instances:
-                labels = {"instance": inst, "app": "synapticllamas", "state": "live", "mode": "standard",
+                labels = {"app_instance": inst, "app": "synapticllamas", "state": "live", "mode": "standard",
                           "version": json.loads(client.hget("synapticllamas:apps", inst))["version"]}
                 assert samples[("synapticllamas_app_info", tuple(sorted(labels.items())))] == 1
             for node, reg in zip(nodes, registrations, strict=True):
@@ -571,7 +586,7 @@ def test_three_shells_two_nodes_one_redis_the_page_and_metrics_show_all_and_noth
                 for d in reg["devices"]:
                     key = ("synapticllamas_node_memory_total_bytes", (("device", d["name"]), ("node", node.address)))
                     assert samples[key] == d["total_mib"] * MIB
-            assert samples[("synapticllamas_coordinator_up", (("instance", wide.source["instance"]),))] == 1
+            assert samples[("synapticllamas_coordinator_up", (("app_instance", wide.source["instance"]),))] == 1
 
             ARTIFACTS.mkdir(exist_ok=True)
             for width in WIDTHS:

@@ -3,6 +3,7 @@
 with the dashboard; by itself when nothing is configured and nothing answers at the default."""
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import subprocess
@@ -66,7 +67,7 @@ def test_it_starts_a_private_redis_on_the_urls_port_says_so_and_stops_it_on_exit
             assert shell.exit() == 0
         finally:
             shell.kill()
-        assert instance.endswith(f":{shell.pid}")
+        assert re.fullmatch(rf"[^:]+:{shell.pid}:[0-9a-f]{{8}}", instance), instance   # host:pid:random
     finally:
         code, out, err = dash.stop(signal.SIGTERM)
     assert code == 128 + signal.SIGTERM and "Traceback" not in err, err
@@ -142,3 +143,35 @@ def test_with_nothing_configured_and_nothing_answering_it_starts_one_by_itself(t
         assert configured.first.startswith("SynapticLlamas dashboard")
     finally:
         configured.stop(signal.SIGINT)
+
+
+def test_its_password_is_never_on_a_command_line(tmp_path):
+    """`ps` shows every user each process's command line: the password goes in a config file only
+    the dashboard's user can read. A wrapper records the argv the dashboard gave redis-server."""
+    password = 'pw "with" spaces\\and-quotes'
+    seen = tmp_path / "argv"
+    wrapper = tmp_path / "redis-server"
+    wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{seen}"\nexec "{embedded_redis.find_binary()}" "$@"\n')
+    wrapper.chmod(0o755)
+    redis_port = free_port()
+    from urllib.parse import quote
+
+    url = f"redis://:{quote(password, safe='')}@127.0.0.1:{redis_port}"
+    dash = Started(tmp_path, "--embedded-redis", "--redis-url", url, "--redis-server", str(wrapper))
+    try:
+        wait_for(dash.healthz, 20, what="the dashboard with its private Redis up (with the password)")
+        argv = seen.read_text().splitlines()
+        assert len(argv) == 1 and argv[0].endswith("/redis.conf"), argv
+        config = Path(argv[0])
+        assert config.stat().st_mode & 0o777 == 0o600 and config.parent.stat().st_mode & 0o077 == 0
+        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+        assert "with" not in ps and "requirepass" not in ps
+        import redis
+
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=redis_port).ping()                 # it does need the password
+        assert redis.Redis(port=redis_port, password=password).ping()
+    finally:
+        _, _, err = dash.stop(signal.SIGTERM)
+    assert "Traceback" not in err, err
+    assert not accepts(redis_port)

@@ -7,6 +7,9 @@ so every expected value is known exactly.
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
 import time
 
 from dashboard_support import ContractPublisher, Dashboard, command_counts
@@ -68,29 +71,29 @@ def push_a_cluster(client) -> dict:
     stopped = ContractPublisher(client, "gone:3")
     stopped.register()
     stopped.emit("system", "unregister", "bye", {"reason": "exit"})
-    return {"requests": requests, "devices": devices}
+    return {"requests": requests, "devices": devices, "shell": shell}
 
 
 def check(samples, sent, later: int = 0) -> None:
     """`later`: inference events pushed after push_a_cluster (by other apps)."""
     assert value(samples, "synapticllamas_apps") == 1                     # shell-a; gone:3 said goodbye
-    assert value(samples, "synapticllamas_app_info", instance="gone:3", app="synapticllamas", state="stopped",
+    assert value(samples, "synapticllamas_app_info", app_instance="gone:3", app="synapticllamas", state="stopped",
                  mode="standard", version="test") == 1
-    assert value(samples, "synapticllamas_coordinator_up", instance="shell-a:11") == 1
+    assert value(samples, "synapticllamas_coordinator_up", app_instance="shell-a:11") == 1
     assert value(samples, "synapticllamas_backends", state="up") == 1
     assert value(samples, "synapticllamas_backends", state="down") == 1
-    assert value(samples, "synapticllamas_inference_requests_total", instance="shell-a:11") == 3
-    assert value(samples, "synapticllamas_inference_tokens_total", instance="shell-a:11", kind="prompt") == 15
-    assert value(samples, "synapticllamas_inference_tokens_total", instance="shell-a:11", kind="generated") == 56
-    assert value(samples, "synapticllamas_coordinator_restarts_total", instance="shell-a:11") == 1
-    assert value(samples, "synapticllamas_events_sampled_total", instance="shell-a:11") == 30
-    assert value(samples, "synapticllamas_events_lost_total", instance="shell-a:11") == 2
-    assert value(samples, "synapticllamas_events_dropped_total", instance="shell-a:11") == 2
-    assert value(samples, "synapticllamas_events_lost_total", instance="worker-1:77") == 0
+    assert value(samples, "synapticllamas_inference_requests_total", app_instance="shell-a:11") == 3
+    assert value(samples, "synapticllamas_inference_tokens_total", app_instance="shell-a:11", kind="prompt") == 15
+    assert value(samples, "synapticllamas_inference_tokens_total", app_instance="shell-a:11", kind="generated") == 56
+    assert value(samples, "synapticllamas_coordinator_restarts_total", app_instance="shell-a:11") == 1
+    assert value(samples, "synapticllamas_events_sampled_total", app_instance="shell-a:11") == 30
+    assert value(samples, "synapticllamas_events_lost_total", app_instance="shell-a:11") == 2
+    assert value(samples, "synapticllamas_events_dropped_total", app_instance="shell-a:11") == 2
+    assert value(samples, "synapticllamas_events_lost_total", app_instance="worker-1:77") == 0
     assert value(samples, "synapticllamas_events_total", component="coordinator", level="info") == 7 + later
     assert value(samples, "synapticllamas_events_total", component="system", level="warning") == 1
     assert sum(v for (name, _), v in samples.items() if name == "synapticllamas_events_total") == 16 + later
-    assert value(samples, "synapticllamas_model_memory_bytes", instance="shell-a:11", backend="10.0.0.5:50052",
+    assert value(samples, "synapticllamas_model_memory_bytes", app_instance="shell-a:11", backend="10.0.0.5:50052",
                  kind="model") == round(33.82 * MIB)
     assert value(samples, "synapticllamas_node_up", node="10.0.0.5:50052") == 1
     for d in sent["devices"]:
@@ -116,11 +119,11 @@ def test_metrics_parse_and_match_what_was_sent_and_a_restart_starts_from_the_jou
         # live events count on top, once each
         ContractPublisher(client, "shell-b:12").emit("coordinator", "inference", "request",
                                                      {"prompt_tokens": 2, "generated_tokens": 5})
-        wait_for(lambda: ("synapticllamas_inference_requests_total", (("instance", "shell-b:12"),)) in scrape(dash),
+        wait_for(lambda: ("synapticllamas_inference_requests_total", (("app_instance", "shell-b:12"),)) in scrape(dash),
                  10, interval=0.2, what="a live inference event in /metrics")
         again = scrape(dash)
-        assert value(again, "synapticllamas_inference_tokens_total", instance="shell-b:12", kind="generated") == 5
-        assert value(again, "synapticllamas_inference_requests_total", instance="shell-a:11") == 3
+        assert value(again, "synapticllamas_inference_tokens_total", app_instance="shell-b:12", kind="generated") == 5
+        assert value(again, "synapticllamas_inference_requests_total", app_instance="shell-a:11") == 3
     finally:
         dash.stop()
     # a new dashboard process: counters start again from what the journal holds (a reset, with a new start time)
@@ -128,7 +131,7 @@ def test_metrics_parse_and_match_what_was_sent_and_a_restart_starts_from_the_jou
     try:
         restarted = scrape(later)
         check(restarted, sent, later=1)
-        assert value(restarted, "synapticllamas_inference_requests_total", instance="shell-b:12") == 1
+        assert value(restarted, "synapticllamas_inference_requests_total", app_instance="shell-b:12") == 1
         assert value(restarted, "process_start_time_seconds") > started
     finally:
         later.stop()
@@ -154,7 +157,7 @@ def test_a_scrape_holds_redis_for_metrics_hold_seconds_then_nothing(tmp_path, re
         ContractPublisher(client, "later:2").emit("coordinator", "inference", "request",
                                                   {"prompt_tokens": 1, "generated_tokens": 2})
         samples = scrape(dash)
-        assert value(samples, "synapticllamas_inference_requests_total", instance="later:2") == 1
+        assert value(samples, "synapticllamas_inference_requests_total", app_instance="later:2") == 1
         assert value(samples, "synapticllamas_events_total", component="system", level="info") == 1
     finally:
         dash.stop()
@@ -172,5 +175,82 @@ def test_api_nodes_lists_the_nodes_hash(tmp_path, redis_server):
         status, body = dash.get("/api/nodes")
         assert status == 200
         assert body["nodes"] == [reg | {"redis_url": "redis://:***@db:6379"}]
+    finally:
+        dash.stop()
+
+
+def families(body: str) -> dict[str, str]:
+    """{family name: type} as prometheus_client's parser reads the text."""
+    return {f.name: f.type for f in text_string_to_metric_families(body)}
+
+
+def test_the_exposition_is_what_promtool_and_the_parser_accept(tmp_path, redis_server):
+    """Each family's samples under its own HELP/TYPE (interleaved, the parser read two families as
+    untyped), and no label called `instance`: Prometheus sets that one to the scraped target."""
+    client = redis_server.client()
+    push_a_cluster(client)
+    dash = Dashboard(tmp_path, redis_server.url)
+    try:
+        status, body = dash.get("/metrics")
+        assert status == 200
+    finally:
+        dash.stop()
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is not installed (scripts/test installs Debian's prometheus package when root)"
+    checked = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0 and checked.stdout + checked.stderr == "", checked.stdout + checked.stderr
+    types = families(body)
+    assert types["synapticllamas_events_lost"] == "counter" and types["synapticllamas_events_sampled"] == "counter"
+    assert "untyped" not in types.values(), types
+    assert not re.search(r'[{,]instance="', body)
+    assert 'synapticllamas_events_lost_total{app_instance="shell-a:11"} 2' in body.splitlines()
+
+
+def test_a_forged_seq_neither_freezes_nor_poisons_an_apps_counters_and_bad_events_are_counted(tmp_path,
+                                                                                              redis_server):
+    client = redis_server.client()
+    real = push_a_cluster(client)["shell"]            # it goes on where it left off
+    forger = ContractPublisher(client, "shell-a:11")  # anyone on the Redis can use a real instance
+    bad = [
+        forger.event("coordinator", "inference", "forged", {"prompt_tokens": 1}, seq=2**53 - 1),
+        forger.event("coordinator", "inference", "forged", {"prompt_tokens": 1}, seq=real.seq + 50),
+    ]
+    forger.push(*bad)
+    for text in ('{"timestamp": 1e20, "component": "raw", "event_type": "log"}',
+                 '{"timestamp": 1, "component": "raw", "event_type": "log", "seq": 1e999}',
+                 '{"timestamp": 1, "component": "node", "event_type": "node_up", "source": "str"}', "not json"):
+        client.xadd("synapticllamas:events", {"event": text})
+    dash = Dashboard(tmp_path, redis_server.url)
+    try:
+        for _ in range(3):                           # the real app goes on below the forged seqs
+            real.emit("coordinator", "inference", "request", {"prompt_tokens": 1, "generated_tokens": 1})
+        wait_for(lambda: value(scrape(dash), "synapticllamas_inference_requests_total", app_instance="shell-a:11")
+                 == 3 + 2 + 3, 10, interval=0.2, what="the real app's requests to go on counting")
+        samples = scrape(dash)
+        # the forged events are counted as events (nobody can tell them apart), but their seqs cost nothing
+        assert value(samples, "synapticllamas_events_lost_total", app_instance="shell-a:11") == 2
+        assert value(samples, "synapticllamas_events_sampled_total", app_instance="shell-a:11") == 30
+        assert value(samples, "synapticllamas_dashboard_messages_invalid_total", source="journal") == 4
+        health = dash.get("/healthz")[1]
+        assert health["invalid"]["journal"]["invalid"] == 4 and health["counters"]["invalid"] == 4
+        assert "timestamp" in health["invalid"]["journal"]["invalid_by_field"]
+    finally:
+        dash.stop()
+
+
+def test_the_fold_forgets_what_it_cannot_keep_and_counts_it(tmp_path, redis_server):
+    from synapticllamas.dashboard.metrics import MAX_APPS
+
+    client = redis_server.client()
+    pipe = client.pipeline(transaction=False)
+    for i in range(MAX_APPS + 200):                  # invented instances, one event each
+        ev = ContractPublisher(client, f"forged:{i}").event("system", "error", "x")
+        pipe.xadd("synapticllamas:events", {"event": json.dumps(ev)})
+    pipe.execute()
+    dash = Dashboard(tmp_path, redis_server.url)
+    try:
+        samples = scrape(dash)
+        assert value(samples, "synapticllamas_dashboard_forgotten_total", kind="app") == 200
+        assert sum(name == "synapticllamas_app_info" for name, _ in samples) == MAX_APPS
     finally:
         dash.stop()

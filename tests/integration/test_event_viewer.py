@@ -142,3 +142,58 @@ def test_sampled_is_not_lost_the_viewer_says_a_loss_and_sums_both(tmp_path, redi
         " journal; 36 more sampled out by the app) --"]
     assert said[-1] == "sampler:7: 81 sampled out by the app (not lost), 3 lost"
     assert "missing" not in proc.stderr
+
+
+def test_follow_goes_on_after_events_that_are_not_valid_and_later_replays_work(tmp_path, redis_server):
+    """One event with "timestamp": 1e20 or "seq": 1e999 used to end `events --follow` (and every
+    later replay: it stays in the journal) with a traceback. Now each is one line on stderr."""
+    client = redis_server.client()
+    source = {"app": "synapticllamas", "instance": "real:1:00000000", "host": "real"}
+
+    def event(n, message, **fields):
+        return {"timestamp": 1.7e9 + n, "component": "system", "event_type": "note", "message": message,
+                "details": {}, "level": "info", "source": source, "seq": n, "sampled": 0, **fields}
+
+    def good(seq, message):
+        return json.dumps(event(seq, message))
+
+    bad = [json.dumps(event(5, "x", timestamp=1e20)), json.dumps(event(7, "x")).replace('"seq": 7', '"seq": 1e999'),
+           json.dumps(event(7, "x", source="real:1")), json.dumps(event(8, "x", details=[1])),
+           json.dumps(event(9, "x", level=7)), "not json", json.dumps([1, 2]), json.dumps(event(10, "x", seq=2**60))]
+    assert "1e999" in bad[1]
+
+    def push(*texts):
+        pipe = client.pipeline(transaction=True)
+        for text in texts:
+            pipe.xadd("synapticllamas:events", {"event": text})
+            pipe.publish("synapticllamas:llama_cpp:system", text)
+        pipe.execute()
+
+    viewer = Viewer(tmp_path / "viewer", redis_server.url, "--follow", "--replay", "0")
+    try:
+        viewer.said("following synapticllamas:llama_cpp:*")
+        push(good(1, "before the bad ones"), *bad, good(2, "after the bad ones \x1b[2J"),
+             json.dumps(event(3, "forged far ahead", seq=2**53 - 1)), good(3, "the real app goes on"))
+        lines = viewer.lines(4)
+        assert "before the bad ones" in lines[0]
+        assert "after the bad ones \\x1b[2J" in lines[1] and "\x1b" not in "".join(lines)   # shown escaped
+        assert "forged far ahead" in lines[2] and "the real app goes on" in lines[3]
+        assert viewer.stop() == 0
+    finally:
+        viewer.kill()
+    err = [line for _, line in viewer.transcript if _ == "stderr"]
+    skipped = [line for line in err if line.startswith("(skipped a message on synapticllamas:llama_cpp:system: ")]
+    assert len(skipped) == len(bad), err
+    assert any("timestamp: 1e+20 is not a number from 0 to 4102444800" in line for line in skipped), skipped
+    assert not any("lost (" in line for line in err), err           # the forged seq is no loss
+    assert err[-1] == f"{len(bad)} messages skipped: not valid SynapticLlamas events (last: " \
+                      f"seq: {2**60} is not an integer from 0 to {2**53 - 1})", err
+    assert not any("Traceback" in line for line in err)
+
+    # a later replay reads the same journal and says the same
+    proc = subprocess.run([PYTHON, str(ROOT / "main.py"), "events", "--redis-url", redis_server.url,
+                           "--replay", "100"], capture_output=True, text=True, env=shell_env(tmp_path), cwd=ROOT,
+                          timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("\n") == 4 and "the real app goes on" in proc.stdout
+    assert proc.stderr.splitlines()[-1].startswith(f"{len(bad)} messages skipped: not valid SynapticLlamas events")

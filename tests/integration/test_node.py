@@ -171,3 +171,64 @@ def test_the_cache_is_pruned_to_its_limit_least_recently_used_first(tmp_path, ta
     finally:
         node.send_signal(signal.SIGTERM)
         assert node.wait(20) == 0
+
+
+def test_with_no_route_to_a_remote_redis_it_refuses_to_announce_loopback(tmp_path, tag):
+    """Run in a network namespace of its own (`unshare -n`: no interface up, no route): a remote
+    Redis has no route, so there is no address of this machine to announce. The node must not fall
+    back to 127.0.0.1 (remote shells would dial their own loopback): one line, exit status 2."""
+    proc = subprocess.run(["unshare", "-n", PYTHON, str(ROOT / "main.py"), "node", "--redis-url",
+                           "redis://10.255.7.1:6379", "--port", str(free_port())], capture_output=True, text=True,
+                          env=node_env(tmp_path, tag), cwd=ROOT, timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "Error: no route to Redis at 10.255.7.1:6379 (network is unreachable) to choose the address rpc-server "
+        "announces; pass --host ADDR, this machine's address on the network the coordinators reach"], proc.stderr
+    assert tagged_processes(tag) == []
+    bad = run_node(tmp_path, tag, "--host", "no such host!")      # run_node's own --host comes first: replaced
+    assert bad.returncode == 2 and bad.stderr.startswith("Error: --host='no such host!' is not valid: expected an IP "
+                                                         "address or host name of this machine"), bad.stderr
+
+
+def without_dac_override() -> list[str]:
+    """As root, run without the capabilities that let root read any directory whatever its mode
+    (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH): a mode then denies it as it denies any user."""
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+
+
+def test_a_cache_directory_that_cannot_be_read_is_said_once_and_the_heartbeats_go_on(tmp_path, tag, redis_server):
+    """The heartbeat is a node's liveness: if it ended on a PermissionError from the cache
+    directory, every shell would mark a healthy node down and fail over."""
+    files = tmp_path / "cache-home" / "rpc"
+    port = free_port()
+    env = node_env(tmp_path, tag, SOLLOL_RPC_BACKEND_HEARTBEAT_INTERVAL="0.2")
+    node = subprocess.Popen([*without_dac_override(), PYTHON, str(ROOT / "main.py"), "node", "--host", "127.0.0.1",
+                             "--port", str(port), "--redis-url", redis_server.url, "--cache-dir",
+                             str(tmp_path / "cache-home")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    client = redis_server.client()
+
+    def beats():
+        return sum(json.loads(f["event"])["event_type"] == "heartbeat" for _, f in client.xrange("synapticllamas:events"))
+
+    try:
+        wait_for(lambda: beats() >= 2, 30, what="the node's first heartbeats")
+        files.chmod(0)                                                   # nobody may list it now
+        wait_for(lambda: beats() >= 2 + 8, 20, what="heartbeats after the cache became unreadable")
+        files.chmod(0o755)
+        seen = beats()
+        wait_for(lambda: beats() >= seen + 3, 20, what="heartbeats once it is readable again")
+        assert node.poll() is None
+        entry = json.loads(client.hget("synapticllamas:nodes", f"127.0.0.1:{port}"))
+        assert entry["state"] == "up"
+    finally:
+        if files.exists():
+            files.chmod(0o755)
+        node.send_signal(signal.SIGTERM)
+        status = node.wait(20)
+        out, err = node.communicate()
+    assert status == 0, err
+    said = [line for line in err.splitlines() if "cache directory" in line]
+    assert said == [f"node: cannot read the cache directory {files} (permission denied); its size is not updated "
+                    "until it can be; rpc-server and the heartbeats go on"], err
+    assert f"node: the cache directory {files} can be read again" in out and "Traceback" not in err

@@ -6,6 +6,7 @@ import pytest
 from synapticllamas.dashboard import frames
 from synapticllamas.dashboard.access import host_name, is_loopback_name, request_token
 from synapticllamas.dashboard.hub import redact_strings
+from synapticllamas.events.schema import Tally
 
 
 def test_ids_sort_in_journal_order_with_pubsub_only_events_between():
@@ -24,20 +25,24 @@ def test_bad_ids_say_what_is_accepted(bad):
 
 
 def test_a_frame_is_one_data_line_even_for_pretty_printed_json():
-    event = {"message": "a\nb", "seq": 1}
-    pretty = json.dumps(event, indent=2).encode()
+    raw = {"timestamp": 1.5, "component": "raw", "event_type": "log", "message": "a\nb", "seq": 1}
+    pretty = json.dumps(raw, indent=2).encode()
+    event = frames.decode(pretty)
     frame = frames.frame("1-0", event, pretty)
     assert frame.startswith(b"id: 1-0\ndata: {") and frame.endswith(b"\n\n")
-    assert frame.count(b"\n") == 3 and json.loads(frame.split(b"data: ", 1)[1]) == event
-    compact = b'{"seq":1}'
-    assert frames.frame("2-0", {"seq": 1}, compact) == b"id: 2-0\ndata: " + compact + b"\n\n"
+    assert frame.count(b"\n") == 3 and json.loads(frame.split(b"data: ", 1)[1])["message"] == "a\nb"
+    compact = json.dumps(raw, separators=(",", ":")).encode()
+    assert frames.frame("2-0", event, compact) == b"id: 2-0\ndata: " + compact + b"\n\n"
 
 
 def test_events_are_keyed_by_instance_and_seq_else_by_text():
-    ev = {"source": {"instance": "h:1"}, "seq": 3}
+    base = {"timestamp": 1.0, "component": "raw", "event_type": "log"}
+    ev = frames.decode(json.dumps(dict(base, source={"instance": "h:1"}, seq=3)).encode())
     assert frames.event_key(ev, b"x") == ("h:1", 3)
-    assert frames.event_key({"seq": 3}, b"x") == b"x"
-    assert frames.decode(b"[1]") is None and frames.decode(b"\xff") is None and frames.decode(b"{") is None
+    assert frames.event_key(frames.decode(json.dumps(dict(base, seq=3)).encode()), b"x") == b"x"
+    tally = Tally()
+    assert frames.decode(b"[1]", tally) is None and frames.decode(b"\xff", tally) is None
+    assert frames.decode(b"{", tally) is None and tally.total == 3
 
 
 def test_token_from_bearer_header_or_query():

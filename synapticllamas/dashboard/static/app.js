@@ -17,6 +17,7 @@
   const LEVELS = CONTRACT.levels;
   const COMPONENTS = CONTRACT.components;
   const Charts = window.SynapticCharts;
+  const Schema = window.SynapticSchema;     // static/schema.js: the checks of synapticllamas/events/schema.py
   const COORDINATOR_STATES = {
     [T.coordinator.STARTING]: "starting", [T.model.LOADING]: "starting", [T.model.LOAD]: "starting",
     [T.coordinator.START]: "running", [T.coordinator.HEARTBEAT]: "running", [T.coordinator.STOPPING]: "stopping",
@@ -37,6 +38,8 @@
   let paused = false, missedWhilePaused = 0;
   let renderQueued = false;
   let chartsTimer = null, chartsDrawn = 0;
+  let skipped = 0, lastSkipped = "";   // feed messages that are not valid events: counted, never shown
+  let skippedByServer = 0;             // journal entries the dashboard itself refused (its status events say)
   const newRows = [];          // rows to append at the next animation frame
 
   // ------------------------------------------------------------ small helpers
@@ -58,24 +61,11 @@
   const isObject = (value) => value !== null && typeof value === "object" && !Array.isArray(value);
   const num = (value) => (typeof value === "number" && isFinite(value) ? value : null);
   const seconds = (value) => (typeof value === "number" && value > 0 && isFinite(value) ? value : null);
-  const count = (value) => (Number.isSafeInteger(value) && value >= 0 ? value : null);
 
-  // Any publisher on the shared Redis can send any JSON. Every field is checked here, once, so the
-  // rest of the page only ever sees these types (strings, a details object, a number or null seq).
-  function normalise(raw) {
-    const source = isObject(raw.source) ? raw.source : {};
-    return {
-      timestamp: raw.timestamp,
-      component: text(raw.component),
-      event_type: text(raw.event_type),
-      message: text(raw.message),
-      details: isObject(raw.details) ? raw.details : {},
-      level: text(raw.level, "info").toLowerCase(),
-      seq: Number.isSafeInteger(raw.seq) ? raw.seq : null,
-      sampled: count(raw.sampled),   // null: the publisher does not say (its gaps count as lost)
-      source: { app: text(source.app), host: text(source.host), instance: text(source.instance) || "(unknown)" },
-    };
-  }
+  // Any publisher on the shared Redis can send any JSON. Every event goes through Schema.decode()
+  // once, on arrival (the same rules as the Python readers, from /contract.js), so the rest of the
+  // page only ever sees checked types: strings, a details object whose typed fields hold what they
+  // should, a number or null seq; `sampled` null when the publisher does not say.
 
   // an unknown level is filtered as info, not hidden
   const levelRank = (level) => (LEVELS.includes(level) ? LEVELS.indexOf(level) : LEVELS.indexOf("info"));
@@ -148,8 +138,8 @@
     instance = text(instance, "(unknown)");
     let a = apps.get(instance);
     if (!a) {
-      a = { instance, reg: null, source: {}, lastHeard: null, lastSeq: null, lastSampled: null, sampled: 0, lost: 0,
-            count: 0, unregistered: false, stoppedAt: null, heartbeatEvery: null, coordinator: null,
+      a = { instance, reg: null, source: {}, lastHeard: null, runs: [], confirmedSampled: 0, confirmedLost: 0,
+            outOfSequence: 0, sampled: 0, lost: 0, count: 0, unregistered: false, stoppedAt: null, heartbeatEvery: null, coordinator: null,
             backends: new Map(), inference: [] };
       apps.set(instance, a);
       setOptions($("filter-app"), [instance]);
@@ -159,24 +149,49 @@
 
   // seq counts every event an app created, `sampled` the ones its sampling left out (a running
   // total). So between two events received, seq moved by (sampled out + lost): sampling is shown
-  // quietly, loss loudly. The same sum as synapticllamas/events/gaps.py (the terminal viewer).
+  // quietly, loss loudly. The same sum as synapticllamas/events/gaps.py (the terminal viewer, the
+  // metrics), runs and all: a forged or absurd seq with a real app's instance starts a run of its
+  // own, or is dropped when the real next event lands before it; it never resets the real one.
+  const MAX_RUNS = 4;
+
+  function seqGap(fromSeq, fromSampled, seq, sampled) {
+    if (seq <= fromSeq + 1) return null;
+    const missing = seq - fromSeq - 1;
+    let bySampling = 0;
+    if (sampled !== null && fromSampled !== null) bySampling = Math.min(missing, Math.max(0, sampled - fromSampled));
+    return { sampled: bySampling, lost: missing - bySampling, from: fromSeq + 1, to: seq - 1 };
+  }
+
+  function confirm(a, gap) {
+    if (gap) { a.confirmedSampled += gap.sampled; a.confirmedLost += gap.lost; }
+  }
+
   function noteSeq(a, ev) {
-    if (ev.seq === null || ev.seq <= 0) return null;
-    if (isType(ev, C.SYSTEM, T.system.REGISTER) || (a.lastSeq !== null && ev.seq <= a.lastSeq)) {
-      a.lastSeq = null;   // a new run (another process with the same host:pid): nothing to compare
-      a.lastSampled = null;
-    }
+    const seq = ev.seq;
+    if (seq === null || seq <= 0) return null;
+    const runs = a.runs;
+    if (isType(ev, C.SYSTEM, T.system.REGISTER)) { for (const r of runs) confirm(a, r.pending); runs.length = 0; }
     let gap = null;
-    if (a.lastSeq !== null && ev.seq > a.lastSeq + 1) {
-      const missing = ev.seq - a.lastSeq - 1;
-      let bySampling = 0;
-      if (ev.sampled !== null && a.lastSampled !== null) bySampling = Math.min(missing, Math.max(0, ev.sampled - a.lastSampled));
-      gap = { sampled: bySampling, lost: missing - bySampling, from: a.lastSeq + 1, to: ev.seq - 1 };
-      a.sampled += gap.sampled;
-      a.lost += gap.lost;
+    const below = runs.filter((r) => r.seq < seq);
+    const best = below.length ? below.reduce((x, y) => (y.seq > x.seq ? y : x)) : null;
+    const inside = runs.find((r) => r.prevSeq !== null && r.prevSeq < seq && seq < r.seq);
+    if (best && seq - best.seq - 1 <= Schema.jumpLimit) {
+      confirm(a, best.pending);
+      gap = seqGap(best.seq, best.sampled, seq, ev.sampled);
+      Object.assign(best, { prevSeq: best.seq, prevSampled: best.sampled, seq, sampled: ev.sampled, pending: gap });
+      runs.splice(runs.indexOf(best), 1);
+      runs.push(best);
+    } else if (inside) {            // its last event came out of sequence (forged, or out of order)
+      a.outOfSequence += 1;
+      gap = seqGap(inside.prevSeq, inside.prevSampled, seq, ev.sampled);
+      Object.assign(inside, { seq, sampled: ev.sampled, pending: gap });
+    } else if (!runs.some((r) => r.seq === seq || r.prevSeq === seq)) {
+      runs.push({ seq, sampled: ev.sampled, prevSeq: null, prevSampled: null, pending: null });
+      if (runs.length > MAX_RUNS) runs.shift();
     }
-    a.lastSeq = ev.seq;
-    a.lastSampled = ev.sampled;
+    // shown: the confirmed sums and the newest gaps not confirmed yet
+    a.sampled = a.confirmedSampled + runs.reduce((n, r) => n + (r.pending ? r.pending.sampled : 0), 0);
+    a.lost = a.confirmedLost + runs.reduce((n, r) => n + (r.pending ? r.pending.lost : 0), 0);
     return gap;
   }
 
@@ -493,8 +508,12 @@
 
     const running = list.filter((a) => a.coordinator && a.coordinator.state === "running").length;
     const liveApps = list.filter((a) => states.get(a.instance)[0] === "live").length;
+    const bad = skipped + skippedByServer;
     $("summary").textContent = `${list.length} app${list.length === 1 ? "" : "s"} (${liveApps} live), ` +
-      `${running} coordinator${running === 1 ? "" : "s"} running, ${nodes.size} node${nodes.size === 1 ? "" : "s"}`;
+      `${running} coordinator${running === 1 ? "" : "s"} running, ${nodes.size} node${nodes.size === 1 ? "" : "s"}` +
+      (bad ? `; ${bad} invalid event${bad === 1 ? "" : "s"} skipped` : "");
+    $("summary").title = bad ? "messages on the Redis that are not valid SynapticLlamas events: not shown" +
+      (lastSkipped ? `; last refused here: ${lastSkipped}` : "; GET /healthz says why") : "";
   }
 
   function nodeState(n, now) {
@@ -675,7 +694,7 @@
       if (!response.ok) return;
       const body = await response.json();
       for (const reg of body.apps || []) {
-        if (!isObject(reg)) continue;
+        if (!valid(reg, false)) continue;
         const a = appFor(reg.instance);
         if (!a.reg) a.reg = reg;
         if (a.lastHeard === null && typeof reg.started_at === "number") a.lastHeard = reg.started_at * 1000;
@@ -690,7 +709,7 @@
       if (!response.ok) return;
       const body = await response.json();
       for (const reg of body.nodes || []) {
-        if (!isObject(reg) || typeof reg.address !== "string") continue;
+        if (!valid(reg, true) || typeof reg.address !== "string") continue;
         const n = nodeFor(reg.address);
         if (!n.host) n.host = text(reg.hostname);
         if (!n.instance) n.instance = text(reg.instance);
@@ -706,15 +725,28 @@
     } catch (err) { /* the feed's status event tells the user what is wrong */ }
   }
 
+  function valid(reg, node) {
+    try { Schema.registration(reg, node); return true; } catch (err) { return false; }
+  }
+
   function connect() {
     const source = new EventSource(withToken("events"));
     source.onmessage = (message) => {
       let ev;
-      try { ev = JSON.parse(message.data); } catch (err) { return; }
-      if (isObject(ev) && typeof ev.timestamp === "number" && isFinite(ev.timestamp)) handle(normalise(ev));
+      try {
+        ev = Schema.decode(message.data);
+      } catch (err) {
+        if (!(err instanceof Schema.Invalid)) throw err;
+        skipped += 1;
+        lastSkipped = err.message;
+        queueRender();
+        return;
+      }
+      handle(ev);
     };
     source.addEventListener("status", (message) => {
       const s = JSON.parse(message.data);
+      if (Number.isSafeInteger(s.invalid)) skippedByServer = s.invalid;
       const wasDown = redisDown;
       redisDown = s.redis === "down"
         ? `Redis at ${s.url} is unreachable (${s.error || "no answer"}). Retrying; events resume by themselves.`
