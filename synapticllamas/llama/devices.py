@@ -91,6 +91,9 @@ class PlacementInputs:
         self.offers = offers
         self.latency = latency          # the registry's last probe of a backend (ms)
         self.notes: list[str] = []
+        # the free memory llama-server reported for a backend at its last load (the planner's):
+        # the offer of a plain backend nothing else speaks for
+        self.reported_free: dict[str, int] = {}
         self.measure = True              # off: speeds only from the cache (a split by memory needs none)
         self._speeds: dict[str, DeviceSpeed | None] = {}
 
@@ -158,6 +161,9 @@ class PlacementInputs:
         hosts: dict[str, HostOffer] = {host.id: HostOffer(host.id, f"{host.name} (this host)", host.mem_available_mib,
                                                           "its free memory")}
         offers = dict(self.offers(list(backends)))
+        for address in backends:
+            if (address not in offers or offers[address].mib is None) and address in self.reported_free:
+                offers[address] = Offer(self.reported_free[address], "free at the last load")
         local_mib = self.settings.coordinator_memory
         if local_mib != 0:
             devices[LOCAL] = DeviceInfo(LOCAL, host.id, await self.local_speed(repack=True), None, host.name)

@@ -87,8 +87,9 @@ class Planner:
             await self._choose(plan, target)
         elif backends:
             await self._place(plan, target.force)
-            if self.dial_for is not None:
-                plan.dial = await self.dial_for(list(backends))
+        if plan.backends and self.dial_for is not None:
+            # the ones the plan holds (the chooser may leave some idle): llama-server dials only those
+            plan.dial = await self.dial_for(list(plan.backends))
         return plan
 
     async def _place(self, plan: Plan, force: bool) -> None:
@@ -127,6 +128,7 @@ class Planner:
         from synapticllamas.util.host import threads_for
 
         assert self.inputs is not None
+        self.inputs.reported_free = self.reported_free
         mode = "spread" if target.spread else self.settings.placement
         try:
             _, choice = await choose_for(self.inputs, plan.model, self.settings.coordinator_ctx_size,
