@@ -48,7 +48,7 @@ from typing import Any
 
 from synapticllamas.util.processes import describe_exit, spawn
 
-VERSION = 1
+VERSION = 2                        # 2: a floor on ns per byte, GOMP_SPINCOUNT (cached figures of 1 are measured again)
 # the types of the models people run (f16, q8_0, q4_K_M = q4_K + q6_K); another type takes the
 # nearest of these by bits per weight (on this machine q4_1 and q4_0 were within 10 % of q4_K)
 DEFAULT_TYPES = ("F16", "Q8_0", "Q6_K", "Q4_K")
@@ -58,6 +58,7 @@ OVERHEAD_WIDTH, OVERHEAD_FFN = 128, 256
 TOKENS, REPEATS = 2, 2
 QUOTA_REPEATS = 5                  # under a CPU quota: one token five times (see above)
 TIMEOUT = 60.0                     # a very slow machine: give up rather than hang a start
+BYTES_SHARE = 0.5                  # at least this share of a type model's token is its bytes' (solve())
 CACHE_ENTRIES = 32
 # bits per weight, to stand in for a type that was not measured by the nearest one that was
 _BPW = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_1": 6, "Q5_0": 5.5, "Q5_K": 5.5,
@@ -97,7 +98,7 @@ class DeviceSpeed:
         return ns / 1e9
 
     def summary(self) -> dict[str, Any]:
-        return {"ns_per_byte": {k: round(v, 5) for k, v in self.ns_per_byte.items()},
+        return {"ns_per_byte": {k: float(f"{v:.5g}") for k, v in self.ns_per_byte.items()},  # never rounded to 0
                 "layer_ns": round(self.layer_ns, 1), "threads": self.threads, "cpus": round(self.cpus, 3),
                 "repack": self.repack, "repack_failed": self.repack_failed, "seconds": round(self.seconds, 2),
                 "measured_at": round(self.measured_at, 1)}
@@ -156,8 +157,13 @@ def _write_models(directory: Path, types: Iterable[str]) -> dict[str, tuple[Path
 
 
 async def _run(argv: list[str], timeout: float) -> tuple[int, str, str]:
+    from synapticllamas.rpc.launch import SPIN_COUNT
+
+    # idle threads spin as briefly as rpc-server's and llama-server's do (rpc/launch.py): measured
+    # as it will run, and two nodes measuring at once on one machine do not burn each other's time
+    env = {**os.environ, "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", SPIN_COUNT)}
     proc = await spawn(argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                       stderr=asyncio.subprocess.PIPE)
+                       stderr=asyncio.subprocess.PIPE, env=env)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
     except (TimeoutError, asyncio.CancelledError):
@@ -202,7 +208,10 @@ def solve(token_ns: dict[str, float], files: dict[str, tuple[Path, int, int]]) -
         if kind == "overhead":
             continue
         _, nbytes, layers = files[kind]
-        per_byte[kind] = max(1e-6, (ns - layers * layer_ns) / nbytes)
+        # each type's model is built to be bound by its bytes (96 MiB, a few layers): a remainder
+        # below half its time is the noise of a busy machine slowing the tiny-layers model, never
+        # a type whose bytes are (nearly) free
+        per_byte[kind] = max((ns - layers * layer_ns) / nbytes, BYTES_SHARE * ns / nbytes, 1e-6)
     return per_byte, layer_ns
 
 

@@ -198,6 +198,22 @@ def test_the_benchmark_separates_the_per_layer_cost_from_the_per_byte_cost():
     assert per_byte["Q4_K"] == pytest.approx(q4)
 
 
+def test_a_busy_machine_that_slowed_the_tiny_layers_model_leaves_no_type_free():
+    """Seen in the suite: two nodes measuring at once, the tiny-layers model slowed most, and a
+    per-layer cost that left Q6_K's bytes nothing; announced as 0.0, the schema refused node_up."""
+    from synapticllamas.events.schema import decode_node_entry
+
+    files = {"overhead": (Path("o"), 1_000_000, 16), "F16": (Path("f"), 100_000_000, 4),
+             "Q6_K": (Path("q"), 100_000_000, 4)}
+    token = {"overhead": 16 * 2_000_000.0, "F16": 4 * 2_000_000.0 + 5e6, "Q6_K": 4e6}
+    per_byte, layer = speed_mod.solve(token, files)
+    assert per_byte["Q6_K"] == pytest.approx(speed_mod.BYTES_SHARE * 4e6 / 100_000_000)
+    measured = DeviceSpeed(per_byte, layer, 2, 2.0, False)
+    assert DeviceSpeed.from_summary(measured.summary()) is not None
+    _, reg = decode_node_entry("127.0.0.1:50052", json.dumps({"speed": measured.summary()}))
+    assert all(v > 0 for v in reg["speed"]["ns_per_byte"].values())
+
+
 def test_under_a_quota_a_run_held_back_is_not_taken_for_the_speed():
     files = {"F16": (Path("/m/F16.gguf"), 1, 1)}
     rows = [{"model_filename": "/m/F16.gguf", "n_gen": 1, "n_prompt": 0, "samples_ns": [9e6, 90e6, 10e6, 80e6]}]
