@@ -202,3 +202,41 @@ def test_a_node_announces_its_devices_even_when_its_banner_comes_late(tmp_path, 
         node.wait(20)
         sub.close()
         redis.kill()
+
+
+def test_the_dial_map_covers_the_backends_the_chosen_plan_holds(tmp_path, monkeypatch):
+    """`mgr.dial_for` (secured links) is asked for the backends the plan holds, not every healthy
+    one: the plan that fits this host holds none and dials none; `--spread` dials both, and
+    llama-server's --rpc names what the map says. Real rpc-servers and llama-bench; nothing started."""
+    import asyncio
+
+    from llama_support import settings_for
+
+    from synapticllamas.app import App
+    from synapticllamas.llama.preflight import Target
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))     # the speed cache of this test
+    settings = settings_for(tmp_path, distributed=True, placement="speed", coordinator_args="")
+    asked: list[list[str]] = []
+
+    async def dial_for(backends: list[str]) -> dict[str, str]:
+        asked.append(list(backends))
+        return {b: f"127.0.0.1:{60000 + i}" for i, b in enumerate(backends)}
+
+    async def run():
+        app = App(settings)
+        await app.start()
+        try:
+            keys = await app.local_backends.spawn(2)
+            app.coordinator.dial_for = dial_for
+            here = await app.coordinator.planner.plan(Target(), auto=False)
+            spread = await app.coordinator.planner.plan(Target(spread=True), auto=False)
+            return keys, here, spread
+        finally:
+            await app.close()
+
+    keys, here, spread = asyncio.run(run())
+    assert here.backends == [] and here.idle == keys and here.dial == {}
+    assert asked == [spread.backends] and sorted(spread.backends) == sorted(keys)
+    argv = spread.argv(2048, "")
+    assert argv[argv.index("--rpc") + 1] == ",".join(spread.dial[b] for b in spread.backends)
