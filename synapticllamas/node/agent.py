@@ -97,6 +97,10 @@ class NodeAgent:
         self.restarts = 0
         self.cache_bytes = 0
         self.memory_offered: int | None = None
+        from synapticllamas.node.speed import NodeSpeed
+
+        # its host and its device's speed, measured at start (node/speed.py)
+        self.speed = NodeSpeed(options.binary, options.threads, options.devices, settings.host_id)
         self._stop = asyncio.Event()
         self._stop_reason = "exit"
         self._prune: asyncio.TimerHandle | None = None
@@ -117,7 +121,7 @@ class NodeAgent:
             "cache": {"enabled": o.cache, "dir": str(o.cache_files) if o.cache else None,
                       "bytes": self.cache_bytes, "max_bytes": o.cache_max_bytes},
             "started": self.started, "heartbeat_interval": self.interval, "last_heartbeat": time.time(),
-            "restarts": self.restarts,
+            "restarts": self.restarts, **self.speed.summary(),
         }
 
     def _emit(self, event_type: str, message: str, level: str = "info", **details: Any) -> None:
@@ -143,6 +147,14 @@ class NodeAgent:
             loop.add_signal_handler(sig, self._signalled, sig)
         self._start_publisher()
         self._prune_cache()
+        # the device's speed before rpc-server starts: nothing else computes on it meanwhile
+        seconds, fresh = await self.speed.measure()
+        if self.speed.speed is not None:
+            self.say(f"node: device speed {'measured in ' + format(seconds, '.1f') + 's' if fresh else 'from the cache'} "
+                     f"(f16 {1 / self.speed.speed.per_byte('F16'):.1f} GB/s, {self.speed.host.cpus if self.speed.host else '?'}"
+                     " CPUs)")
+        elif self.speed.note:
+            self.warn(f"node: {self.speed.note}")
         heartbeat = loop.create_task(self._heartbeat(), name="node-heartbeat")
         try:
             status = await self._supervise()
@@ -269,7 +281,7 @@ class NodeAgent:
         self._emit(NodeEvent.NODE_UP, f"node {self.options.address} up: {version}, {devices}",
                    rpc_pid=server.pid, rpc_version=banner.version, devices=list(banner.devices),
                    memory_offered_mib=self.memory_offered, threads=self.options.threads,
-                   latency_ms=round(latency_ms, 2), restarts=self.restarts)
+                   latency_ms=round(latency_ms, 2), restarts=self.restarts, **self.speed.summary())
 
     def _exited(self, server: RpcServerProcess) -> str:
         how = server.how_it_ended()
@@ -346,8 +358,13 @@ class NodeAgent:
             except OSError as exc:
                 self._cache_failed(exc)
         server = self.server
+        again: dict[str, Any] = {}
+        # the quota or the binary changed: measure again, but never under a client's load
+        if server is not None and server.clients == 0 and self.speed.changed():
+            await self.speed.measure()
+            again = self.speed.summary()
         self._emit(NodeEvent.HEARTBEAT, f"rpc_backend_connect on {self.options.address}",
                    rpc_pid=server.pid if server and server.running else None,
                    uptime_s=round(time.monotonic() - self.up_since, 1) if self.up_since else None,
                    cache_bytes=self.cache_bytes, memory_offered_mib=self.memory_offered,
-                   interval_s=self.interval, restarts=self.restarts)
+                   interval_s=self.interval, restarts=self.restarts, **again)
