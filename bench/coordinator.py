@@ -89,6 +89,7 @@ async def measure(runs: int, kills: int, redis: RedisServer, tmp: Path) -> dict[
     settings = load_settings(flags={"backends_file": str(tmp / "rpc_backends.conf"), "distributed": True},
                              env={"SYNAPTICLLAMAS_CONFIG": str(tmp / "config.toml"), "SOLLOL_REDIS_URL": redis.url})
     settings = settings.replace(coordinator_port=free_port(), coordinator_args="-t 1", coordinator_backoff=0.05,
+                                placement="memory",
                                 history_file=str(tmp / "history"), log_file=str(tmp / "log"))
     load_all()
     app = App(settings, ui=PlainUI(out=io.StringIO()))   # the progress lines are not the figures

@@ -49,7 +49,7 @@ def make_app(tmp: Path, **values) -> App:
     config.write_text("")
     settings = load_settings({}, env={}, config_path=str(config)).replace(
         distributed=True, backends_file=str(tmp / "backends.conf"), coordinator_port=free_port(),
-        coordinator_args="-t 1", rpc_backend_heartbeat=False, coordinator_backoff=0.1,
+        coordinator_args="-t 1", rpc_backend_heartbeat=False, coordinator_backoff=0.1, placement="memory",
         history_file=str(tmp / "history"), log_file=str(tmp / "log"), **values)
     return App(settings, PlainUI(io.StringIO()))
 

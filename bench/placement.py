@@ -32,7 +32,7 @@ async def measure(tmp: Path, memory: list[int], ctx: int) -> list[dict]:
     config.write_text("")
     settings = load_settings({}, env={}, config_path=str(config)).replace(
         distributed=True, backends_file=str(tmp / "backends.conf"), coordinator_port=free_port(),
-        coordinator_args="-t 1", coordinator_ctx_size=ctx, rpc_backend_heartbeat=False,
+        coordinator_args="-t 1", coordinator_ctx_size=ctx, rpc_backend_heartbeat=False, placement="memory",
         history_file=str(tmp / "history"), log_file=str(tmp / "log"))
     app = App(settings, PlainUI(io.StringIO()))      # what the commands would print is not measured
     await app.start()

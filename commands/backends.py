@@ -62,16 +62,32 @@ def _note(app: App, backend: Any) -> str:
     return backend.reason or ""
 
 
+def _hosts_line(hosts: dict[str, tuple[str, int | None, list[str]]]) -> str:
+    """`2 hosts: vm (this host) 16.2 GiB free, shared by 3 backends; pi 3.5 GiB free`: each counted once."""
+    parts = []
+    for name, free, on in hosts.values():
+        memory = f" {free / 1024:.1f} GiB free" if free is not None else ""
+        shared = f", shared by {len(on)} backends" if len(on) > 1 else ""
+        parts.append(f"{name}{memory}{shared}")
+    n = len(hosts)
+    return f"{n} host{'s' if n != 1 else ''} (each machine's memory counted once): " + "; ".join(parts)
+
+
 def backends_table(app: App, message: str | None = None) -> Result:
     registry = app.registry
     settings = app.settings
     now = time.monotonic()
     rows = []
+    inputs = app.placement_inputs
+    here = inputs.host()
+    hosts: dict[str, tuple[str, int | None, list[str]]] = {}
     for b in registry.backends():
         checked = f"{duration(now - b.last_check)} ago" if b.last_check is not None else "never"
+        ident, name, free = inputs.host_of_backend(b.key, here)
+        hosts.setdefault(ident, (name, free, []))[2].append(b.key)
         rows.append((b.key, b.state, checked,
                      f"{b.latency_ms:.1f} ms" if b.latency_ms is not None else "-", b.failures,
-                     _kind(app, b), _note(app, b)))
+                     _kind(app, b), shown(name, 60), _note(app, b)))
     if settings.rpc_backend_heartbeat:
         probing = f"probed every {settings.rpc_backend_heartbeat_interval:g}s"
     else:
@@ -81,11 +97,14 @@ def backends_table(app: App, message: str | None = None) -> Result:
               f"Backends file: {settings.backends_file}"]
     if registry.file_errors:
         footer.append(f"{len(registry.file_errors)} bad line(s) in it, first: {registry.file_errors[0]}")
+    if hosts:
+        footer.append(_hosts_line(hosts))
     if not rows:
         intro = ("No RPC backends configured. Add one with 'backends add HOST:PORT', "
                  "or start local ones with 'backends spawn 2'.")
         return Result(message="\n".join(filter(None, [message, intro])), footer="\n".join(footer))
-    return Result.table("RPC backends", ("address", "state", "last check", "latency", "failures", "kind", "note"),
+    return Result.table("RPC backends", ("address", "state", "last check", "latency", "failures", "kind", "host",
+                                         "note"),
                         rows, message=message, footer="\n".join(footer))
 
 

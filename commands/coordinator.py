@@ -17,11 +17,13 @@ if TYPE_CHECKING:
     from synapticllamas.llama.hooks import Notice
     from synapticllamas.llama.lifecycle import StateChange
 
-USAGE = ('coordinator start [--model PATH] [--port N] [--force] | stop | restart | rebalance | status | logs [N] | '
-         'attach URL [--api-key K] | detach | ask "PROMPT" [--n N]')
+USAGE = ('coordinator start [--model PATH] [--port N] [--force] [--spread] | plan [--model PATH] [--spread] | stop | '
+         'restart | rebalance | status | logs [N] | attach URL [--api-key K] | detach | ask "PROMPT" [--n N]')
 SUBCOMMANDS = {
-    "start": "start llama-server over the healthy backends, split by the memory each offers; a model that "
-             "cannot fit is refused (--force tries anyway); returns when /health is ok (Ctrl-C aborts)",
+    "start": "start llama-server on the fastest placement that fits (this host's CPU and the healthy backends, "
+             "maybe fewer of them; --spread: every backend holds layers); a model that cannot fit is refused "
+             "(--force tries anyway); returns when /health is ok (Ctrl-C aborts)",
+    "plan": "the placements that fit, with predicted tokens/s, and the one `start` would choose; starts nothing",
     "stop": "stop it (SIGTERM to its process group, SIGKILL after the stop timeout)",
     "restart": "stop, then start again with the same model and port",
     "rebalance": "restart over every healthy backend, taking back the ones lost earlier (not while a request runs)",
@@ -37,23 +39,28 @@ DEFAULT_TOKENS = 32
 
 
 def _running_line(status: dict[str, Any], note: str = "") -> str:
-    backends = ", ".join(status["backends"]) or "none (standard mode)"
-    return (f"Coordinator running at {status['url']} (pid {status['pid']}); model {status['model']}; "
+    choice = status.get("choice")
+    backends = ", ".join(status["backends"]) or ("none, this host's CPU" if choice else "none (standard mode)")
+    line = (f"Coordinator running at {status['url']} (pid {status['pid']}); model {status['model']}; "
             f"RPC backends: {backends}{note}")
+    if choice:
+        line += f"\nPlacement: {choice['reason']}"
+    return line
 
 
 async def _start(app: App, args: list[str], restart: bool = False) -> Result:
     mgr = app.coordinator
     model: str | None = None
     port: int | None = None
-    force = False
+    force = spread = False
     if not restart:
         p = parser("coordinator start")
         p.add_argument("--model", metavar="PATH")
         p.add_argument("--port", type=port_arg)
         p.add_argument("--force", action="store_true")
+        p.add_argument("--spread", action="store_true")
         ns = parse_args(p, args)
-        model, port, force = ns.model, ns.port, ns.force
+        model, port, force, spread = ns.model, ns.port, ns.force, ns.spread
         if model is None and not app.settings.model:
             from synapticllamas.llama import binaries
 
@@ -77,7 +84,7 @@ async def _start(app: App, args: list[str], restart: bool = False) -> Result:
                    mgr.hooks.subscribe("on_load_progress", on_progress)]
     started = time.monotonic()
     try:
-        status = await (mgr.restart() if restart else mgr.start(model, port, force))
+        status = await (mgr.restart() if restart else mgr.start(model, port, force, spread))
     except CoordinatorError as exc:
         raise CommandError(str(exc)) from None
     finally:
@@ -85,6 +92,60 @@ async def _start(app: App, args: list[str], restart: bool = False) -> Result:
             undo()
         app.ui.end_progress()
     return Result.success(_running_line(status, f"; ready in {time.monotonic() - started:.1f}s"))
+
+
+def _model_arg(app: App, model: str | None) -> Path:
+    from synapticllamas.llama import binaries
+    from synapticllamas.llama.preflight import check_model
+
+    if model is None and not app.settings.model:
+        try:
+            model = str(binaries.demo_model())
+        except binaries.NotFound as exc:
+            raise CommandError(f"no model given (--model PATH or SYNAPTICLLAMAS_MODEL), and {exc}") from None
+    path = Path(model or app.settings.model).expanduser()
+    try:
+        check_model(path)
+    except CoordinatorError as exc:
+        raise CommandError(str(exc)) from None
+    return path
+
+
+def _devices_line(c: dict[str, Any]) -> str:
+    parts = [f"{'this host' if d == 'local' else d} {n}" for d, n in c["layers"].items()]
+    return ", ".join(parts)
+
+
+async def _plan(app: App, args: list[str]) -> Result:
+    from synapticllamas.llama.devices import choose_for
+    from synapticllamas.llama.gguf_layout import GGUFError
+
+    p = parser("coordinator plan")
+    p.add_argument("--model", metavar="PATH")
+    p.add_argument("--spread", action="store_true")
+    ns = parse_args(p, args)
+    model = _model_arg(app, ns.model)
+    backends = app.registry.healthy() if app.settings.distributed else []
+    mode = "spread" if ns.spread else app.settings.placement
+    try:
+        layout, choice = await choose_for(app.placement_inputs, model, app.settings.coordinator_ctx_size, backends,
+                                          mode)
+    except (GGUFError, OSError) as exc:
+        raise CommandError(f"cannot read {shown(str(model), 200)}: {exc}") from None
+    rows = []
+    for c in choice.candidates:
+        s = c.summary()
+        pred = s["prediction"]
+        chosen = c is choice.chosen
+        rows.append(((">" if chosen else " ") + " " + c.name, _devices_line(s),
+                     f"{pred['tokens_per_s']:.1f}" if pred else "-", f"{pred['ms_per_token']:.1f}" if pred else "-",
+                     "yes" if c.fits else "no", s["tensor_split"] if c.backends else "-"))
+    footer = [f"{model.name}, {layout.n_layer} layers, -c {app.settings.coordinator_ctx_size}: "
+              + (choice.reason if choice.chosen else "no placement fits")]
+    footer += choice.notes
+    return Result.table("Placements (layers per device; > the one `coordinator start` chooses)",
+                        ("plan", "layers", "tokens/s", "ms/token", "fits", "--tensor-split"), rows,
+                        footer="\n".join(footer))
 
 
 async def _stop(app: App, args: list[str]) -> Result:
@@ -118,8 +179,14 @@ async def _status(app: App, args: list[str]) -> Result:
     if failover:
         rows.append(("last failover", f"lost {', '.join(failover['lost'])}; serving again on "
                      f"{', '.join(failover['survivors'])} after {failover['downtime_s']:g}s"))
+    choice = s.get("choice")
+    if choice:
+        chosen = (choice.get("chosen") or {}).get("prediction") or {}
+        measured = s.get("measured_ms_per_token")
+        rows.append(("placement", f"{choice['reason']}" + (f"; last request {measured:g} ms/token (predicted "
+                                                          f"{chosen.get('ms_per_token')})" if measured else "")))
     for b in s.get("placement") or []:
-        rows.append((b["address"], _placement_line(b)))
+        rows.append(("this host's CPU" if b.get("local") else b["address"], _placement_line(b)))
     footer = None
     if s.get("unused_backends"):
         footer = (f"Running on {len(s['backends'])} backends while {len(s['backends']) + len(s['unused_backends'])} "
@@ -247,12 +314,12 @@ async def _ask(app: App, args: list[str]) -> Result:
                        f"{result['tokens_per_s']:g} tokens/s]")
 
 
-HANDLERS = {"start": _start, "stop": _stop, "status": _status, "logs": _logs, "attach": _attach,
+HANDLERS = {"start": _start, "plan": _plan, "stop": _stop, "status": _status, "logs": _logs, "attach": _attach,
             "detach": _detach, "ask": _ask, "rebalance": _rebalance}
 
 
 @command("coordinator", "Start and supervise the llama.cpp coordinator (llama-server)", USAGE,
-         subcommands=SUBCOMMANDS, options=("--model", "--port", "--force", "--n", "--api-key"))
+         subcommands=SUBCOMMANDS, options=("--model", "--port", "--force", "--spread", "--n", "--api-key"))
 async def coordinator_command(app: App, args: list[str]) -> Result:
     if not args:
         return await _status(app, [])

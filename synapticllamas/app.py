@@ -20,6 +20,7 @@ from synapticllamas.ui import PlainUI
 
 if TYPE_CHECKING:
     from synapticllamas.llama.coordinator import CoordinatorManager
+    from synapticllamas.llama.devices import PlacementInputs
     from synapticllamas.llama.placement import Offer
     from synapticllamas.rpc.discovery import NodeDirectory, NodeInfo
     from synapticllamas.rpc.local import LocalBackend, LocalBackends
@@ -48,6 +49,7 @@ class App:
         self._nodes: NodeDirectory | None = None
         self._links: LinkManager | None = None
         self.conversation = Conversation()     # `chat`'s turns, kept from one `chat` to the next
+        self._placement_inputs: PlacementInputs | None = None
 
     @property
     def coordinator(self) -> CoordinatorManager:
@@ -57,6 +59,7 @@ class App:
             self._coordinator = CoordinatorManager(self.settings, self.observer, self.registry)
             self._coordinator.offers_for = self.offers
             self._coordinator.dial_for = self.dial_for
+            self._coordinator.planner.inputs = self.placement_inputs
         return self._coordinator
 
     @coordinator.setter
@@ -109,6 +112,21 @@ class App:
                                 "key", linked[0])
             dialled.update(await links.dial(linked))
         return dialled
+
+    @property
+    def placement_inputs(self) -> PlacementInputs:
+        """What placement knows of each device (hosts, speeds, links); made on first use."""
+        if self._placement_inputs is None:
+            from synapticllamas.llama.devices import PlacementInputs
+            from synapticllamas.rpc.links import LinkTable
+
+            def latency(address: str) -> float | None:
+                backend = self.registry.get(address)
+                return backend.latency_ms if backend is not None else None
+
+            self._placement_inputs = PlacementInputs(self.settings, LinkTable(), self.local_backend,
+                                                     self.announced_node, self.offers, latency)
+        return self._placement_inputs
 
     def local_backend(self, address: str) -> LocalBackend | None:
         """The local backend at `address`, if this shell started one (never makes the component)."""

@@ -88,6 +88,25 @@ def int_at_least(lo: int) -> Callable[[Any], int]:
     return _number(int, lo, None)
 
 
+def optional_int(lo: int) -> Callable[[Any], int | None]:
+    """An integer >= lo, or nothing (an empty value: the default)."""
+    parse = _number(int, lo, None)
+
+    def parse_optional(raw: Any) -> int | None:
+        return None if isinstance(raw, str) and not raw.strip() else parse(raw)
+
+    return parse_optional
+
+
+def parse_host_id(raw: Any) -> str | None:
+    text = str(raw).strip()
+    if not text:
+        return None
+    if len(text) > 64 or not all(c.isalnum() or c in "-_.:" for c in text) or not text.isascii():
+        raise ValueError("expected up to 64 letters, digits, '-', '_', '.' or ':'")
+    return text
+
+
 def choice(*accepted: str) -> Callable[[Any], str]:
     def parse(raw: Any) -> str:
         text = str(raw).strip().lower()
@@ -250,6 +269,13 @@ SPECS: tuple[Spec, ...] = (
          "llama-server's context size (-c); 0 = the model's own, which can take much more memory"),
     Spec("coordinator_args", "", parse_arguments, ("SYNAPTICLLAMAS_COORDINATOR_ARGS",), None,
          "extra llama-server arguments, appended as given (e.g. \"-t 2\")", redact=redact_args),
+    Spec("placement", "speed", choice("speed", "spread", "memory"), ("SYNAPTICLLAMAS_PLACEMENT",), None,
+         "how `coordinator start` places the model: speed (the fastest plan that fits, maybe on fewer devices), "
+         "spread (every healthy backend holds layers), memory (split by what each offers)"),
+    Spec("coordinator_memory", None, optional_int(0), ("SYNAPTICLLAMAS_COORDINATOR_MEMORY",), None,
+         "MiB this host's CPU (llama-server's own) may hold of the model; 0: none; default: the host's free memory"),
+    Spec("host_id", None, parse_host_id, ("SYNAPTICLLAMAS_HOST_ID",), None,
+         "names this machine for placement (default: from the kernel's boot id); simulated hosts on one kernel set it"),
     Spec("coordinator_rebalance", "manual", choice("manual", "auto"), ("SYNAPTICLLAMAS_COORDINATOR_REBALANCE",),
          None, "manual: `coordinator rebalance` re-includes backends that came back; auto: when no request runs"),
     Spec("attach_check_interval", 60.0, interval, ("SYNAPTICLLAMAS_ATTACH_CHECK_INTERVAL",), None,

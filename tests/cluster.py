@@ -16,6 +16,13 @@ Link speed (`rate_mbit`): `tc qdisc tbf` as the root qdisc of both ends of a hos
 the rate holds each way (root-side end: traffic to the host; eth0 in the host: traffic from it).
 See tbf_args() for burst and latency. Host-to-host traffic crosses both and is limited too.
 
+CPU (`cpu_quota`, cores per host, None: no limit): a cgroup v1 CPU controller group per host
+(/sys/fs/cgroup/cpu/slc<tag>h<i>, cfs_quota_us = cores x cfs_period_us of 100 ms) that every process
+started in the host joins before it execs: the host's processes share that much CPU, as a small
+machine's would. Processes started in the same host share its identity too: the host's name is
+passed as SYNAPTICLLAMAS_HOST_ID (util/host.py: the hosts share one kernel, so by the kernel's
+boot id they would be one machine).
+
 Names and addresses. Every name carries a tag, the owner's pid and a per-process counter in base 36
 (`slc<pid>-<n>`: bridge `...b`, veths `...v<i>`, namespaces `...h<i>`), so interface names stay under
 15 characters and parallel runs never share a name. The /24 is taken, under a lock file, from
@@ -57,6 +64,8 @@ from pathlib import Path
 import pytest
 
 STATE_DIR = Path("/run/synapticllamas-cluster")
+CGROUP_ROOT = Path("/sys/fs/cgroup/cpu")       # cgroup v1's CPU controller (cpu.cfs_quota_us)
+CPU_PERIOD_US = 100_000
 SUPERNET = ipaddress.ip_network("10.250.0.0/16")
 FIRST_HOST = 10                       # host i is .(10+i): the low addresses stay free for the root side
 NAME = re.compile(r"^slc([0-9a-z]+)-([0-9a-z]+)[bvh]\d*$")
@@ -115,24 +124,51 @@ class Host:
         self.veth = f"slc{cluster.tag}v{index}"     # the root-namespace end, a port of the bridge
         self.address = address
         self.rate_mbit = rate_mbit
+        self.cgroup: Path | None = None             # its CPU quota's cgroup, when it has one
+        self.cpu_quota: float | None = None
 
     def _argv(self, argv: Sequence[str | os.PathLike]) -> list[str]:
-        # ip netns exec execs the program (the pid is the program's); unshare + sh set the hostname
-        return ["ip", "netns", "exec", self.netns, "unshare", "--uts", "--", "sh", "-c",
-                'hostname "$0" && exec "$@"', self.name, *map(str, argv)]
+        # ip netns exec execs the program (the pid is the program's); unshare + sh set the hostname.
+        # The CPU cgroup is joined before: `ip netns exec` mounts a sysfs of its own, without cgroups
+        # and, with a CPU quota, the CPU controller is mounted there again, as a container runtime
+        # does, so a process can read its own quota
+        mount = ' && mount -t tmpfs cgroup /sys/fs/cgroup && mkdir /sys/fs/cgroup/cpu' \
+                ' && mount -t cgroup -o cpu cgroup /sys/fs/cgroup/cpu' if self.cgroup else ""
+        inside = ["ip", "netns", "exec", self.netns, "unshare", "--uts", "--", "sh", "-c",
+                  f'hostname "$0"{mount} && exec "$@"', self.name, *map(str, argv)]
+        if self.cgroup is None:
+            return inside
+        return ["sh", "-c", f'echo $$ > "{self.cgroup}/cgroup.procs" && exec "$@"', "sh", *inside]
+
+    def _env(self, env: dict[str, str] | None) -> dict[str, str]:
+        return {**(os.environ if env is None else env), "SYNAPTICLLAMAS_HOST_ID": self.name}
 
     def popen(self, argv: Sequence[str | os.PathLike], *, env: dict[str, str] | None = None,
               **kwargs) -> subprocess.Popen:
         """Start `argv` inside the host (Popen keyword arguments pass through); stopped by close()."""
-        proc = subprocess.Popen(self._argv(argv), env=env, **kwargs)
+        proc = subprocess.Popen(self._argv(argv), env=self._env(env), **kwargs)
         self.cluster._procs.append(proc)
         return proc
 
     def run(self, argv: Sequence[str | os.PathLike], *, env: dict[str, str] | None = None, timeout: float = 30,
             check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
         """Run `argv` inside the host to completion; text output captured."""
-        return subprocess.run(self._argv(argv), env=env, input=input, capture_output=True, text=True,
+        return subprocess.run(self._argv(argv), env=self._env(env), input=input, capture_output=True, text=True,
                               timeout=timeout, check=check)
+
+    def set_cpu_quota(self, cores: float | None) -> None:
+        """Limit the CPU of every process started in the host from now on to `cores` (None: none)."""
+        if cores is None:
+            if self.cgroup is not None:
+                (self.cgroup / "cpu.cfs_quota_us").write_text("-1")
+            self.cpu_quota = None
+            return
+        if self.cgroup is None:
+            self.cgroup = CGROUP_ROOT / self.netns
+            self.cgroup.mkdir(exist_ok=True)
+        (self.cgroup / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
+        (self.cgroup / "cpu.cfs_quota_us").write_text(str(max(1000, int(cores * CPU_PERIOD_US))))
+        self.cpu_quota = cores
 
     def pids(self) -> list[int]:
         """Every process running in the host now."""
@@ -163,12 +199,16 @@ class Host:
 class SimulatedCluster:
     """`n_hosts` hosts on one bridged subnet with the root namespace; see the module docstring."""
 
-    def __init__(self, n_hosts: int, rate_mbit: float | Sequence[float | None] | None = None) -> None:
+    def __init__(self, n_hosts: int, rate_mbit: float | Sequence[float | None] | None = None,
+                 cpu_quota: Sequence[float | None] | None = None) -> None:
         if not 1 <= n_hosts <= 200:
             raise ValueError("n_hosts must be between 1 and 200")
         rates = list(rate_mbit) if isinstance(rate_mbit, Sequence) else [rate_mbit] * n_hosts
         if len(rates) != n_hosts:
             raise ValueError(f"{len(rates)} rates for {n_hosts} hosts")
+        self._quotas = list(cpu_quota) if cpu_quota is not None else [None] * n_hosts
+        if len(self._quotas) != n_hosts:
+            raise ValueError(f"{len(self._quotas)} CPU quotas for {n_hosts} hosts")
         self.tag = f"{_base36(os.getpid())}-{_base36(next(_counter))}"
         self.bridge = f"slc{self.tag}b"
         self._rates = rates
@@ -214,6 +254,8 @@ class SimulatedCluster:
             _ip("-n", host.netns, "link", "set", "lo", "up")
             if rate is not None:
                 host.set_rate(rate)
+            if self._quotas[i] is not None:
+                host.set_cpu_quota(self._quotas[i])
 
     # -- tear-down ------------------------------------------------------------------------------
 
@@ -268,6 +310,9 @@ def _remove_tag(tag: str) -> None:
     namespaces = [n for n in _names_of(tag) if n.startswith(f"slc{tag}h")]
     for ns in namespaces:
         _empty_namespace(ns)
+    for group in CGROUP_ROOT.glob(f"slc{tag}h*") if CGROUP_ROOT.is_dir() else []:
+        with contextlib.suppress(OSError):          # empty now: its processes were in the namespace
+            group.rmdir()
     # deleting the root-side veth deletes its peer at once; a deleted namespace frees it only later
     for link in _names_of(tag):
         if not link.startswith(f"slc{tag}h"):
@@ -299,7 +344,8 @@ def _empty_namespace(ns: str) -> None:
 
 def remove_leftovers() -> None:
     """Remove the parts of every cluster whose owner is gone (a run that was killed)."""
-    tags = {f"{m[1]}-{m[2]}" for n in _netns_names() + _link_names() if (m := NAME.match(n))}
+    groups = [g.name for g in CGROUP_ROOT.glob("slc*")] if CGROUP_ROOT.is_dir() else []
+    tags = {f"{m[1]}-{m[2]}" for n in _netns_names() + _link_names() + groups if (m := NAME.match(n))}
     for tag in tags:
         if _owner_gone(tag):
             _remove_tag(tag)
@@ -384,8 +430,9 @@ def make_cluster():
     now and removed after the test (also when it fails)."""
     clusters: list[SimulatedCluster] = []
 
-    def make(n_hosts: int, rate_mbit: float | Sequence[float | None] | None = None) -> SimulatedCluster:
-        cluster = SimulatedCluster(n_hosts, rate_mbit)
+    def make(n_hosts: int, rate_mbit: float | Sequence[float | None] | None = None,
+             cpu_quota: Sequence[float | None] | None = None) -> SimulatedCluster:
+        cluster = SimulatedCluster(n_hosts, rate_mbit, cpu_quota)
         clusters.append(cluster)
         return cluster.__enter__()
 

@@ -79,7 +79,9 @@ def settings_for(tmp: Path, **values: Any):
     base = load_settings({}, env={}, config_path=str(config))
     defaults = {"backends_file": str(tmp / "rpc_backends.conf"), "history_file": str(tmp / "history"),
                 "log_file": str(tmp / "log"), "coordinator_port": free_port(), "coordinator_args": "-t 1",
-                "rpc_backend_heartbeat": False}
+                "rpc_backend_heartbeat": False,
+                # the split over every backend by memory, as these tests expect (support.shell_env says why)
+                "placement": "memory"}
     return base.replace(**{**defaults, **values})
 
 

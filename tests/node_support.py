@@ -77,13 +77,13 @@ class NodesOnHosts:
         for address in self.addresses:
             self.sub.wait_for_event("node", "node_up", address=address, timeout=30)
 
-    def shell(self, *args: str) -> PipedShell:
-        """A piped shell on this Redis, heartbeats every HEARTBEAT, a quick stop timeout."""
+    def shell(self, *args: str, **env: str) -> PipedShell:
+        """A piped shell on this Redis, heartbeats every HEARTBEAT, a quick stop timeout; `env` on top."""
         shell = PipedShell(self.tmp, *args, **{
             TAG_VAR: self.tag, "SOLLOL_REDIS_URL": self.redis.url,
             "SOLLOL_RPC_BACKEND_HEARTBEAT_INTERVAL": str(HEARTBEAT),
             "SYNAPTICLLAMAS_COORDINATOR_PORT": str(free_port()), "SYNAPTICLLAMAS_COORDINATOR_ARGS": "-t 1",
-            "SYNAPTICLLAMAS_COORDINATOR_STOP_TIMEOUT": "2"})
+            "SYNAPTICLLAMAS_COORDINATOR_STOP_TIMEOUT": "2", **env})
         self.shells.append(shell)
         return shell
 

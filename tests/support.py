@@ -147,6 +147,10 @@ def shell_env(tmp: Path, **extra: str) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
         # nothing listens on port 1: a test that wants Redis passes its own server's URL
         "SOLLOL_REDIS_URL": "redis://127.0.0.1:1",
+        # the split over every backend by memory: what the failover, load and memory tests are about
+        # (the speed-aware default would serve the demo model on this host, with no backend in use);
+        # the placement tests set it themselves
+        "SYNAPTICLLAMAS_PLACEMENT": "memory",
     })
     env.update(extra)
     return env

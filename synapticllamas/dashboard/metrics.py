@@ -103,6 +103,7 @@ class Node:
     devices: list[dict[str, Any]] = field(default_factory=list)
     offered_mib: float | None = None
     cache_bytes: float | None = None
+    host: dict[str, Any] | None = None        # its machine (`host` of node_up): nodes that share one share its memory
 
     def up(self, now: float) -> bool:
         overdue = self.interval is not None and now - self.heard > 2.5 * self.interval
@@ -277,10 +278,43 @@ class Metrics:
             node.offered_mib = number(details["memory_offered_mib"])
         if number(details.get("cache_bytes")) is not None:
             node.cache_bytes = number(details["cache_bytes"])
+        if isinstance(details.get("host"), dict) and isinstance(details["host"].get("id"), str):
+            node.host = details["host"]       # typed by the schema: id and name labels, MiB figures in range
         if positive(details.get("interval_s")):
             node.interval = app.heartbeat_every = float(details["interval_s"])
 
     # ------------------------------------------------------------ the text format
+
+    def _hosts(self, out: Exposition) -> None:
+        """The machines the nodes run on, each counted once however many nodes share it: summing
+        the node_memory families over nodes on one machine would count its memory twice."""
+        hosts: dict[str, list[tuple[str, Node, dict[str, Any]]]] = {}
+        for address, node in self.nodes.items():
+            if node.host is not None:
+                hosts.setdefault(label_text(node.host["id"]), []).append((address, node, node.host))
+        out.family("synapticllamas_node_host_info", "gauge", "The machine a node runs on (its host id)")
+        for ident, on in sorted(hosts.items()):
+            for address, _, h in sorted(on, key=lambda x: x[0]):
+                out.sample("synapticllamas_node_host_info",
+                           {"node": address, "host": ident, "host_name": label_text(h.get("name"))}, 1)
+        out.family("synapticllamas_host_nodes", "gauge", "Nodes on one machine (they share its memory and CPUs)")
+        for ident, on in sorted(hosts.items()):
+            out.sample("synapticllamas_host_nodes", {"host": ident}, len(on))
+        # the node heard last speaks for its machine
+        newest = {ident: max(on, key=lambda x: x[1].heard)[2] for ident, on in hosts.items()}
+        for name, key, what in (
+                ("synapticllamas_host_memory_total_bytes", "mem_total_mib", "A machine's memory, counted once"),
+                ("synapticllamas_host_memory_available_bytes", "mem_available_mib",
+                 "A machine's available memory as its newest node announced it, counted once")):
+            out.family(name, "gauge", what)
+            for ident, h in sorted(newest.items()):
+                if number(h.get(key)) is not None:
+                    out.sample(name, {"host": ident}, round(float(h[key]) * MIB))
+        out.family("synapticllamas_host_cpus", "gauge",
+                   "A machine's CPU share: the cores its nodes may use, the cgroup quota applied")
+        for ident, h in sorted(newest.items()):
+            if positive(h.get("cpus")) is not None:
+                out.sample("synapticllamas_host_cpus", {"host": ident}, float(h["cpus"]))
 
     def render(self, redis_up: bool, invalid: dict[str, int] | None = None) -> str:
         """The exposition. Every family's samples follow its HELP and TYPE (Exposition refuses
@@ -376,6 +410,7 @@ class Metrics:
         for address, node in sorted(self.nodes.items()):
             if node.cache_bytes is not None:
                 out.sample("synapticllamas_node_cache_bytes", {"node": address}, node.cache_bytes)
+        self._hosts(out)
 
         out.family("synapticllamas_dashboard_redis_up", "gauge", "1 while the dashboard's subscription to Redis works")
         out.sample("synapticllamas_dashboard_redis_up", {}, int(redis_up))

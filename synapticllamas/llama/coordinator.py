@@ -127,8 +127,8 @@ class CoordinatorManager:
         return self.supervisor
 
     async def start(self, model: Path | str | None = None, port: int | None = None,
-                    force: bool = False) -> dict[str, Any]:
-        return await self._ours("start").start(model, port, force)
+                    force: bool = False, spread: bool = False) -> dict[str, Any]:
+        return await self._ours("start").start(model, port, force, spread)
 
     async def stop(self, reason: str = "user") -> None:
         await self._ours("stop").stop(reason)

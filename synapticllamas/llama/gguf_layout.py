@@ -47,6 +47,10 @@ class ModelLayout:
     tied_output: bool                # no output.weight: the output device holds a copy of token_embd
     total_bytes: int
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    # bytes of each tensor type (F16, Q4_K, ...) in each layer, and in the output layer: what the
+    # speed of a device is measured per (llama/speed.py)
+    layer_types: tuple[dict[str, int], ...] = field(default=(), compare=False)
+    output_types: dict[str, int] = field(default_factory=dict, compare=False)
 
     def kv_bytes_per_layer(self, n_ctx: int) -> int:
         """K and V in f16 (llama.cpp's default cache type) for n_ctx cells of one layer."""
@@ -90,17 +94,19 @@ class _Cursor:
         raise GGUFError(f"unknown metadata value type {kind}")
 
 
-def _tensor_bytes(kind: int, dims: list[int]) -> int:
+def _tensor_bytes(kind: int, dims: list[int]) -> tuple[int, str]:
+    """Its size in bytes, and its type's name."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     try:
-        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+        qtype = GGMLQuantizationType(kind)
+        block, size = GGML_QUANT_SIZES[qtype]
     except (ValueError, KeyError):
         raise GGUFError(f"unknown tensor type {kind}") from None
     n = 1
     for d in dims:
         n *= d
-    return n // block * size
+    return n // block * size, qtype.name
 
 
 def read_layout(path: Path) -> ModelLayout:
@@ -124,6 +130,9 @@ def _read(path: str, size: int, mtime_ns: int) -> ModelLayout:
                 key = c.string()
                 meta[key] = c.value(c.take("<I", 4))
             layers: dict[int, int] = defaultdict(int)
+            types: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+            output_types: dict[str, int] = defaultdict(int)
+            embd_type = "F16"
             output = embd = total = 0
             has_output = False
             for _ in range(n_tensors):
@@ -131,15 +140,17 @@ def _read(path: str, size: int, mtime_ns: int) -> ModelLayout:
                 dims = [c.take("<Q", 8) for _ in range(c.take("<I", 4))]
                 kind = c.take("<I", 4)
                 c.take("<Q", 8)                                    # its offset in the data section
-                nbytes = _tensor_bytes(kind, dims)
+                nbytes, type_name = _tensor_bytes(kind, dims)
                 total += nbytes
                 if (hit := _BLOCK.match(name)):
                     layers[int(hit.group(1))] += nbytes
+                    types[int(hit.group(1))][type_name] += nbytes
                 elif name.startswith("output"):
                     output += nbytes
+                    output_types[type_name] += nbytes
                     has_output = has_output or name == "output.weight"
                 elif name == "token_embd.weight":
-                    embd = nbytes
+                    embd, embd_type = nbytes, type_name
         except struct.error:
             raise GGUFError(f"{path} ends in the middle of its header: a partial download?") from None
     arch = str(meta.get("general.architecture", ""))
@@ -155,6 +166,8 @@ def _read(path: str, size: int, mtime_ns: int) -> ModelLayout:
     n_head = number("attention.head_count")
     n_head_kv = number("attention.head_count_kv", n_head)
     head = n_embd // max(1, n_head)
+    if not has_output:             # tied: the output layer multiplies by a copy of the embedding
+        output_types[embd_type] += embd
     return ModelLayout(
         architecture=arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
         key_length=number("attention.key_length", head), value_length=number("attention.value_length", head),
@@ -162,4 +175,5 @@ def _read(path: str, size: int, mtime_ns: int) -> ModelLayout:
         n_ctx_train=number("context_length", 4096),
         layer_bytes=tuple(layers.get(i, 0) for i in range(n_layer)),
         output_bytes=output + (0 if has_output else embd), embd_bytes=embd, tied_output=not has_output,
-        total_bytes=total)
+        total_bytes=total, layer_types=tuple(dict(types.get(i, {})) for i in range(n_layer)),
+        output_types=dict(output_types))

@@ -49,6 +49,7 @@ class LogInterpreter:
         self.failures: list[LogLine] = []
         self.lines: deque[str] = deque(maxlen=LAST_LINES)
         self._uploading = False
+        self.measured_ms: float | None = None      # the last request's generation, ms per token (8 tokens or more)
 
     def feed(self, stream: str, text: str) -> Seen | None:
         text = llama_args.scrub(text, self.hidden)
@@ -84,6 +85,8 @@ class LogInterpreter:
             return Seen.LISTENING
         elif rec.kind == "timing" and (done := self.timings.feed(rec)) is not None:
             rate = done["tokens_per_second"]
+            if done["generated_tokens"] >= 8 and done["generation_ms"] > 0:
+                self.measured_ms = done["generation_ms"] / done["generated_tokens"]
             self.hooks.call("on_inference", Notice(
                 CoordinatorEvent.INFERENCE, f"request {done['task']} (slot {done['slot']}): {done['prompt_tokens']} "
                 f"prompt + {done['generated_tokens']} generated tokens in {done['total_ms']:.0f} ms"

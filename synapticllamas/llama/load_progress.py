@@ -15,6 +15,7 @@ import shutil
 from collections.abc import Iterable
 
 _ACKED = re.compile(r"\bbytes_acked:(\d+)")
+_MINRTT = re.compile(r"\bminrtt:([\d.]+)")
 SAMPLE_EVERY = 1.0
 
 
@@ -29,9 +30,10 @@ def _dst_filter(backends: Iterable[str]) -> list[str]:
     return ["(", *terms, ")"]
 
 
-async def bytes_sent(backends: list[str]) -> int | None:
-    """Bytes acknowledged on the established TCP connections to these backends (rpc-server serves
-    one client, so while we load, that is llama-server's), or None if it cannot be read."""
+async def connections(backends: list[str]) -> dict[str, tuple[int, float | None]] | None:
+    """Per backend: bytes acknowledged and the kernel's smallest round trip (ms) on the established
+    TCP connections to it (rpc-server serves one client, so while we hold it, they are
+    llama-server's), or None if they cannot be read."""
     ss = shutil.which("ss")
     if ss is None or not backends:
         return None
@@ -44,7 +46,25 @@ async def bytes_sent(backends: list[str]) -> int | None:
         return None
     if proc.returncode != 0:
         return None
-    return sum(int(n) for n in _ACKED.findall(out.decode("ascii", "replace")))
+    found: dict[str, tuple[int, float | None]] = {}
+    peer = None
+    for line in out.decode("ascii", "replace").splitlines():
+        if not line.startswith((" ", "\t")):          # the socket's line: Recv-Q Send-Q local peer
+            words = line.split()
+            peer = words[-1] if len(words) >= 4 else None
+            continue
+        acked, rtt = _ACKED.search(line), _MINRTT.search(line)
+        if peer is not None and acked:
+            old = found.get(peer, (0, None))
+            rtts = [r for r in (old[1], float(rtt.group(1)) if rtt else None) if r is not None]
+            found[peer] = (old[0] + int(acked.group(1)), min(rtts) if rtts else None)
+    return found
+
+
+async def bytes_sent(backends: list[str]) -> int | None:
+    """Bytes acknowledged on the established TCP connections to these backends, or None."""
+    found = await connections(backends)
+    return None if found is None else sum(n for n, _ in found.values())
 
 
 class Upload:

@@ -16,6 +16,17 @@ docs/ARCHITECTURE.md), because counting weights only is wrong by 2x on small mod
 Offers: what each backend can give, in MiB, with where the figure came from (a node's
 `--memory` or free memory, a local backend's `--memory` or its banner, what llama-server reported
 at its last load), or None when unknown: then the split is even and the plan says so.
+
+This host's CPU (llama-server's own, key LOCAL) can hold layers too: with `-ngl G` llama.cpp
+offloads the last G of the n_layer + 1 slots (the output layer is the last slot) and keeps the
+first n_layer + 1 - G repeating layers on the CPU, with their KV cache; the RPC devices share the G
+slots by --tensor-split exactly as above, counted from the first offloaded layer. `place()` builds
+a plan from explicit layer counts (llama/chooser.py picks them for speed); `plan()` is the split in
+proportion to the offers, as before.
+
+Hosts are counted once: backends on one machine (and this host's CPU) share its memory, so besides
+each backend's own offer, the sum of what a host's devices need must fit what the host offers
+(`hosts`: host id -> HostOffer; `host_of`: device -> host id).
 """
 from __future__ import annotations
 
@@ -29,12 +40,22 @@ MiB = 2**20
 N_UBATCH = 512                # llama-server's default micro-batch
 MARGIN_SHARE = 0.05
 MARGIN_MIB = 16.0
+LOCAL = "local"               # llama-server's own CPU, as a device of a placement
 
 
 @dataclass(frozen=True)
 class Offer:
     mib: int | None
     source: str               # "node --memory", "node free memory", "local --memory", ...
+
+
+@dataclass(frozen=True)
+class HostOffer:
+    """What one machine can give to everything placed on it (its memory, counted once)."""
+    id: str
+    name: str
+    mib: int | None
+    source: str
 
 
 @dataclass
@@ -59,7 +80,8 @@ class BackendPlan:
         return self.offered_mib is None or self.need_mib <= self.offered_mib
 
     def summary(self) -> dict[str, Any]:
-        return {"address": self.address, "offered_mib": self.offered_mib, "offer_source": self.source,
+        return {"address": self.address, "local": self.address == LOCAL, "offered_mib": self.offered_mib,
+                "offer_source": self.source,
                 "split": round(self.split, 4),
                 "layers": list(self.layers) if self.layers else None, "output_layer": self.output,
                 "planned_model_mib": round(self.weights_mib, 2), "planned_kv_mib": round(self.kv_mib, 2),
@@ -75,51 +97,112 @@ class Placement:
     fits: bool
     host_mib: float            # what stays on the coordinator's CPU (token_embd)
     notes: list[str] = field(default_factory=list)
+    local: BackendPlan | None = None          # this host's CPU, when it holds layers
+    cpu_layers: int = 0                       # the first repeating layers, kept on this host's CPU
+    host_of: dict[str, str] = field(default_factory=dict)          # device -> host id
+    hosts: dict[str, HostOffer] = field(default_factory=dict)
+    short_hosts: list[str] = field(default_factory=list)           # hosts whose devices need more than they offer
 
     @property
     def split(self) -> list[float]:
         return [b.split for b in self.backends]
 
     @property
+    def devices(self) -> list[BackendPlan]:
+        """Every device that holds something, in pipeline order: this host's CPU first."""
+        return ([self.local] if self.local is not None else []) + list(self.backends)
+
+    @property
     def need_mib(self) -> float:
         return sum(b.need_mib for b in self.backends)
+
+    def host_need_mib(self, host: str) -> float:
+        need = sum(b.need_mib for b in self.devices if self.host_of.get(b.address) == host)
+        if self.local is None and self.host_of.get(LOCAL) == host:
+            need += self.host_mib          # token_embd stays with llama-server whatever the split
+        return need
 
     def tensor_split(self) -> str:
         return ",".join(f"{s:g}" for s in self.split)
 
     def refusal(self) -> str:
-        """One line: what the model needs and what each backend offers."""
-        known = [b for b in self.backends if b.offered_mib is not None]
-        offered = ", ".join(f"{b.address} {b.offered_mib} MiB ({b.source})" for b in known)
-        short = ", ".join(f"{b.address} needs {b.need_mib:.0f}" for b in self.backends if not b.fits)
-        weights = sum(b.weights_mib for b in self.backends)
-        kv = sum(b.kv_mib for b in self.backends)
-        compute = sum(b.compute_mib for b in self.backends)
-        return (f"the model does not fit: it needs {self.need_mib:.0f} MiB on the RPC backends (weights {weights:.0f}"
+        """One line: what the model needs and what each backend (and each shared host) offers."""
+        known = [b for b in self.devices if b.offered_mib is not None]
+        offered = ", ".join(f"{_label(b.address)} {b.offered_mib} MiB ({b.source})" for b in known)
+        short = [f"{_label(b.address)} needs {b.need_mib:.0f}" for b in self.devices if not b.fits]
+        for host in self.short_hosts:
+            h = self.hosts[host]
+            on = [_label(d) for d, where in self.host_of.items() if where == host
+                  and any(b.address == d for b in self.devices)]
+            short.append(f"host {h.name} needs {self.host_need_mib(host):.0f} for {' + '.join(on)} but offers "
+                         f"{h.mib} MiB ({h.source}), counted once")
+        devices = self.devices
+        weights = sum(b.weights_mib for b in devices)
+        kv = sum(b.kv_mib for b in devices)
+        compute = sum(b.compute_mib for b in devices)
+        need = sum(b.need_mib for b in devices)
+        where = "on the RPC backends" if self.local is None else "on this host and the RPC backends"
+        return (f"the model does not fit: it needs {need:.0f} MiB {where} (weights {weights:.0f}"
                 f" + KV cache {kv:.0f} for {self.n_ctx} tokens + compute {compute:.0f} + margin) but they offer "
-                f"{sum(b.offered_mib or 0 for b in known)} MiB: {offered}; short: {short}. Add backends or memory, "
+                f"{self.offered_total():.0f} MiB: {offered}; short: {', '.join(short)}. Add backends or memory, "
                 "lower SYNAPTICLLAMAS_COORDINATOR_CTX_SIZE, or `coordinator start --force` to try anyway")
 
+    def offered_total(self) -> float:
+        """What the devices offer, each host counted once."""
+        total, seen = 0.0, set()
+        for b in self.devices:
+            host = self.host_of.get(b.address)
+            offer = self.hosts.get(host) if host else None
+            if offer is not None and offer.mib is not None:
+                if host not in seen:
+                    seen.add(host)
+                    on_host = sum(d.offered_mib or 0 for d in self.devices if self.host_of.get(d.address) == host)
+                    total += min(offer.mib, on_host) if on_host else offer.mib
+            elif b.offered_mib is not None:
+                total += b.offered_mib
+        return total
+
     def summary(self) -> dict[str, Any]:
-        return {"n_ctx": self.n_ctx, "ngl": self.ngl, "even_split": self.even, "fits": self.fits,
-                "tensor_split": self.tensor_split(), "host_mib": round(self.host_mib, 2),
-                "need_mib": round(self.need_mib, 1), "backends": [b.summary() for b in self.backends],
-                "notes": list(self.notes)}
+        out = {"n_ctx": self.n_ctx, "ngl": self.ngl, "even_split": self.even, "fits": self.fits,
+               "tensor_split": self.tensor_split(), "host_mib": round(self.host_mib, 2),
+               "need_mib": round(self.need_mib, 1), "backends": [b.summary() for b in self.backends],
+               "notes": list(self.notes), "cpu_layers": self.cpu_layers}
+        if self.local is not None:
+            out["local"] = self.local.summary()
+        if self.hosts:
+            out["hosts"] = {h: {"name": o.name, "offered_mib": o.mib, "offer_source": o.source,
+                                "need_mib": round(self.host_need_mib(h), 1),
+                                "devices": [d for d, where in self.host_of.items() if where == h]}
+                            for h, o in self.hosts.items()}
+        return out
 
 
-def assign_layers(n_layer: int, split: list[float]) -> tuple[list[int], int]:
-    """llama.cpp's assignment: the device of each repeating layer, and of the output layer."""
+def _label(address: str) -> str:
+    return "this host's CPU" if address == LOCAL else address
+
+
+def assign_layers(n_layer: int, split: list[float], cpu_layers: int = 0) -> tuple[list[int], int]:
+    """llama.cpp's assignment: the device of each repeating layer (-1: this host's CPU, the first
+    `cpu_layers`), and of the output layer."""
     total = sum(split)
     cumulative, acc = [], 0.0
     for s in split:
         acc += s
         cumulative.append(acc / total)
-    gpu_layers = n_layer + 1
+    gpu_layers = n_layer + 1 - cpu_layers
 
-    def device(x: float) -> int:
-        return min(bisect.bisect_right(cumulative, x), len(split) - 1)
+    def device(i: int) -> int:
+        if i < cpu_layers:
+            return -1
+        return min(bisect.bisect_right(cumulative, (i - cpu_layers) / gpu_layers), len(split) - 1)
 
-    return [device(i / gpu_layers) for i in range(n_layer)], device((gpu_layers - 1) / gpu_layers)
+    return [device(i) for i in range(n_layer)], device(n_layer)
+
+
+def split_for(counts: list[int]) -> list[float]:
+    """--tensor-split values that give each RPC device exactly `counts[d]` repeating layers (the
+    output layer's slot goes to the last device): each device's share of the slots."""
+    return [float(c) for c in counts[:-1]] + [float(counts[-1] + 1)]
 
 
 def compute_mib(layout: ModelLayout, n_ctx: int, first: bool, has_layers: bool) -> float:
@@ -133,8 +216,8 @@ def compute_mib(layout: ModelLayout, n_ctx: int, first: bool, has_layers: bool) 
 
 
 def _plan_split(layout: ModelLayout, backends: list[str], offers: dict[str, Offer], n_ctx: int,
-                split: list[float]) -> list[BackendPlan]:
-    device_of, output_dev = assign_layers(layout.n_layer, split)
+                split: list[float], cpu_layers: int = 0) -> list[BackendPlan]:
+    device_of, output_dev = assign_layers(layout.n_layer, split, cpu_layers)
     kv_layer = layout.kv_bytes_per_layer(n_ctx)
     plans = []
     for d, address in enumerate(backends):
@@ -148,9 +231,52 @@ def _plan_split(layout: ModelLayout, backends: list[str], offers: dict[str, Offe
     return plans
 
 
-def plan(layout: ModelLayout, backends: list[str], offers: dict[str, Offer], n_ctx: int) -> Placement:
+def _local_plan(layout: ModelLayout, n_ctx: int, cpu_layers: int, output: bool, offer: Offer) -> BackendPlan:
+    """This host's CPU: token_embd, its first layers (and the output layer when nothing is
+    offloaded), their KV cache and a compute buffer."""
+    weights = layout.embd_bytes + sum(layout.layer_bytes[:cpu_layers]) + (layout.output_bytes if output else 0)
+    if output and layout.tied_output:
+        weights -= layout.output_bytes         # a tied output uses token_embd itself: no copy on the CPU
+    return BackendPlan(LOCAL, offer.mib, offer.source, 0.0, (0, cpu_layers - 1) if cpu_layers else None, output,
+                       weights / MiB, cpu_layers * layout.kv_bytes_per_layer(n_ctx) / MiB,
+                       compute_mib(layout, n_ctx, first=True, has_layers=True))
+
+
+def check_hosts(placed: Placement) -> None:
+    """Mark the hosts whose devices together need more than the host offers (counted once)."""
+    placed.short_hosts = [h for h, offer in placed.hosts.items()
+                          if offer.mib is not None and placed.host_need_mib(h) > offer.mib]
+    placed.fits = all(b.fits for b in placed.devices) and not placed.short_hosts
+
+
+def place(layout: ModelLayout, backends: list[str], offers: dict[str, Offer], n_ctx: int, counts: list[int],
+          cpu_layers: int = 0, local_offer: Offer | None = None, host_of: dict[str, str] | None = None,
+          hosts: dict[str, HostOffer] | None = None) -> Placement:
+    """The plan for explicit layer counts: `cpu_layers` on this host's CPU, then counts[d] on
+    backends[d] in --rpc order, the output layer on the last backend (or on this host's CPU when
+    there is no backend)."""
+    n_ctx = n_ctx or layout.n_ctx_train
+    if cpu_layers + sum(counts) != layout.n_layer or len(counts) != len(backends):
+        raise ValueError(f"{cpu_layers} + {counts} layers for a model of {layout.n_layer}")
+    local_offer = local_offer or Offer(None, "unknown")
+    if backends:
+        split = split_for(counts)
+        plans = _plan_split(layout, backends, offers, n_ctx, split, cpu_layers)
+        local = _local_plan(layout, n_ctx, cpu_layers, False, local_offer) if cpu_layers else None
+        ngl = layout.n_layer + 1 - cpu_layers
+    else:
+        plans, ngl = [], 0
+        local = _local_plan(layout, n_ctx, layout.n_layer, True, local_offer)
+    placed = Placement(plans, n_ctx, ngl, False, True, layout.embd_bytes / MiB, [], local, cpu_layers if backends
+                       else layout.n_layer, dict(host_of or {}), dict(hosts or {}))
+    check_hosts(placed)
+    return placed
+
+
+def plan(layout: ModelLayout, backends: list[str], offers: dict[str, Offer], n_ctx: int,
+         host_of: dict[str, str] | None = None, hosts: dict[str, HostOffer] | None = None) -> Placement:
     """Split in proportion to what each backend offers (evenly when one offer is unknown), and
-    say whether every backend can hold its part."""
+    say whether every backend can hold its part (and every host what its backends hold together)."""
     n_ctx = n_ctx or layout.n_ctx_train
     known = [offers[b].mib for b in backends if b in offers and offers[b].mib is not None]
     even = len(known) != len(backends) or not all(known)
@@ -176,5 +302,7 @@ def plan(layout: ModelLayout, backends: list[str], offers: dict[str, Offer], n_c
         else:
             if all(p.fits for p in trial):
                 plans = trial
-    fits = all(p.fits for p in plans)
-    return Placement(plans, n_ctx, layout.n_layer + 1, even, fits, layout.embd_bytes / MiB, notes)
+    placed = Placement(plans, n_ctx, layout.n_layer + 1, even, True, layout.embd_bytes / MiB, notes,
+                       host_of=dict(host_of or {}), hosts=dict(hosts or {}))
+    check_hosts(placed)
+    return placed

@@ -11,7 +11,7 @@ import subprocess
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from synapticllamas.util.text import shown
 
@@ -40,6 +40,7 @@ class Target:
     model: Path | None = None
     port: int | None = None
     force: bool = False
+    spread: bool = False          # every healthy backend holds layers (`coordinator start --spread`)
 
 
 @dataclass
@@ -55,6 +56,12 @@ class Plan:
     fit_flag: bool = False                                     # this llama-server knows --fit
     # backend -> the address llama-server dials for it (a secured link's local end); absent: itself
     dial: dict[str, str] = field(default_factory=dict)
+    # the speed-aware choice (llama/chooser.py): why this plan, what it predicts, what it leaves idle
+    choice: Any = None
+    idle: list[str] = field(default_factory=list)             # healthy backends the plan does not need
+    threads: int | None = None                                 # llama-server's -t (rpc/launch.py's rule)
+    no_repack: bool = False                                    # weight repacking crashed llama.cpp here
+    env: dict[str, str] = field(default_factory=dict)          # added to llama-server's environment
 
     def dialled(self, backend: str) -> str:
         return self.dial.get(backend, backend)
@@ -76,6 +83,10 @@ class Plan:
             argv += ["--tensor-split", self.placement.tensor_split()]
         if self.placement is not None and self.fit_flag:
             argv += ["--fit", "off"]     # the placement is ours: no second guess, and no probe connections
+        if self.threads is not None:
+            argv += ["-t", str(self.threads)]      # before the extra arguments: a user's -t wins
+        if self.no_repack:
+            argv.append("--no-repack")
         return argv + shlex.split(extra)
 
 

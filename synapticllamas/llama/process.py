@@ -9,6 +9,7 @@ process group (ggml's abort handler may have started gdb).
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -42,10 +43,12 @@ class LlamaProcess:
         self.exited: asyncio.Task[int] = loop.create_task(proc.wait(), name=f"llama-exit-{proc.pid}")
 
     @classmethod
-    async def start(cls, ops: ChildOps, argv: list[str]) -> LlamaProcess:
+    async def start(cls, ops: ChildOps, argv: list[str], env: dict[str, str] | None = None) -> LlamaProcess:
+        """`env`: variables added to ours (none: ours as it is)."""
+        extra: dict[str, Any] = {"env": {**os.environ, **env}} if env else {}
         try:
             proc = await ops.spawn(argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                                   stderr=asyncio.subprocess.PIPE, limit=LINE_LIMIT)
+                                   stderr=asyncio.subprocess.PIPE, limit=LINE_LIMIT, **extra)
         except OSError as exc:
             raise CoordinatorError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
         return cls(proc, ops)

@@ -330,12 +330,13 @@ class Supervisor:
     # ------------------------------------------------------------ public: commands
 
     async def start(self, model: Path | str | None = None, port: int | None = None,
-                    force: bool = False) -> dict[str, Any]:
+                    force: bool = False, spread: bool = False) -> dict[str, Any]:
         """Start llama-server and return its status once /health says ok; CoordinatorError
-        otherwise. `force`: start even when placement says the model does not fit.
+        otherwise. `force`: start even when placement says the model does not fit; `spread`: every
+        healthy backend holds layers.
 
         Cancelling the caller (Ctrl-C) kills the child before the cancellation goes on."""
-        intent = Start(Target(user_path(model) if model else None, port, force))
+        intent = Start(Target(user_path(model) if model else None, port, force, spread))
         intent.reply = asyncio.get_running_loop().create_future()
         self.post(intent)
         try:
@@ -353,7 +354,7 @@ class Supervisor:
         target = self.target
         if self.state in ACTIVE:
             await self.stop("user")
-        return await self.start(target.model, target.port, target.force)
+        return await self.start(target.model, target.port, target.force, target.spread)
 
     async def rebalance(self, auto: bool = False) -> dict[str, Any]:
         """Restart over every healthy backend (the lost ones are back). Refused while a request
@@ -418,7 +419,7 @@ class Supervisor:
         argv = plan.argv(self.settings.coordinator_ctx_size, self.settings.coordinator_args)
         hidden = llama_args.secrets(argv)
         keys = llama_args.api_keys(argv)
-        process = await LlamaProcess.start(self.ops, argv)
+        process = await LlamaProcess.start(self.ops, argv, plan.env)
         self.launches += 1
         interp = LogInterpreter(plan, process.pid, self.hooks, hidden, lambda *entry: self.logs.append(entry))
         run = Run(plan, process, interp, auto, hidden=hidden, api_key=keys[0] if keys else None)
@@ -428,8 +429,14 @@ class Supervisor:
             self.registry.hold(plan.backends)      # rpc-server serves one client: no probes while we hold it
         n = len(plan.backends)
         where = f"{n} RPC backend{'s' if n != 1 else ''}" if self.settings.distributed else "standard mode"
+        if plan.placement is not None and plan.placement.local is not None:
+            where = "this host's CPU" + (f" and {where}" if n else "")
+        if plan.choice is not None:
+            where += f"; {plan.choice.reason}"
         left = "; left out " + ", ".join(f"{k} ({w})" for k, w in plan.left_out.items()) if plan.left_out else ""
         placed: dict[str, Any] = {"placement": plan.placement.summary()} if plan.placement else {}
+        if plan.choice is not None:
+            placed["choice"] = plan.choice.summary(brief=True)
         self._change_state(
             State.STARTING, f"starting llama.cpp coordinator on {plan.host}:{plan.port} ({where}){left}",
             reason=why, port=plan.port, host=plan.host, rpc_backends=plan.backends,
@@ -546,17 +553,23 @@ class Supervisor:
 
         backends = list(run.plan.backends)
         dialled = [run.plan.dialled(b) for b in backends]
-        baseline = await load_progress.bytes_sent(dialled)
-        if baseline is None:
+        first = await load_progress.connections(dialled)
+        if first is None:
             return
+        baseline = sum(n for n, _ in first.values())
+        # per backend: when its counter first and last moved, what it had sent (the link's bandwidth)
+        moved: dict[str, list[float]] = {}
+        before = {peer: n for peer, (n, _) in first.items()}
         # the model buffer lines of all backends arrive in one burst: sum them at each sample
         upload = load_progress.Upload(dialled, 1, baseline)
         model = run.plan.model
         while self.run is run and self.state == State.STARTING:
             await asyncio.sleep(load_progress.SAMPLE_EVERY)
-            sent = await load_progress.bytes_sent(dialled)
-            if sent is None or self.run is not run or self.state != State.STARTING:
+            now = await load_progress.connections(dialled)
+            if now is None or self.run is not run or self.state != State.STARTING:
                 return
+            sent = sum(n for n, _ in now.values())
+            self._note_links(run, now, before, moved)
             total = sum(d.get("model_mib", 0.0) for key, d in run.report.devices.items() if key in backends)
             upload.expected = max(1, int(total * 2**20))
             percent = upload.percent(sent)
@@ -573,6 +586,26 @@ class Supervisor:
                                                             {**details, "percent": upload.reported}))
             if percent >= 100:
                 return
+
+    def _note_links(self, run: Run, now: dict[str, tuple[int, float | None]], before: dict[str, int],
+                    moved: dict[str, list[float]]) -> None:
+        """Tell the planner's link table what the upload showed per backend: the kernel's round trip
+        on llama-server's connection, and the rate while its bytes went out (rpc/links.py)."""
+        links = self.planner.inputs.links if self.planner.inputs is not None else None
+        if links is None:
+            return
+        at = time.monotonic()
+        for backend in run.plan.backends:
+            n, rtt = now.get(run.plan.dialled(backend), (0, None))
+            if run.plan.dialled(backend) == backend:
+                # behind a secured link llama-server's connection ends at the link's local end: its
+                # round trip is loopback's (the registry's probes measure the wire's); its bytes are
+                # the ones stunnel took, ahead of the wire by at most its socket buffers
+                links.rtt(backend, rtt)
+            if n > before.get(run.plan.dialled(backend), 0):
+                span = moved.setdefault(backend, [at - load_progress_sample(), at])
+                span[1] = at
+                links.upload(backend, n - before.get(run.plan.dialled(backend), 0), span[1] - span[0])
 
     # ------------------------------------------------------------ stop
 
@@ -789,7 +822,9 @@ class Supervisor:
             refusal = f"the coordinator is not running (state: {self.state})"
         elif not self.unused_backends():
             refusal = (f"the coordinator already uses every healthy backend "
-                       f"({', '.join(run.plan.backends) or 'none'})")
+                       f"({', '.join(run.plan.backends) or 'none'})" if not run.plan.idle else
+                       f"no backend came up since it started ({', '.join(run.plan.idle)} left idle by its "
+                       f"plan: {run.plan.choice.reason if run.plan.choice else 'faster without them'})")
         elif busy:
             refusal = f"{busy} request{'s are' if busy != 1 else ' is'} running; rebalance when it is done"
         elif self._rebalance is not None:
@@ -807,8 +842,12 @@ class Supervisor:
                 self._internal_notice(f"automatic rebalance skipped: {exc}")
             return
         if self.run is not run or self.state != State.RUNNING or not set(plan.backends) - set(before):
+            # the fastest plan leaves them idle: they are not "unused" any more (no rebalance again)
+            run.plan.idle = [b for b in dict.fromkeys([*run.plan.idle, *plan.idle]) if b not in before]
+            why = plan.choice.reason if plan.choice is not None else ""
             _resolve(intent.reply, error=CoordinatorError(
-                f"the coordinator already uses every healthy backend ({', '.join(before) or 'none'})"))
+                f"the coordinator already uses every healthy backend ({', '.join(before) or 'none'})" if not why
+                else f"the fastest plan adds no backend, it keeps running on {', '.join(before) or 'this host'}: {why}"))
             return
         self.suspects.clear()
         self._rebalance = {"plan": plan, "before": before, "auto": intent.auto, "reply": intent.reply}
@@ -845,6 +884,9 @@ class Supervisor:
             "attached": False,
             "last_exit": self.last_exit,
             "placement": self.placement_status(plan),
+            "choice": plan.choice.summary(brief=True) if plan and plan.choice is not None else None,
+            "measured_ms_per_token": round(run.interp.measured_ms, 2) if run and run.interp.measured_ms else None,
+            "idle_backends": list(plan.idle) if plan else [],
             "unused_backends": self.unused_backends(),
             "last_failover": self.last_failover,
             "waiting": self._recovery.get("waiting") if self._recovery and self.state == State.WAITING else None,
@@ -856,17 +898,18 @@ class Supervisor:
             return None
         actual = self.run.report.devices if self.run else {}
         out = []
-        for b in plan.placement.backends:
-            used = actual.get(b.address, {})
+        for b in plan.placement.devices:
+            used = actual.get(b.address, {}) if b.address != "local" else _local_use(actual)
             out.append({**b.summary(), "model_mib": used.get("model_mib"), "kv_mib": used.get("kv_mib"),
-                        "compute_mib": used.get("compute_mib")})
+                        "compute_mib": used.get("compute_mib"), "host": plan.placement.host_of.get(b.address)})
         return out
 
     def unused_backends(self) -> list[str]:
-        """Healthy backends the running coordinator does not use (lost earlier, back now)."""
+        """Healthy backends the running coordinator does not use (lost earlier, back now), besides
+        the ones its plan left idle on purpose (it was faster without them)."""
         if self.registry is None or not self.settings.distributed or self.state != State.RUNNING or not self.run:
             return []
-        used = set(self.run.plan.backends)
+        used = set(self.run.plan.backends) | set(self.run.plan.idle)
         return [b for b in self.registry.healthy() if b not in used]
 
     # ------------------------------------------------------------ serving requests
@@ -936,3 +979,19 @@ def _report_failure(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         # a bug of ours: the traceback goes to the log file, the user sees one line (App's handler)
         log.error("coordinator task %s failed: %s", task.get_name(), task.exception(), exc_info=task.exception())
+
+
+def load_progress_sample() -> float:
+    from synapticllamas.llama.load_progress import SAMPLE_EVERY
+
+    return SAMPLE_EVERY
+
+
+def _local_use(devices: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What llama-server allocated on its own CPU: its `CPU` and `CPU_Mapped` buffers together."""
+    out: dict[str, Any] = {}
+    for name in ("CPU", "CPU_Mapped", "CPU_REPACK"):
+        for kind, mib in devices.get(name, {}).items():
+            if kind.endswith("_mib") and isinstance(mib, (int, float)):
+                out[kind] = round(out.get(kind, 0.0) + mib, 2)
+    return out

@@ -112,6 +112,10 @@ class NodeAgent:
         self.restarts = 0
         self.cache_bytes = 0
         self.memory_offered: int | None = None
+        from synapticllamas.node.speed import NodeSpeed
+
+        # its host and its device's speed, measured at start (node/speed.py)
+        self.speed = NodeSpeed(options.binary, options.threads, options.devices, settings.host_id)
         self._stop = asyncio.Event()
         self._stop_reason = "exit"
         self._prune: asyncio.TimerHandle | None = None
@@ -134,7 +138,7 @@ class NodeAgent:
             "cache": {"enabled": o.cache, "dir": str(o.cache_files) if o.cache else None,
                       "bytes": self.cache_bytes, "max_bytes": o.cache_max_bytes},
             "started": self.started, "heartbeat_interval": self.interval, "last_heartbeat": time.time(),
-            "restarts": self.restarts, "link": o.link,
+            "restarts": self.restarts, "link": o.link, **self.speed.summary(),
         }
 
     def _emit(self, event_type: str, message: str, level: str = "info", **details: Any) -> None:
@@ -164,6 +168,14 @@ class NodeAgent:
                        f"(--insecure): anyone who reaches port {self.options.port} can use it", "warning",
                        link=self.options.link)
         self._prune_cache()
+        # the device's speed before rpc-server starts: nothing else computes on it meanwhile
+        seconds, fresh = await self.speed.measure()
+        if self.speed.speed is not None:
+            self.say(f"node: device speed {'measured in ' + format(seconds, '.1f') + 's' if fresh else 'from the cache'} "
+                     f"(f16 {1 / self.speed.speed.per_byte('F16'):.1f} GB/s, {self.speed.host.cpus if self.speed.host else '?'}"
+                     " CPUs)")
+        elif self.speed.note:
+            self.warn(f"node: {self.speed.note}")
         heartbeat = loop.create_task(self._heartbeat(), name="node-heartbeat")
         try:
             status = await self._supervise()
@@ -340,7 +352,8 @@ class NodeAgent:
         self._emit(NodeEvent.NODE_UP, f"node {self.options.address} up: {version}, {devices}",
                    rpc_pid=server.pid, rpc_version=banner.version, devices=list(banner.devices),
                    memory_offered_mib=self.memory_offered, threads=self.options.threads,
-                   latency_ms=round(latency_ms, 2), restarts=self.restarts, link=self.options.link)
+                   latency_ms=round(latency_ms, 2), restarts=self.restarts, link=self.options.link,
+                   **self.speed.summary())
 
     def _exited(self, server: RpcServerProcess) -> str:
         how = server.how_it_ended()
@@ -420,6 +433,10 @@ class NodeAgent:
         extra: dict[str, Any] = {}
         if self.options.link_psk:       # connections that did not prove the key: probes, strangers
             extra["link_refused"] = self.link_refused + (self.link_server.refused if self.link_server else 0)
+        # the quota or the binary changed: measure again, but never under a client's load
+        if server is not None and server.clients == 0 and self.speed.changed():
+            await self.speed.measure()
+            extra.update(self.speed.summary())
         self._emit(NodeEvent.HEARTBEAT, f"rpc_backend_connect on {self.options.address}",
                    rpc_pid=server.pid if server and server.running else None,
                    uptime_s=round(time.monotonic() - self.up_since, 1) if self.up_since else None,

@@ -58,7 +58,7 @@ def positive_number(raw: Any) -> float:
 @click.option("--port", "port_", default=str(DEFAULT_PORT), show_default=True, metavar="N",
               help="Port rpc-server listens on.")
 @click.option("--redis-url", metavar="URL", help="Redis to announce to (default: SOLLOL_REDIS_URL).")
-@click.option("--threads", metavar="N", help="rpc-server CPU threads (default: the CPUs this process may use).")
+@click.option("--threads", metavar="N", help="rpc-server CPU threads (default: one per core of this process's CPU share, its cgroup quota included).")
 @click.option("--device", "devices", metavar="LIST", help="Devices for rpc-server (passed as --device LIST).")
 @click.option("--cache/--no-cache", default=True, show_default=True,
               help="rpc-server's tensor cache: a restarted coordinator reloads from it, not over the network.")
@@ -96,7 +96,7 @@ def node(ctx: click.Context, host: str | None, port_: str, redis_url: str | None
     number = checked(port, "--port", port_)
     url = checked(parse_redis_url, "--redis-url", redis_url, secret=True) if redis_url is not None \
         else settings.redis_url
-    cpus = checked(int_at_least(1), "--threads", threads) if threads is not None else launch.usable_cpus()
+    cpus = checked(int_at_least(1), "--threads", threads) if threads is not None else launch.host_threads()
     limit = int(checked(positive_number, "--cache-max-gb", cache_max_gb) * 2**30) if cache_max_gb else None
     offered = checked(int_at_least(1), "--memory", memory) if memory is not None else None
     restarts = checked(int_at_least(0), "--max-restarts", max_restarts)

@@ -253,7 +253,8 @@ class NodeDirectory:
         info.interval = details.get("interval_s") or info.interval
         if kind == NodeEvent.NODE_UP:
             info.registration.update({k: details[k] for k in ("rpc_version", "devices", "memory_offered_mib",
-                                                              "threads", "rpc_pid", "link") if k in details})
+                                                              "threads", "rpc_pid", "host", "speed", "link")
+                                    if k in details})
             info.registration.setdefault("hostname", event.source.get("host"))
             self._ensure_backend(address, up=True, reason=f"node {address} up")
         elif kind in (NodeEvent.NODE_DOWN, NodeEvent.RPC_SERVER_EXIT):
@@ -261,7 +262,7 @@ class NodeDirectory:
             said = shown(event.message, 160) if event.message else f"node {address} down"
             self._ensure_backend(address, up=False, reason=said)
         elif kind == NodeEvent.HEARTBEAT:
-            for key in ("cache_bytes", "memory_offered_mib"):
+            for key in ("cache_bytes", "memory_offered_mib", "host", "speed"):
                 if key in details:
                     info.registration[key] = details[key]
             backend = self.registry.get(address)

@@ -3,7 +3,7 @@
 Each server is an RpcServerProcess (its own process group, output read line by line into `raw/log`
 events, exit awaited): an unexpected death reaches the registry at once as a disconnect, without
 waiting for the next probe round. Servers run with the cache on (a restarted coordinator reloads
-from it) and the CPUs shared among the servers of one spawn. Local backends join the
+from it) and each with the host's CPU share (rpc/launch.py says why). Local backends join the
 registry but never the backends file: they live as long as this shell.
 """
 from __future__ import annotations
@@ -39,6 +39,7 @@ class LocalBackend:
     watcher: asyncio.Task[None] | None = None      # tells the registry when it dies
     ready_ms: float | None = None
     memory_mib: int | None = None                  # what it offers to placements (`spawn --memory`)
+    threads: int = 1
 
     @property
     def pid(self) -> int:
@@ -116,8 +117,8 @@ class LocalBackends:
         except OSError as exc:
             raise LocalBackendError(f"cannot create the rpc-server cache directory {cache_dir}: "
                                     f"{exc.strerror or exc}") from None
-        # the CPUs shared among the servers of this spawn (rpc-server's own default is 1 thread)
-        threads = max(1, launch.usable_cpus() // n)
+        # the host's whole CPU share for each: they compute one after another (launch.py's rule)
+        threads = launch.host_threads()
         if starting is not None:
             starting(ports)
         mine: list[LocalBackend] = []      # every process this call started, ready or not
@@ -186,7 +187,7 @@ class LocalBackends:
                                                   launch.environment(cache_dir), HOST, port, on_line)
         except RpcServerFailed as exc:
             raise LocalBackendError(str(exc)) from None
-        backend = LocalBackend(key, port, server)
+        backend = LocalBackend(key, port, server, threads=threads)
         self._backends[key] = backend       # from here on, close() stops it whatever happens
         backend.watcher = asyncio.create_task(self._watch(backend), name=f"rpc-server-watch-{port}")
         return backend

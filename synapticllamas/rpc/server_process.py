@@ -4,6 +4,14 @@ Started in its own process group and line-buffered (util/processes.py), its outp
 line (parsed, kept in a short tail, its banner collected), its exit awaited by a task (`exited`):
 nothing polls it. Ready means it accepts a TCP connection: rpc-server says nothing when it starts
 listening, so a connect is tried after each output line and at least every 50 ms.
+
+Ready also means its banner has been read. rpc-server prints the banner (version, cache, the
+`Devices:` lines with their memory) before it listens, but the connect can succeed before our
+reader has got to those lines (two busy cores: 1 start in 4 here), and a node would then announce
+`devices: []` and no memory offer. The connect itself makes rpc-server print `Accepted client
+connection`, after the banner in the same pipe: once that line is read, so is the banner.
+`clients` counts the connections rpc-server says are open (a node measures its speed only when
+none is).
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ if TYPE_CHECKING:
 
 TAIL_LINES = 20
 READY_POLL = 0.05
+BANNER_WAIT = 2.0          # after the first connect: for the line that says the banner is all read
 
 
 class RpcServerFailed(RuntimeError):
@@ -40,7 +49,9 @@ class RpcServerProcess:
         self.banner = RpcBanner()
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self.stopping = False
+        self.clients = 0                       # connections open, as rpc-server says
         self._output = asyncio.Event()         # set on each line: wakes the ready wait
+        self._accepted = asyncio.Event()       # rpc-server printed a connection line: its banner was before it
         self._reader = asyncio.get_running_loop().create_task(self._read(), name=f"rpc-server-output-{port}")
         self.exited: asyncio.Task[int] = asyncio.get_running_loop().create_task(
             self._wait(), name=f"rpc-server-exit-{port}")
@@ -89,6 +100,12 @@ class RpcServerProcess:
                 continue
             rec = self._parse(text)
             self.banner.feed(rec)
+            if rec.kind == "rpc_client_connected":
+                self.clients += 1
+                self._accepted.set()
+            elif rec.kind == "rpc_client_closed":
+                self.clients = max(0, self.clients - 1)
+                self._accepted.set()
             self.tail.append(text)
             self._output.set()
             if self.on_line is not None:
@@ -100,8 +117,16 @@ class RpcServerProcess:
         return code
 
     async def ready(self, timeout: float) -> float:
-        """Wait until it accepts a connection; returns the connect latency (ms). Raises
-        RpcServerFailed if it exits first or does not accept within `timeout` seconds."""
+        """Wait until it accepts a connection and its banner is read; returns the connect latency
+        (ms). Raises RpcServerFailed if it exits first or does not accept within `timeout` seconds."""
+        latency = await self._accepts(timeout)
+        seen = asyncio.ensure_future(self._accepted.wait())
+        # a build that says nothing on a connection costs BANNER_WAIT, nothing more
+        await asyncio.wait({seen, self.exited}, timeout=BANNER_WAIT, return_when=asyncio.FIRST_COMPLETED)
+        seen.cancel()
+        return latency
+
+    async def _accepts(self, timeout: float) -> float:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         where = f"{self.host}:{self.port}"

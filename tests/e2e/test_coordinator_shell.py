@@ -182,14 +182,14 @@ def test_coordinator_mistakes_are_one_line_and_the_shell_goes_on(tmp_path, tag):
         "Error: no running coordinator (state: stopped); `coordinator start` first",
         "Error: argument N: 'zero' is not a whole number",
         "Error: URL 'ftp://x' is not supported; expected http://HOST:PORT or https://HOST:PORT, e.g. http://10.0.0.9:8080",
-        "Error: unknown subcommand 'frobnicate'; expected one of: start, stop, restart, rebalance, status, logs, attach, "
+        "Error: unknown subcommand 'frobnicate'; expected one of: start, plan, stop, restart, rebalance, status, logs, attach, "
         "detach, ask",
         "Error: no RPC backend is configured in distributed mode; start two local ones with `backends spawn 2`, "
         "or add one with `backends add HOST:PORT`",
         "Error: argument --port: port '\u00b2' is not valid; expected a number from 1 to 65535",
         f"Error: model {'m' * 197}... cannot be read (File name too long)",
         "Error: URL 'http://bad\\x1bhost:80' has no valid host; expected http://HOST:PORT or https://HOST:PORT, e.g. http://10.0.0.9:8080",
-        "Error: unknown subcommand '\\x1b[31m'; expected one of: start, stop, restart, rebalance, status, logs, attach, "
+        "Error: unknown subcommand '\\x1b[31m'; expected one of: start, plan, stop, restart, rebalance, status, logs, attach, "
         "detach, ask",
     ], proc.stderr
     assert "Traceback" not in proc.stderr and "\x1b" not in proc.stdout + proc.stderr

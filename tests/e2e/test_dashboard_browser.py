@@ -556,6 +556,13 @@ def test_three_shells_two_nodes_one_redis_the_page_and_metrics_show_all_and_noth
                 assert "free /" in got[3] and reg["devices"][0]["name"] in got[3]
                 assert got[7].endswith(" ago")
                 expect()(page.locator(f'#chart-memory g.bar[data-address="{node.address}"]')).to_have_count(1)
+                # both nodes run on this machine: its memory is one bar of its own, theirs show no free/total
+                bar = page.locator(f'#chart-memory g.bar[data-address="{node.address}"] text.bar-label')
+                expect()(bar).to_contain_text(" on ")
+                assert " free " not in bar.text_content()
+            machine = page.locator('#chart-memory g.bar[data-address^="host "] text.bar-label')
+            expect()(machine).to_have_count(1)
+            assert all(n.address in machine.text_content() for n in nodes) and " free " in machine.text_content()
             # the old run is folded away, one click shows it
             assert page.locator("#apps tbody tr", has_text="old-run:5").count() == 0
             expect()(page.locator("#stopped-note")).to_have_text("show 1 stopped app (folded after 10 min)")

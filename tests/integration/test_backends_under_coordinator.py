@@ -29,7 +29,9 @@ def test_heartbeat_leaves_the_coordinators_backends_alone(tmp_path):
     settings = load_settings(flags={"backends_file": str(tmp_path / "rpc_backends.conf"), "distributed": True,
                                     "coordinator_port": str(free_port())},
                              env={"SYNAPTICLLAMAS_CONFIG": str(tmp_path / "config.toml")})
-    settings = settings.replace(rpc_backend_heartbeat_interval=0.3, probe_timeout=0.3, probe_failures=2)
+    # placement by memory: every backend held (the speed-aware default would serve on this host)
+    settings = settings.replace(rpc_backend_heartbeat_interval=0.3, probe_timeout=0.3, probe_failures=2,
+                                placement="memory")
 
     async def run():
         app = App(settings)

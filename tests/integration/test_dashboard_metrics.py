@@ -63,15 +63,21 @@ def push_a_cluster(client) -> dict:
     node = ContractPublisher(client, "worker-1:77", app="synapticllamas-node")
     devices = [{"name": "CPU", "description": "AMD EPYC", "total_mib": 24105, "free_mib": 20000},
                {"name": "CUDA0", "description": "RTX", "total_mib": 8192, "free_mib": 8000}]
+    machine = {"id": "boot-0123456789abcdef", "id_source": "boot id", "name": "worker", "cpus": 2.0,
+               "mem_total_mib": 24105, "mem_available_mib": 20000}
     node.emit("node", "node_up", "node up", {"address": "10.0.0.5:50052", "state": "up", "rpc_version": "7.0.0",
-                                             "devices": devices, "memory_offered_mib": 2048})
+                                             "devices": devices, "memory_offered_mib": 2048, "host": machine})
     node.emit("node", "heartbeat", "rpc_backend_connect on 10.0.0.5:50052",
               {"address": "10.0.0.5:50052", "state": "up", "cache_bytes": 12345, "interval_s": 30.0,
                "memory_offered_mib": 2048})
+    # a second node on the same machine: each of its CPU devices reports the machine's memory
+    other = ContractPublisher(client, "worker-1:78", app="synapticllamas-node")
+    other.emit("node", "node_up", "node up", {"address": "10.0.0.5:50053", "state": "up", "rpc_version": "7.0.0",
+                                              "devices": devices[:1], "host": machine})
     stopped = ContractPublisher(client, "gone:3")
     stopped.register()
     stopped.emit("system", "unregister", "bye", {"reason": "exit"})
-    return {"requests": requests, "devices": devices, "shell": shell}
+    return {"requests": requests, "devices": devices, "shell": shell, "machine": machine}
 
 
 def check(samples, sent, later: int = 0) -> None:
@@ -92,7 +98,7 @@ def check(samples, sent, later: int = 0) -> None:
     assert value(samples, "synapticllamas_events_lost_total", app_instance="worker-1:77") == 0
     assert value(samples, "synapticllamas_events_total", component="coordinator", level="info") == 7 + later
     assert value(samples, "synapticllamas_events_total", component="system", level="warning") == 1
-    assert sum(v for (name, _), v in samples.items() if name == "synapticllamas_events_total") == 16 + later
+    assert sum(v for (name, _), v in samples.items() if name == "synapticllamas_events_total") == 17 + later
     assert value(samples, "synapticllamas_model_memory_bytes", app_instance="shell-a:11", backend="10.0.0.5:50052",
                  kind="model") == round(33.82 * MIB)
     assert value(samples, "synapticllamas_node_up", node="10.0.0.5:50052") == 1
@@ -102,6 +108,15 @@ def check(samples, sent, later: int = 0) -> None:
         assert value(samples, "synapticllamas_node_memory_free_bytes", **labels) == d["free_mib"] * MIB
     assert value(samples, "synapticllamas_node_memory_offered_bytes", node="10.0.0.5:50052") == 2048 * MIB
     assert value(samples, "synapticllamas_node_cache_bytes", node="10.0.0.5:50052") == 12345
+    # two nodes on one machine: the machine's memory once, whatever the nodes' devices say
+    machine = sent["machine"]
+    for address in ("10.0.0.5:50052", "10.0.0.5:50053"):
+        assert value(samples, "synapticllamas_node_host_info", node=address, host=machine["id"], host_name="worker") == 1
+    assert value(samples, "synapticllamas_host_nodes", host=machine["id"]) == 2
+    totals = [v for (name, _), v in samples.items() if name == "synapticllamas_host_memory_total_bytes"]
+    assert totals == [machine["mem_total_mib"] * MIB]
+    assert value(samples, "synapticllamas_host_memory_available_bytes", host=machine["id"]) == 20000 * MIB
+    assert value(samples, "synapticllamas_host_cpus", host=machine["id"]) == 2.0
     assert value(samples, "synapticllamas_dashboard_redis_up") == 1
 
 

@@ -76,6 +76,13 @@ BAD = [
     ('{"component": "raw", "event_type": "log"}', "timestamp"),
     ('{"timestamp": 1, "event_type": "log"}', "component"),
     ("1" * 5000, "json"),
+    # a node's machine and speed: placement and the metrics compute with them
+    (details(host="w1"), "details.host"), (details(host={"id": "a\x1b[2Jb"}), "details.host.id"),
+    (details(host={"id": "h", "cpus": 0}), "details.host.cpus"),
+    (details(host={"id": "h", "mem_available_mib": -5}), "details.host.mem_available_mib"),
+    (details(speed={"ns_per_byte": {"F16": -1}}), "details.speed.ns_per_byte.F16"),
+    (details(speed={"ns_per_byte": [0.1]}), "details.speed.ns_per_byte"),
+    (details(speed={"threads": 1.5}), "details.speed.threads"), (details(speed_note=5), "details.speed_note"),
 ]
 
 
@@ -116,6 +123,15 @@ def test_registrations_of_the_two_hashes():
     assert address == "127.0.0.1:50052" and decoded["address"] == address
     with pytest.raises(Invalid, match="is not the field"):
         decode_node_entry(b"10.0.0.9:50052", json.dumps(node))
+    machine = {"id": "boot-0a", "id_source": "boot id", "name": "w1", "cpus": 0.5, "mem_total_mib": 4096,
+               "mem_available_mib": 3000}
+    speed = {"ns_per_byte": {"F16": 0.05, "Q4_K": 0.1}, "layer_ns": 5000.0, "threads": 1, "cpus": 0.5,
+             "repack": False, "repack_failed": None, "seconds": 2.6, "measured_at": 1.7e9}
+    _, decoded = decode_node_entry(b"127.0.0.1:50052", json.dumps(dict(node, host=machine, speed=speed)))
+    assert decoded["host"] == machine and decoded["speed"] == speed
+    for bad in ({"host": dict(machine, cpus=-1)}, {"speed": dict(speed, measured_at=1e20)}):
+        with pytest.raises(Invalid):
+            decode_node_entry(b"127.0.0.1:50052", json.dumps(dict(node, **bad)))
     for field, value in ((b"no-port", node), (b"\xff", node), (b"127.0.0.1:50052", dict(node, cache={"bytes": -1})),
                          (b"127.0.0.1:50052", dict(node, devices=[{"name": "\x1b[2J"}]))):
         with pytest.raises(Invalid):

@@ -259,6 +259,11 @@
   function nodeFrom(n, d, heard) {
     if (typeof d.link === "string") n.link = d.link;
     if (typeof d.state === "string") n.state = d.state;
+    // the machine it runs on: nodes that share one share its memory, shown once
+    if (isObject(d.host) && typeof d.host.id === "string") {
+      n.hostId = text(d.host.id);
+      if (typeof d.host.name === "string") n.hostName = text(d.host.name);
+    }
     if (typeof d.rpc_version === "string") n.version = d.rpc_version;
     if (Array.isArray(d.devices)) n.devices = d.devices.filter(isObject);
     if (num(d.memory_offered_mib) !== null) n.offered = d.memory_offered_mib;
@@ -649,6 +654,7 @@
         if (num(d.free_mib) !== null) r.free = d.free_mib;
         const planned = c.placement.find((p) => p.address === device);
         if (planned && num(planned.offered_mib) !== null) r.offered = planned.offered_mib;
+        if (planned && typeof planned.host === "string") r.host = text(planned.host);
         byKey.set(key, r);
       }
     }
@@ -662,7 +668,21 @@
       if (totals.length) r.total = totals.reduce((x, y) => x + y, 0);
       if (frees.length) r.free = frees.reduce((x, y) => x + y, 0);
       r.label = `${n.address} (node)`;
+      if (n.hostId) { r.host = n.hostId; r.hostName = n.hostName; }
       byKey.set(n.address, r);
+    }
+    // the devices of one machine share its memory: it is one row of its own (free and total once),
+    // and theirs show what they hold and offer
+    const perHost = new Map();
+    for (const r of byKey.values()) if (r.host) perHost.set(r.host, [...(perHost.get(r.host) || []), r]);
+    for (const [id, on] of perHost) {
+      if (on.length < 2) continue;
+      const name = on.find((r) => r.hostName)?.hostName || id;
+      const row = { key: `host ${id}`, label: `${name}: one machine (${on.map((r) => r.key).join(", ")})`, used: 0,
+                    offered: null, free: on.find((r) => r.free !== null)?.free ?? null,
+                    total: on.find((r) => r.total !== null)?.total ?? null };
+      for (const r of on) { r.free = null; r.total = null; r.label += ` on ${name}`; }
+      byKey.set(row.key, row);
     }
     return Array.from(byKey.values()).sort((x, y) => x.label.localeCompare(y.label)).map((r) => {
       const parts = [`used ${mib(r.used)}`];
