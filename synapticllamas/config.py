@@ -129,6 +129,14 @@ def parse_optional_path(raw: Any) -> str | None:
     return str(Path(text).expanduser()) if text else None
 
 
+def parse_optional_file(raw: Any) -> str | None:
+    """A file that must exist and be readable (a CA bundle), or empty for none."""
+    path = parse_optional_path(raw)
+    if path is not None and not os.access(path, os.R_OK):
+        raise ValueError("expected a readable file (PEM)")
+    return path
+
+
 def parse_path(raw: Any) -> str:
     text = str(raw).strip()
     if not text:
@@ -213,6 +221,11 @@ SPECS: tuple[Spec, ...] = (
          "distributed mode: the coordinator uses the RPC backends"),
     Spec("redis_url", "redis://localhost:6379", parse_redis_url, ("SOLLOL_REDIS_URL",), "--redis-url",
          "where `redis on` publishes events", redact=redact_url),
+    Spec("redis_ca_file", None, parse_optional_file, ("SYNAPTICLLAMAS_REDIS_CA_FILE",), None,
+         "CA certificate(s) the Redis server's TLS certificate must chain to (rediss:// URLs)"),
+    Spec("cluster_key_file", lambda: str(xdg_dir("config") / "cluster.key"), parse_path,
+         ("SYNAPTICLLAMAS_CLUSTER_KEY_FILE",), "--cluster-key-file",
+         "the cluster key (`cluster init` makes it): node announcements are signed and RPC links encrypted with it"),
     Spec("redis_enabled", False, parse_bool, ("SYNAPTICLLAMAS_REDIS",), "--redis/--no-redis",
          "start with Redis publishing on"),
     Spec("rpc_heartbeat_interval", 30.0, interval, ("SOLLOL_RPC_HEARTBEAT_INTERVAL",), None,

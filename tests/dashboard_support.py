@@ -22,7 +22,7 @@ class Dashboard:
     """`python3 main.py dashboard-server` on a free loopback port, as a user starts it."""
 
     def __init__(self, tmp: Path, redis_url: str, *args: str, token: str | None = None,
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.token = token
         self.host = host
@@ -32,7 +32,8 @@ class Dashboard:
             cmd += ["--token", token]
         self.log_path = tmp / f"dashboard-{self.port}.log"
         with open(self.log_path, "wb") as log:      # the child has its own copy of the fd
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=shell_env(tmp))
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                         env=shell_env(tmp, **(env or {})))
         wait_for(self._up, 20, what=f"the dashboard on port {self.port} (log: {self.log_path})")
 
     @property
@@ -162,7 +163,7 @@ class Node:
     """`python3 main.py node --host 127.0.0.1 --port P --redis-url URL`: a real node (its own
     ggml-rpc-server) announcing itself to this Redis, with its cache under tmp/name."""
 
-    def __init__(self, tmp: Path, redis_url: str, name: str, tag: str) -> None:
+    def __init__(self, tmp: Path, redis_url: str, name: str, tag: str, **extra_env: str) -> None:
         from llama_support import TAG_VAR
 
         self.port = free_port()
@@ -170,7 +171,7 @@ class Node:
         home = tmp / name
         home.mkdir(parents=True, exist_ok=True)
         self.log_path = home / "node.log"
-        env = shell_env(home, XDG_CACHE_HOME=str(home / "cache"), **{TAG_VAR: tag})
+        env = shell_env(home, XDG_CACHE_HOME=str(home / "cache"), **{TAG_VAR: tag}, **extra_env)
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen([PYTHON, str(ROOT / "main.py"), "node", "--host", "127.0.0.1", "--port",
                                           str(self.port), "--redis-url", redis_url],

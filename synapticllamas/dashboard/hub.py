@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections import deque
@@ -41,7 +42,7 @@ from synapticllamas.dashboard.metrics import Metrics
 from synapticllamas.events.contract import APPS_HASH, CHANNEL_PATTERN, JOURNAL_STREAM, NODES_HASH, Event
 from synapticllamas.events.dedup import SeenEvents
 from synapticllamas.events.redis_errors import describe
-from synapticllamas.events.schema import Invalid, Tally, decode_registration
+from synapticllamas.events.schema import Invalid, Tally, decode_registration, load_json
 from synapticllamas.util.backoff import Backoff
 from synapticllamas.util.tasks import cancel
 
@@ -58,8 +59,19 @@ log = logging.getLogger("synapticllamas.dashboard")
 
 
 class Hub:
-    def __init__(self, redis_url: str, replay: int = 1000, capacity: int = 10000) -> None:
+    def __init__(self, redis_url: str, replay: int = 1000, capacity: int = 10000,
+                 redis_ca_file: str | None = None, announce_key: bytes | None = None) -> None:
+        """`announce_key`: the cluster's; node events and registrations then say whether the key
+        vouches for them (`trust`), and the page shows the nodes it does not as untrusted."""
+        from synapticllamas.events.redis_options import redis_options
+
         self.redis_url = redis_url
+        self.redis_options = redis_options(redis_url, redis_ca_file)
+        self._verifier = None
+        if announce_key is not None:
+            from synapticllamas.trust.signing import Verifier
+
+            self._verifier = Verifier(announce_key, window=float("inf"))   # the journal is history: no age
         self.metrics = Metrics()    # kept while the hub is closed: counters only grow
         self.public_url = redact_url(redis_url)
         self.replay = replay
@@ -210,7 +222,7 @@ class Hub:
 
     async def _session(self) -> None:
         client = aioredis.from_url(self.redis_url, socket_connect_timeout=CONNECT_TIMEOUT,
-                                   socket_keepalive=True)
+                                   socket_keepalive=True, **self.redis_options)
         pubsub = client.pubsub()
         tasks: list[asyncio.Task] = []
         try:
@@ -326,7 +338,7 @@ class Hub:
                 continue
             self.metrics.observe(sid, event, live)
             ms, _, seq = sid.partition("-")
-            self._append((int(ms), int(seq or 0), 0), key, frames.frame(sid, event, payload))
+            self._append((int(ms), int(seq or 0), 0), key, self.frame(sid, event, payload))
             self.counters["journal"] += 1
             added = True
         if added:
@@ -357,7 +369,7 @@ class Hub:
             self.fallback_n += 1
             sid = f"{self.last_id}~{self.fallback_n}"
             self.metrics.observe(None, event, live=True)
-            self._append(frames.parse_id(sid), key, frames.frame(sid, event, payload))
+            self._append(frames.parse_id(sid), key, self.frame(sid, event, payload))
             self.counters["pubsub_only"] += 1
             added = True
         if added:
@@ -418,7 +430,8 @@ class Hub:
 
             # one retry on a new connection: a pooled one is dead after Redis restarted
             self._client = aioredis.from_url(self.redis_url, socket_connect_timeout=CONNECT_TIMEOUT,
-                                             socket_timeout=COMMAND_TIMEOUT, retry=Retry(NoBackoff(), 1))
+                                             socket_timeout=COMMAND_TIMEOUT, retry=Retry(NoBackoff(), 1),
+                                             **self.redis_options)
         return self._client
 
     async def read_journal(self, since: str | None, limit: int, before: str | None = None
@@ -469,8 +482,27 @@ class Hub:
             except Invalid:
                 skipped += 1
                 continue
-            nodes[str(address)] = redact_strings(data)
+            trust = self.trust(data)         # the registration as decoded: `auth` is kept in it
+            nodes[str(address)] = redact_strings(data) | ({"trust": trust} if trust else {})
         return nodes, skipped
+
+    def trust(self, obj: Any) -> str | None:
+        """With the cluster key: `signed`, `unsigned` or `other key` (trust/signing.vouched); None
+        without a key."""
+        if self._verifier is None:
+            return None
+        from synapticllamas.trust.signing import vouched
+
+        return vouched(self._verifier, obj)
+
+    def frame(self, sid: str, event: Event, payload: bytes) -> bytes:
+        """The SSE frame of an event; a node event carries `trust` when the dashboard has the key.
+        The payload was decoded by the schema already (a valid event); `auth` is not part of the
+        Event, so the object is read again here, for node events only."""
+        if self._verifier is not None and event.component == "node":
+            raw = load_json(payload)
+            payload = json.dumps(dict(raw, trust=self.trust(raw)), separators=(",", ":"), ensure_ascii=False).encode()
+        return frames.frame(sid, event, payload)
 
     async def ping(self) -> str | None:
         """None when Redis answers, else why not (password scrubbed)."""
@@ -532,7 +564,7 @@ class View:
                 for sid, event, payload in older:
                     key = frames.event_key(event, payload)
                     if key not in hub.seen and once.add(key):
-                        self.prefix.append(frames.frame(sid, event, payload))
+                        self.prefix.append(hub.frame(sid, event, payload))
         else:
             self.cursor = max(hub.base, hub.end - replay)
 

@@ -60,8 +60,9 @@ def id_param(value: str | None, name: str) -> str | None:
 
 
 def create_app(redis_url: str, token: str | None = None, replay: int = 1000,
-               loopback_only: bool = True, metrics_hold: float = METRICS_HOLD) -> Any:
-    hub = Hub(redis_url, replay=replay)
+               loopback_only: bool = True, metrics_hold: float = METRICS_HOLD, redis_ca_file: str | None = None,
+               announce_key: bytes | None = None) -> Any:
+    hub = Hub(redis_url, replay=replay, redis_ca_file=redis_ca_file, announce_key=announce_key)
     page = (STATIC / "index.html").read_text(encoding="utf-8")
     # the page's own assets need the token too; it is the configured one, escaped for an attribute
     asset_query = html.escape("?token=" + quote(token, safe=""), quote=True) if token else ""
@@ -193,7 +194,10 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 
 def serve(host: str, port: int, redis_url: str, token: str | None, replay: int,
-          metrics_hold: float = METRICS_HOLD) -> int:
+          metrics_hold: float = METRICS_HOLD, redis_ca_file: str | None = None, key_token: str | None = None,
+          announce_key: bytes | None = None) -> int:
+    """`key_token`: the token made from the cluster key, required when bound beyond loopback
+    without --token; with neither, such a bind is refused."""
     import uvicorn
 
     from synapticllamas.config import redact_url
@@ -208,10 +212,17 @@ def serve(host: str, port: int, redis_url: str, token: str | None, replay: int,
     loopback = is_loopback_name(bound)
     shown_host = f"[{host}]" if ":" in host else host
     if not loopback and not token:
-        print(f"Warning: the dashboard listens on {shown_host}:{sock.getsockname()[1]}, beyond loopback, without "
-              "--token: anyone who can reach it sees every event; add --token T (or SYNAPTICLLAMAS_DASHBOARD_TOKEN)",
-              file=sys.stderr, flush=True)
-    app = create_app(redis_url, token=token, replay=replay, loopback_only=loopback, metrics_hold=metrics_hold)
+        if key_token is None:
+            sock.close()
+            print(f"Error: --host {host} would show every event to anyone who reaches {shown_host}:{port}: give "
+                  "--token T (or SYNAPTICLLAMAS_DASHBOARD_TOKEN), or make a cluster key (`python3 main.py cluster "
+                  "init`) and the dashboard requires a token made from it", file=sys.stderr, flush=True)
+            return 2
+        token = key_token
+        print("Beyond loopback without --token: the token is made from the cluster key (the same on every "
+              "machine that holds the key).", flush=True)
+    app = create_app(redis_url, token=token, replay=replay, loopback_only=loopback, metrics_hold=metrics_hold,
+                     redis_ca_file=redis_ca_file, announce_key=announce_key)
     url = f"http://{shown_host}:{sock.getsockname()[1]}/" + (f"?token={quote(token, safe='')}" if token else "")
     print(f"SynapticLlamas dashboard {__version__}: {url}", flush=True)
     print(f"Events from {redact_url(redis_url)} (Redis is used only while a page is open or a scraper asked"

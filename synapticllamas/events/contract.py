@@ -53,12 +53,16 @@ class BackendEvent:
     REMOVED = "removed"
     CONNECT = "connect"
     DISCONNECT = "disconnect"
+    LINK_OPEN = "link_open"            # an encrypted link to a node passed its check (trust/links.py)
+    LINK_FAILED = "link_failed"        # it did not (wrong key, not a link, nobody there), or later refused
+    LINK_CLOSED = "link_closed"        # its stunnel ended without being asked to
 
 
 class RegistryEvent:
     HEARTBEAT = "heartbeat"
     DUPLICATE = "duplicate"
     FILE_ERROR = "file_error"
+    ANNOUNCEMENT_IGNORED = "announcement_ignored"   # unsigned, another key, replayed (trust/announcements.py)
 
 
 class SystemEvent:
@@ -82,6 +86,7 @@ class NodeEvent:
     RPC_SERVER_EXIT = "rpc_server_exit"
     RPC_SERVER_RESTART = "rpc_server_restart"
     HEARTBEAT = "heartbeat"
+    INSECURE = "insecure"              # started with --insecure: rpc-server open to whoever reaches it
 
 
 def _values(namespace: type) -> tuple[str, ...]:

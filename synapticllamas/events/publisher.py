@@ -77,6 +77,7 @@ from synapticllamas.config import redact_url
 from synapticllamas.events import schema
 from synapticllamas.events.contract import APPS_HASH, CHANNEL_PATTERN, JOURNAL_FIELD, JOURNAL_STREAM, Event
 from synapticllamas.events.redis_errors import describe
+from synapticllamas.events.redis_options import redis_options
 from synapticllamas.util.backoff import Backoff
 
 BATCH = 500                 # events per transaction: big enough to amortise the round trip
@@ -163,9 +164,18 @@ _misfits: set[tuple[str, str]] = set()
 log = logging.getLogger("synapticllamas.publisher")
 
 
-def encode(event: Event) -> bytes:
+def encode(event: Event, signer: Any = None) -> bytes:
     """The event's JSON, as every reader will accept it (events/schema.py): details that are too big,
-    too deep, not finite or cannot be encoded at all are fitted (cut), or replaced by a note."""
+    too deep, not finite or cannot be encoded at all are fitted (cut), or replaced by a note. With
+    a signer (trust/signing.Signer, a node with the cluster key), signed: what is signed is that
+    JSON, so a reader that decodes it with the schema verifies exactly what it got."""
+    data = _fitted(event)
+    if signer is None:
+        return data
+    return json.dumps(signer.sign(json.loads(data)), separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _fitted(event: Event) -> bytes:
     try:
         data = event.to_json().encode()
         if len(data) > CHECK_ABOVE:
@@ -208,11 +218,15 @@ def _instance_of(field: Any, registration: Any) -> str:
 
 class RedisPublisher:
     def __init__(self, settings: Any, observer: Any, registration: dict[str, Any] | None = None,
-                 hash_key: str = APPS_HASH, field: str | None = None) -> None:
+                 hash_key: str = APPS_HASH, field: str | None = None, signer: Any = None) -> None:
         """`hash_key`/`field`: where the registration lives: the apps hash under the instance (a
-        shell), or the nodes hash under the node's HOST:PORT (`main.py node`)."""
+        shell), or the nodes hash under the node's HOST:PORT (`main.py node`). `signer`
+        (trust/signing.Signer): every event and every registration written is signed, at the
+        moment it is written, so a batch held through an outage goes out with a fresh signature."""
+        self._signer = signer
         self.observer = observer
         self.url = settings.redis_url
+        self.redis_options = redis_options(self.url, getattr(settings, "redis_ca_file", None))
         self.shown_url = redact_url(self.url)
         self.max_events = settings.observer_max_events
         self.instance = observer.source["instance"]
@@ -221,8 +235,9 @@ class RedisPublisher:
         self.generation = next(_generations)
         registration = self._stamped(registration or {"instance": self.instance})
         self._host, self._pid_ns = registration.get("host") or registration.get("hostname"), registration["pid_ns"]
-        self._registration = json.dumps(registration, default=str)
-        self._next_registration: str | None = None   # written on the loop by update_registration()
+        self._registration_obj = registration           # what is signed again at each write
+        self._registration = self._as_written(registration)
+        self._next_registration: dict[str, Any] | None = None   # written on the loop by update_registration()
         self._last_seq_key = LAST_SEQ_PREFIX + self.instance
         # read here, not at import: what describe() names is what the connection really uses
         self.connect_timeout = CONNECT_TIMEOUT
@@ -392,7 +407,7 @@ class RedisPublisher:
         pool = ConnectionPool.from_url(
             self.url, socket_connect_timeout=self.connect_timeout, socket_timeout=self.reply_timeout,
             retry=Retry(NoBackoff(), 0), health_check_interval=0, socket_keepalive=True,
-            client_name="synapticllamas")
+            client_name="synapticllamas", **self.redis_options)
         conn = None
         first = True                   # no connection attempt has ended yet
         lost_at: float | None = None   # when the current outage began
@@ -451,20 +466,31 @@ class RedisPublisher:
         self._from_thread(self._settle_finished, unsent)
 
     def _stamped(self, registration: dict[str, Any]) -> dict[str, Any]:
-        return dict(registration, pid_ns=pid_namespace(), publisher={"run": RUN, "generation": self.generation})
+        # seq: the last event created before this registration, so a reader that starts from the
+        # hash knows which of the app's events are older than what it read (signed replays)
+        return dict(registration, pid_ns=pid_namespace(), publisher={"run": RUN, "generation": self.generation},
+                    seq=self.observer.seq)
+
+    def _as_written(self, registration: dict[str, Any]) -> str:
+        if self._signer is not None:
+            registration = self._signer.sign(registration)
+        return json.dumps(registration, default=str)
 
     def update_registration(self, registration: dict[str, Any]) -> None:
         """(loop) A newer registration (a node's heartbeat refreshes it): written with the next batch,
         or at the next connection. One attribute write: the thread only reads it."""
-        self._next_registration = json.dumps(self._stamped(registration), default=str)
+        self._next_registration = self._stamped(registration)
 
     def _take_registration(self) -> str:
-        """(thread) The registration to write now; from here on it is the one the guards compare."""
+        """(thread) The registration to write now; from here on it is the one the guards compare.
+        Signed, it is signed now: a reconnection after an outage does not write an old signature."""
         pending = self._next_registration
         if pending is not None:
-            self._registration = pending
+            self._registration_obj = pending
             if self._next_registration is pending:
                 self._next_registration = None
+        if pending is not None or self._signer is not None:
+            self._registration = self._as_written(self._registration_obj)
         return self._registration
 
     def _pending(self) -> int:
@@ -562,7 +588,7 @@ class RedisPublisher:
         maxlen = self.max_events
         commands: list[tuple[Any, ...]] = [("MULTI",)]
         for event in batch:
-            data = encode(event)
+            data = encode(event, self._signer)
             commands.append(("XADD", JOURNAL_STREAM, "MAXLEN", "~", maxlen, "*", JOURNAL_FIELD, data))
             commands.append(("PUBLISH", event.channel, data))
         if self._next_registration is not None:     # a refreshed registration goes with the batch

@@ -16,6 +16,17 @@ def describe(exc: BaseException, *, connect_timeout: float, reply_timeout: float
     lowered = text.lower()
     if "connection refused" in lowered:
         return "connection refused"
+    if "certificate verify failed" in lowered:
+        if "hostname" in lowered or "ip address mismatch" in lowered:
+            return "TLS: the server's certificate is not for this host name"
+        return ("TLS: the server's certificate is not trusted (SYNAPTICLLAMAS_REDIS_CA_FILE names the CA "
+                "that signed it)")
+    if "wrong version number" in lowered or "packet length too long" in lowered or "record layer" in lowered:
+        return "TLS failed: is this Redis's TLS port? (rediss:// needs redis-server --tls-port)"
+    if "wrongpass" in lowered or "invalid username-password" in lowered or "invalid password" in lowered:
+        return "wrong user or password, or the user is disabled (the URL's redis://USER:PASSWORD@...)"
+    if "noauth" in lowered or "authentication required" in lowered or "already authenticated" in lowered:
+        return "Redis needs a password: redis://:PASSWORD@host, or redis://USER:PASSWORD@host for an ACL user"
     if "timeout" in lowered or "timed out" in lowered or (isinstance(exc, TimeoutError) and not text):
         # redis-py says "Timeout connecting to server" or "Timeout reading from HOST:PORT"
         return f"no answer within {connect_timeout:g} s" if "connect" in lowered else \

@@ -97,7 +97,7 @@ REGISTRATION: dict[str, str] = {
     "app": "label", "instance": "label", "host": "label", "pid": "count", "pid_ns": "label", "version": "version",
     "mode": "state", "started_at": "timestamp", "heartbeat_interval": "positive", "backend_heartbeat": "bool",
     "backend_heartbeat_interval": "positive", "sampling": "bool", "sample_rate": "number",
-    "publisher": "shape:publisher",
+    "publisher": "shape:publisher", "seq": "count",
 }
 NODE_REGISTRATION: dict[str, str] = {
     "address": "address", "hostname": "label", "instance": "label", "pid": "count", "pid_ns": "label",
@@ -105,13 +105,14 @@ NODE_REGISTRATION: dict[str, str] = {
     "memory_offered_mib": "mib", "threads": "count", "state": "state", "cache": "shape:cache",
     "started": "timestamp", "heartbeat_interval": "positive", "last_heartbeat": "timestamp", "restarts": "count",
     "publisher": "shape:publisher", "host": "shape:host", "speed": "shape:speed", "speed_note": "text",
+    "seq": "count", "link": "state",
 }
 _NODE_EVENT = {
     "address": "address", "state": "state", "interval_s": "positive", "rpc_version": "version",
     "devices": "list:device", "memory_offered_mib": "mib", "cache_bytes": "count", "rpc_pid": "count",
     "threads": "count", "restarts": "count", "tries": "count", "uptime_s": "number", "latency_ms": "number",
     "delay_s": "number", "exit_code": "number", "signal": "label", "reason": "state",
-    "host": "shape:host", "speed": "shape:speed", "speed_note": "text",
+    "host": "shape:host", "speed": "shape:speed", "speed_note": "text", "link": "state", "link_refused": "count",
 }
 _COORDINATOR = {
     "state": "state", "from_state": "state", "pid": "count", "tries": "count", "port": "port", "restarts": "count",

@@ -33,9 +33,17 @@ REMEMBERED = 50000   # (instance, seq) pairs kept to drop repeats
 
 class Viewer:
     def __init__(self, url: str, replay: int, component: str | None = None, level: str | None = None,
-                 as_json: bool = False, out: TextIO | None = None, err: TextIO | None = None) -> None:
+                 as_json: bool = False, out: TextIO | None = None, err: TextIO | None = None,
+                 redis_ca_file: str | None = None, announce_key: bytes | None = None) -> None:
+        """`announce_key`: the cluster's announcement key; node events not signed with it are
+        marked (their age is not judged: the journal is history)."""
         # imported here, not above: the shell's start-up imports this module for its click command
         from synapticllamas.config import redact_url
+        from synapticllamas.events.redis_options import redis_options
+        from synapticllamas.trust.signing import Verifier
+
+        self.redis_options = redis_options(url, redis_ca_file)
+        self._verifier = Verifier(announce_key, window=float("inf")) if announce_key else None
         from synapticllamas.events.dedup import SeenEvents, identity
         from synapticllamas.events.gaps import Gaps
         from synapticllamas.events.schema import Tally
@@ -77,10 +85,22 @@ class Viewer:
         else:
             from synapticllamas.events.lines import format_line
 
-            line = format_line(event, with_source=True)
+            line = self._mark(event, payload) + format_line(event, with_source=True)
         self.out.write(line + "\n")
         self.out.flush()
         return True
+
+    def _mark(self, event: Event, payload: bytes) -> str:
+        """'[unsigned] ' or '[bad signature] ' before a node event the cluster key does not vouch for."""
+        from synapticllamas.events.contract import Component
+
+        if self._verifier is None or event.component != Component.NODE:
+            return ""
+        from synapticllamas.events.schema import load_json
+        from synapticllamas.trust.signing import vouched
+
+        trust = vouched(self._verifier, load_json(payload))   # decoded by the schema already: valid JSON
+        return "" if trust == "signed" else "[unsigned] " if trust == "unsigned" else "[bad signature] "
 
     def _account(self, event: Event) -> None:
         """Sampled is not lost: a loss gets a line of its own (stderr), sampling only the summary."""
@@ -135,7 +155,7 @@ class Viewer:
         first, down_since, backoff = True, None, Backoff(RETRY_FIRST, RETRY_CAP)
         while True:
             client = Redis.from_url(self.url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=READ_TIMEOUT,
-                                    retry=Retry(NoBackoff(), 0), socket_keepalive=True)
+                                    retry=Retry(NoBackoff(), 0), socket_keepalive=True, **self.redis_options)
             pubsub = client.pubsub() if follow else None
             try:
                 if pubsub is not None:
@@ -252,7 +272,15 @@ def events_viewer(settings: Any, follow: bool, redis_url: str | None, replay: in
         except ValueError as exc:
             click.echo(f"Error: --redis-url={redact_url(redis_url)!r} is not valid: {exc}", err=True)
             sys.exit(2)
-    viewer = Viewer(url, replay, component, level, as_json)
+    from synapticllamas.trust.key import ClusterKeyError, from_settings
+
+    try:
+        key = from_settings(settings)
+    except ClusterKeyError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(2)
+    viewer = Viewer(url, replay, component, level, as_json, redis_ca_file=settings.redis_ca_file,
+                    announce_key=key.derive("announce") if key else None)
     try:
         status = viewer.run(follow)
     except KeyboardInterrupt:

@@ -83,14 +83,40 @@ class Planner:
                     + " in distributed mode; start two local ones with `backends spawn 2`, or add one with "
                     "`backends add HOST:PORT`")
         plan = Plan(binary, model_path, host, port, backends, left_out)
-        if backends and self.inputs is not None:
-            await self._choose(plan, target)
-        elif backends:
-            await self._place(plan, target.force)
+        if backends:
+            await self._placed(plan, target)
         if plan.backends and self.dial_for is not None:
             # the ones the plan holds (the chooser may leave some idle): llama-server dials only those
-            plan.dial = await self.dial_for(list(plan.backends))
+            await self._dial(plan, target)
         return plan
+
+    async def _placed(self, plan: Plan, target: Target) -> None:
+        if self.inputs is not None:
+            await self._choose(plan, target)
+        else:
+            await self._place(plan, target.force)
+
+    async def _dial(self, plan: Plan, target: Target) -> None:
+        """What llama-server dials for each backend the plan holds. A backend whose secured link
+        cannot be used (another cluster key, nobody there: trust/links.py raises LinkError naming
+        it, and says so in a `link_failed` event) is left out with that line, and the placement is
+        made again without it (the chooser may then take an idle backend, or this host alone)."""
+        from synapticllamas.trust.stunnel import LinkError
+
+        assert self.dial_for is not None
+        while plan.backends:
+            try:
+                plan.dial = await self.dial_for(list(plan.backends))
+                return
+            except LinkError as exc:
+                if exc.backend is None or exc.backend not in plan.backends:
+                    raise CoordinatorError(str(exc)) from None
+                plan.left_out[exc.backend] = str(exc)
+                candidates = [b for b in (*plan.backends, *plan.idle) if b != exc.backend]
+                if not candidates:
+                    raise NoBackend(f"{exc}; no other healthy RPC backend") from None
+                plan.backends, plan.idle, plan.placement, plan.choice = candidates, [], None, None
+                await self._placed(plan, target)
 
     async def _place(self, plan: Plan, force: bool) -> None:
         """Work out what the model needs on each backend; refuse (NoFit) what cannot fit."""

@@ -597,7 +597,11 @@ class Supervisor:
         at = time.monotonic()
         for backend in run.plan.backends:
             n, rtt = now.get(run.plan.dialled(backend), (0, None))
-            links.rtt(backend, rtt)
+            if run.plan.dialled(backend) == backend:
+                # behind a secured link llama-server's connection ends at the link's local end: its
+                # round trip is loopback's (the registry's probes measure the wire's); its bytes are
+                # the ones stunnel took, ahead of the wire by at most its socket buffers
+                links.rtt(backend, rtt)
             if n > before.get(run.plan.dialled(backend), 0):
                 span = moved.setdefault(backend, [at - load_progress_sample(), at])
                 span[1] = at

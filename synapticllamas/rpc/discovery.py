@@ -25,12 +25,14 @@ from typing import TYPE_CHECKING, Any
 from synapticllamas.events.contract import NODES_HASH, Component, NodeEvent, SystemEvent, channel_for
 from synapticllamas.events.schema import Invalid, Tally
 from synapticllamas.rpc.addresses import BackendId
+from synapticllamas.trust.signing import WINDOW
 from synapticllamas.util.tasks import cancel
 from synapticllamas.util.text import shown
 
 if TYPE_CHECKING:
     from synapticllamas.events.observer import Observer
     from synapticllamas.rpc.registry import RpcRegistry
+    from synapticllamas.trust.announcements import AnnouncementCheck
 
 OVERDUE_INTERVALS = 2.5      # heartbeats a node may miss before it counts as down
 CONNECT_TIMEOUT = 2.0
@@ -65,15 +67,27 @@ class NodeInfo:
             return None
 
     @property
+    def link(self) -> str:
+        """How to reach it: `tls-psk` (an encrypted link on its address) or `plain` (rpc-server itself)."""
+        return "tls-psk" if self.registration.get("link") == "tls-psk" else "plain"
+
+    @property
     def memory_offered_mib(self) -> int | None:
         value = self.registration.get("memory_offered_mib")   # a checked "mib" (events/schema.py)
         return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 class NodeDirectory:
-    def __init__(self, observer: Observer, registry: RpcRegistry) -> None:
+    def __init__(self, observer: Observer, registry: RpcRegistry, check: AnnouncementCheck | None = None,
+                 redis_options: dict[str, Any] | None = None) -> None:
+        """`check`: which announcements to believe (trust/announcements.py; by default, without a
+        key: all but those of nodes behind a link). `redis_options`: TLS settings for the client."""
+        from synapticllamas.trust.announcements import AnnouncementCheck
+
         self.observer = observer
         self.registry = registry
+        self.check = check or AnnouncementCheck(None, observer)
+        self.redis_options = redis_options or {}
         self.nodes: dict[BackendId, NodeInfo] = {}
         self.url: str | None = None
         self.connected = False
@@ -130,7 +144,8 @@ class NodeDirectory:
         backoff = Backoff(0.2, 5.0)
         while not self._closing:
             client = self._client = aioredis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT,
-                                                      health_check_interval=0, client_name="synapticllamas-discovery")
+                                                      health_check_interval=0, client_name="synapticllamas-discovery",
+                                                      **self.redis_options)
             try:
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(channel_for(Component.NODE))
@@ -189,13 +204,18 @@ class NodeDirectory:
     # ------------------------------------------------------------ what nodes say
 
     def _from_registration(self, field_: Any, text: Any) -> None:
-        """One entry of the nodes hash, read when the shell connects; an invalid one is counted."""
+        """One entry of the nodes hash, read when the shell connects; an invalid one is counted, one
+        the cluster key does not vouch for is ignored (trust/announcements.py)."""
         from synapticllamas.events.schema import decode_node_entry
 
         try:
             key, reg = decode_node_entry(field_, text)
         except Invalid as exc:
             self.skipped.count(exc)
+            return
+        # then its signature, over the registration as decoded (`auth` is kept in it)
+        interval = reg.get("heartbeat_interval") or 0.0
+        if not self.check.registration(reg, key, window=max(WINDOW, OVERDUE_INTERVALS * interval)):
             return
         info = self.nodes.setdefault(key, NodeInfo(key))
         info.registration = reg
@@ -210,16 +230,22 @@ class NodeDirectory:
         self._arm(info)
 
     def _on_message(self, data: Any) -> None:
-        """One message on the node channel, decoded by the schema (raises Invalid)."""
-        from synapticllamas.events.schema import decode_event
+        """One message on the node channel, decoded by the schema (raises Invalid), then checked
+        against the cluster key before anything changes (unsigned, another key, a replay: ignored).
+        One parse: the signature is checked on the object the schema decoded (its `auth` field is
+        not part of the Event), so what is verified is what is acted on."""
+        from synapticllamas.events.schema import event_from_dict, load_json
 
-        event = decode_event(data)
+        raw = load_json(data)
+        event = event_from_dict(raw)
         if event.component != Component.NODE:
             return
         details = event.details
         address = details.get("address")
         if address is None:
             raise Invalid("details.address", "missing: a node event names its HOST:PORT")
+        if not self.check.event(raw, address):
+            return
         kind = event.event_type
         info = self.nodes.setdefault(address, NodeInfo(address))
         info.last_heard = time.time()
@@ -227,7 +253,8 @@ class NodeDirectory:
         info.interval = details.get("interval_s") or info.interval
         if kind == NodeEvent.NODE_UP:
             info.registration.update({k: details[k] for k in ("rpc_version", "devices", "memory_offered_mib",
-                                                              "threads", "rpc_pid", "host", "speed") if k in details})
+                                                              "threads", "rpc_pid", "host", "speed", "link")
+                                    if k in details})
             info.registration.setdefault("hostname", event.source.get("host"))
             self._ensure_backend(address, up=True, reason=f"node {address} up")
         elif kind in (NodeEvent.NODE_DOWN, NodeEvent.RPC_SERVER_EXIT):
@@ -319,7 +346,7 @@ class NodeDirectory:
     def status(self) -> dict[str, Any]:
         return {"enabled": self._task is not None, "connected": self.connected, "nodes": len(self.nodes),
                 "last_error": self.last_error, "invalid": self.skipped.total, "last_invalid": self.skipped.last,
-                "failures": self.failures}
+                "failures": self.failures, "ignored": dict(self.check.ignored), "keyed": self.check.keyed}
 
 
 def _seconds(value: Any) -> float | None:

@@ -18,7 +18,14 @@ from typing import Any
 
 from synapticllamas.commands import load_all
 from synapticllamas.commands.registry import CommandError, ExitShell, Result, UsageError, lookup, suggest
-from synapticllamas.events.contract import BackendEvent, Component, CoordinatorEvent, Event, SystemEvent
+from synapticllamas.events.contract import (
+    BackendEvent,
+    Component,
+    CoordinatorEvent,
+    Event,
+    RegistryEvent,
+    SystemEvent,
+)
 from synapticllamas.shell.render import Renderer, TerminalUI
 from synapticllamas.util.processes import kill_children
 from synapticllamas.util.text import safe, shown
@@ -33,6 +40,8 @@ NOTABLE = {
     (Component.RPC_BACKEND, BackendEvent.CONNECT), (Component.RPC_BACKEND, BackendEvent.DISCONNECT),
     (Component.SYSTEM, SystemEvent.REDIS_CONNECTED), (Component.SYSTEM, SystemEvent.REDIS_DISCONNECTED),
     (Component.SYSTEM, SystemEvent.EVENTS_DROPPED),
+    (Component.RPC_REGISTRY, RegistryEvent.ANNOUNCEMENT_IGNORED),
+    (Component.RPC_BACKEND, BackendEvent.LINK_FAILED), (Component.RPC_BACKEND, BackendEvent.LINK_CLOSED),
 }
 
 log = logging.getLogger("synapticllamas")

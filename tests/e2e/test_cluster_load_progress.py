@@ -30,7 +30,9 @@ def tag():
 
 def test_a_cold_load_over_slow_links_shows_moving_progress_and_5_percent_events(tmp_path, make_cluster, tag):
     cluster = make_cluster(3, rate_mbit=RATE_MBIT)
-    with NodesOnHosts(cluster, tmp_path, tag) as on_hosts:     # fresh caches: a cold load
+    # fresh caches: a cold load; with the cluster key, so the bytes counted are llama-server's to
+    # the local ends of the encrypted links
+    with NodesOnHosts(cluster, tmp_path, tag, secure=True) as on_hosts:
         sub, addresses = on_hosts.sub, on_hosts.addresses
         on_hosts.wait_all_up()
         shell = on_hosts.shell("--distributed")

@@ -32,6 +32,10 @@ def test_three_nodes_are_found_serve_the_model_and_their_failures_are_seen(tmp_p
         # each node binds to its address on the route to Redis (no --host given) and announces itself
         for address in addresses:
             sub.wait_for_event("node", "node_up", address=address, timeout=30)
+            # started with --insecure (no cluster key): said at start, on stderr and as an event
+            _, insecure = sub.wait_for_event("node", "insecure", address=address, timeout=5)
+            assert insecure["level"] == "warning" and "without authentication" in insecure["message"]
+        assert all("Warning: --insecure: rpc-server listens on" in on_hosts.node_log(h) for h in cluster.hosts)
         registered = redis.client().hgetall("synapticllamas:nodes")
         assert sorted(registered) == sorted(addresses)
         for address in addresses:

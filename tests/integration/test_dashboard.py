@@ -506,8 +506,8 @@ def test_bound_to_any_loopback_address_only_loopback_host_names_are_served(tmp_p
         dash.stop()
 
 
-@pytest.mark.parametrize("token", [None, "s3cret"])
-def test_listening_beyond_loopback_without_a_token_warns_on_stderr(tmp_path, token):
+@pytest.mark.parametrize("guard", ["none", "token", "key"])
+def test_listening_beyond_loopback_needs_a_token_or_the_cluster_key(tmp_path, guard):
     """--host 0.0.0.0 in a network namespace of its own (unshare -n: only a downed lo), so the test
     exposes nothing while the dashboard really binds every address."""
     unshare = shutil.which("unshare")
@@ -515,22 +515,33 @@ def test_listening_beyond_loopback_without_a_token_warns_on_stderr(tmp_path, tok
         pytest.fail("this test needs unshare (util-linux) to bind 0.0.0.0 in a private network namespace")
     port = free_port()
     cmd = [unshare, "-n", PYTHON, str(ROOT / "main.py"), "dashboard-server", "--host", "0.0.0.0",
-           "--port", str(port), "--redis-url", "redis://127.0.0.1:1"] + (["--token", token] if token else [])
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env=shell_env(tmp_path))
+           "--port", str(port), "--redis-url", "redis://127.0.0.1:1"] + (["--token", "s3cret"] if guard == "token" else [])
+    env = shell_env(tmp_path)
+    if guard == "key":
+        from synapticllamas.trust.key import create
+
+        made = create(tmp_path / "config" / "synapticllamas" / "cluster.key")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    if guard == "none":                   # refused before it serves: one line, exit status 2
+        assert proc.wait(20) == 2
+        stderr = proc.stderr.read()
+        assert stderr.splitlines() == [
+            f"Error: --host 0.0.0.0 would show every event to anyone who reaches 0.0.0.0:{port}: give --token T (or "
+            "SYNAPTICLLAMAS_DASHBOARD_TOKEN), or make a cluster key (`python3 main.py cluster init`) and the dashboard "
+            "requires a token made from it"], stderr
+        return
     try:
-        first = proc.stdout.readline()   # the warning, if any, was written before this line
+        lines = [proc.stdout.readline() for _ in range(2 if guard == "key" else 1)]
     finally:
         proc.kill()   # not reachable from here to wait for it to serve; a clean stop is tested above
         proc.wait(10)
     stderr = proc.stderr.read()
-    assert first.startswith("SynapticLlamas dashboard ") and f"http://0.0.0.0:{port}/" in first, (first, stderr)
-    if token:
-        assert stderr == "", stderr
-    else:
-        assert stderr.splitlines() == [
-            f"Warning: the dashboard listens on 0.0.0.0:{port}, beyond loopback, without --token: anyone who "
-            "can reach it sees every event; add --token T (or SYNAPTICLLAMAS_DASHBOARD_TOKEN)"], stderr
+    assert stderr == "", stderr
+    first = lines[-1]
+    assert first.startswith("SynapticLlamas dashboard ") and f"http://0.0.0.0:{port}/?token=" in first, (lines, stderr)
+    if guard == "key":
+        assert lines[0].startswith("Beyond loopback without --token: the token is made from the cluster key")
+        assert first.rstrip().endswith("?token=" + made.derive("dashboard").hex()[:32])
 
 
 def test_a_killed_shells_registration_goes_when_another_shell_on_this_host_connects(dashboard, shells,

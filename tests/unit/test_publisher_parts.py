@@ -56,7 +56,14 @@ def test_an_ordinary_event_is_its_compact_json():
     (redis.TimeoutError("Timeout reading from 127.0.0.1:6379"), "no reply within 2 s"),
     (redis.ConnectionError("Error -2 connecting to nohost:6379. Name or service not known."), "unknown host"),
     (redis.AuthenticationError("invalid username-password pair or user is disabled."),
-     "invalid username-password pair or user is disabled."),
+     "wrong user or password, or the user is disabled (the URL's redis://USER:PASSWORD@...)"),
+    (redis.AuthenticationError("Authentication required."),
+     "Redis needs a password: redis://:PASSWORD@host, or redis://USER:PASSWORD@host for an ACL user"),
+    (redis.ConnectionError("Error 1 connecting to 127.0.0.1:6380. [SSL: CERTIFICATE_VERIFY_FAILED] certificate "
+                           "verify failed: self-signed certificate in certificate chain (_ssl.c:1006)."),
+     "TLS: the server's certificate is not trusted (SYNAPTICLLAMAS_REDIS_CA_FILE names the CA that signed it)"),
+    (redis.ConnectionError("Error 1 connecting to 127.0.0.1:6380. [SSL: WRONG_VERSION_NUMBER] wrong version number"),
+     "TLS failed: is this Redis's TLS port? (rediss:// needs redis-server --tls-port)"),
 ])
 def test_errors_are_described_in_a_few_words(exc, shown):
     assert describe(exc, connect_timeout=1.5, reply_timeout=2.0) == shown

@@ -67,6 +67,14 @@
   // page only ever sees checked types: strings, a details object whose typed fields hold what they
   // should, a number or null seq; `sampled` null when the publisher does not say.
 
+  // set by the dashboard (not by the publisher) on a node event when it holds the cluster key
+  function trustOf(data) {
+    try {
+      const raw = JSON.parse(data);
+      return ["signed", "unsigned", "other key"].includes(raw.trust) ? raw.trust : null;
+    } catch (err) { return null; }
+  }
+
   // an unknown level is filtered as info, not hidden
   const levelRank = (level) => (LEVELS.includes(level) ? LEVELS.indexOf(level) : LEVELS.indexOf("info"));
   const levelClass = (level) => (LEVELS.includes(level) ? `level-${level}` : "");
@@ -241,7 +249,7 @@
     let n = nodes.get(address);
     if (!n) {
       n = { address, host: "", instance: "", version: null, devices: [], offered: null, cache: null, state: "unknown",
-            heard: null, interval: null, downAt: null };
+            heard: null, interval: null, downAt: null, trust: null, link: null };
       nodes.set(address, n);
     }
     return n;
@@ -249,6 +257,7 @@
 
   // a node's registration (the nodes hash) or its events
   function nodeFrom(n, d, heard) {
+    if (typeof d.link === "string") n.link = d.link;
     if (typeof d.state === "string") n.state = d.state;
     // the machine it runs on: nodes that share one share its memory, shown once
     if (isObject(d.host) && typeof d.host.id === "string") {
@@ -298,8 +307,12 @@
     } else if (isType(ev, C.RPC_REGISTRY, T.rpc_registry.HEARTBEAT) && Array.isArray(d.backends)) {
       for (const b of d.backends) if (isObject(b)) backendFrom(a, b.address, b.state, ev.timestamp);
       if (seconds(d.interval_s)) a.heartbeatEvery = d.interval_s;
-    } else if (ev.component === C.NODE && typeof d.address === "string") {
+    } else if (ev.component === C.NODE && typeof d.address === "string"
+               && !(ev.trust && ev.trust !== "signed" && nodes.get(d.address)?.trust === "signed")) {
+      // with the cluster key the dashboard says whether the key vouches for a node event (`trust`):
+      // one it does not vouch for never changes a node that it does, and marks a node of its own
       const n = nodeFor(d.address);
+      if (typeof ev.trust === "string") n.trust = ev.trust;
       n.host = ev.source.host || n.host;
       n.instance = instance;
       nodeFrom(n, d, heard);
@@ -517,6 +530,10 @@
   }
 
   function nodeState(n, now) {
+    if (n.trust && n.trust !== "signed") {
+      return ["untrusted", `its announcements are ${n.trust === "unsigned" ? "not signed" : "signed with another key"}: ` +
+                           "shells with the cluster key ignore it"];
+    }
     if (n.state === "up" && n.interval && n.heard !== null && now - n.heard > 2.5 * n.interval * 1000) {
       return ["overdue", `no heartbeat for ${age(now - n.heard)}; one every ${n.interval}s`];
     }
@@ -536,7 +553,9 @@
       }
       if (!n.devices.length) devices.textContent = "-";
       const cache = n.cache ? (n.cache.enabled ? `${bytes(n.cache.bytes)}${n.cache.max ? ` (max ${bytes(n.cache.max)})` : ""}` : "off") : "-";
-      const [state, why] = nodeState(n, now);
+      const [state, reason] = nodeState(n, now);
+      const why = [reason, n.link === "tls-psk" ? "rpc-server behind an encrypted link" :
+                   n.link === "plain" ? "rpc-server without authentication (--insecure)" : ""].filter(Boolean).join("; ");
       return row([n.address, n.host || "-", n.version ? `v${n.version}` : "-", devices, mib(n.offered), cache,
                   stateCell(state, why), n.heard !== null ? `${age(now - n.heard)} ago` : "-"]);
     });
@@ -713,6 +732,7 @@
         const n = nodeFor(reg.address);
         if (!n.host) n.host = text(reg.hostname);
         if (!n.instance) n.instance = text(reg.instance);
+        if (typeof reg.trust === "string") n.trust = reg.trust;
         // the node's own clock says when it last beat; events heard later take over
         const beat = num(reg.last_heartbeat);
         nodeFrom(n, reg, beat !== null && n.heard === null ? Math.min(Date.now(), beat * 1000) : null);
@@ -735,6 +755,7 @@
       let ev;
       try {
         ev = Schema.decode(message.data);
+        ev.trust = ev.component === C.NODE ? trustOf(message.data) : null;
       } catch (err) {
         if (!(err instanceof Schema.Invalid)) throw err;
         skipped += 1;
