@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from synapticllamas.commands.coordinator import Stream, failure
+from synapticllamas.commands.coordinator import Stream, failure, figures, request_failure
 from synapticllamas.commands.registry import CommandError, Result, UsageError, command, parse_args, parser
 from synapticllamas.llama.preflight import CoordinatorError
 from synapticllamas.util.text import shown
@@ -24,20 +24,17 @@ SLASH_HELP = ("/reset: forget the conversation; /system TEXT: set the system pro
               "/exit or Ctrl-D: back to the shell; Ctrl-C: stop the answer, keep the conversation")
 
 
-def _figures(result: dict) -> str:
-    first = f", first token after {result['first_token_s']:g}s" if result.get("first_token_s") is not None else ""
-    rate = f", {result['tokens_per_s']:g} tokens/s" if result.get("tokens_per_s") else ""
-    return f"[{result['tokens']} tokens in {result['seconds']:g}s{first}{rate}]"
-
-
 async def _turn(app: App, text: str) -> Result:
     """One turn, streamed; Ctrl-C (at a terminal) stops it and keeps what came."""
+    from synapticllamas.gateway.core import Request
+
     conversation = app.conversation
     out = Stream(app)
-    task = asyncio.ensure_future(app.coordinator.client.chat(conversation.messages(text), out.text, out.say))
+    request = Request("shell", "chat", {"n_predict": -1}, messages=conversation.messages(text))
+    task = asyncio.ensure_future(app.gateway.complete(request, out.say, out.text))
     app.ui.on_interrupt = task.cancel
     try:
-        result = await task
+        reply, result = await task
     except asyncio.CancelledError:
         if not task.cancelled():
             raise            # the shell itself is ending: let it
@@ -46,11 +43,14 @@ async def _turn(app: App, text: str) -> Result:
     except CoordinatorError as exc:
         out.end()
         raise failure(app, exc) from None
+    except Exception as exc:
+        out.end()
+        raise request_failure(app, exc) from None
     finally:
         app.ui.on_interrupt = None
     out.end()
-    conversation.record(text, result["reply"])
-    return Result.text(_figures(result))
+    conversation.record(text, reply)
+    return Result.text(figures(result))
 
 
 async def _interactive(app: App) -> Result:

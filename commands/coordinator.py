@@ -82,6 +82,9 @@ async def _start(app: App, args: list[str], restart: bool = False) -> Result:
     unsubscribe = [mgr.hooks.subscribe("on_state_change", on_state),
                    mgr.hooks.subscribe("on_model_progress", on_progress),
                    mgr.hooks.subscribe("on_load_progress", on_progress)]
+    problem = app.open_gateway()        # before the start: requests that come meanwhile are held
+    if problem:
+        app.ui.notice(problem, "warning")
     started = time.monotonic()
     try:
         status = await (mgr.restart() if restart else mgr.start(model, port, force, spread))
@@ -91,7 +94,10 @@ async def _start(app: App, args: list[str], restart: bool = False) -> Result:
         for undo in unsubscribe:
             undo()
         app.ui.end_progress()
-    return Result.success(_running_line(status, f"; ready in {time.monotonic() - started:.1f}s"))
+    line = _running_line(status, f"; ready in {time.monotonic() - started:.1f}s")
+    if app.gateway_url:
+        line += "\n" + (app.api_line() or "")
+    return Result.success(line)
 
 
 def _model_arg(app: App, model: str | None) -> Path:
@@ -246,6 +252,11 @@ async def _attach(app: App, args: list[str]) -> Result:
         raise CommandError(str(exc)) from None
     every = f"{app.settings.attach_check_interval:g}s"
     url = app.coordinator.attached
+    problem = app.open_gateway()
+    if problem:
+        app.ui.notice(problem, "warning")
+    if app.gateway_url:
+        app.ui.write(app.api_line() or "")
     if ok:
         return Result.success(f"Watching {url}: it is up (/health ok); its state is checked every {every}.")
     return Result.warning(f"Watching {url}: it is not up yet ({detail}); its state is checked every {every}.")
@@ -304,14 +315,38 @@ async def _ask(app: App, args: list[str]) -> Result:
         raise CommandError(str(exc)) from None
     out = Stream(app)
     out.text(prompt)
+    from synapticllamas.gateway.core import Request
+
     try:
-        result = await app.coordinator.client.ask(prompt, ns.n, out.text, out.say)
-    except CoordinatorError as exc:
+        _, result = await app.gateway.complete(Request("shell", "completion", {"n_predict": ns.n}, prompt=prompt),
+                                               out.say, out.text)
+    except Exception as exc:
         out.end()
-        raise failure(app, exc) from None
+        raise request_failure(app, exc) from None
     out.end()
-    return Result.text(f"[{result['tokens']} tokens in {result['seconds']:g}s, "
-                       f"{result['tokens_per_s']:g} tokens/s]")
+    return Result.text(figures(result))
+
+
+def figures(result: Any) -> str:
+    """`[8 tokens in 0.4s, first token after 0.1s, 61.2 tokens/s]`"""
+    first = f", first token after {result.first_token_s:g}s" if result.first_token_s is not None else ""
+    rate = f", {result.tokens_per_s:g} tokens/s" if result.tokens_per_s else ""
+    resumed = f", resumed {result.resumed}x" if result.resumed else ""
+    return f"[{result.tokens} tokens in {result.seconds:g}s{first}{rate}{resumed}]"
+
+
+def request_failure(app: App, exc: Exception) -> Exception:
+    """A request's failure as the shell's one line (anything else is an internal error: raised)."""
+    from synapticllamas.gateway.core import Failed, Unavailable
+    from synapticllamas.gateway.upstream import Refused
+
+    if isinstance(exc, Unavailable):
+        return failure(app, CoordinatorError(exc.message))
+    if isinstance(exc, Failed):
+        return failure(app, CoordinatorError(f"the request failed: {exc}"))
+    if isinstance(exc, Refused):
+        return CommandError(f"llama-server refused the request ({exc.status}): {exc.message}")
+    return exc
 
 
 HANDLERS = {"start": _start, "plan": _plan, "stop": _stop, "status": _status, "logs": _logs, "attach": _attach,

@@ -96,6 +96,14 @@ def coordinator_summary(coord: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def gateway_summary(app: App, gw: dict[str, Any]) -> str:
+    line = app.api_line() or ""
+    if gw.get("requests"):
+        line += (f"; {gw['requests']} requests ({gw['ok']} ok, {gw['resumed']} resumed, {gw['unavailable']} "
+                 f"unavailable, {gw['failed']} failed); {gw['in_flight']} in flight, {gw['waiting']} waiting")
+    return line
+
+
 @command("status", "Mode, Redis, coordinator, backends and event counters in one table", "status")
 async def status_command(app: App, args: list[str]) -> Result:
     if args:
@@ -106,6 +114,7 @@ async def status_command(app: App, args: list[str]) -> Result:
         ("mode", s["mode"]),
         ("redis", redis_summary(s["redis"])),
         ("coordinator", coordinator_summary(s["coordinator"])),
+        *([("gateway", gateway_summary(app, s["gateway"]))] if app.api_line() else []),
         ("backends", f"{backends.get('up', 0)} up of {backends.get('configured', 0)} configured"
                      + (f", {backends['down']} down" if backends.get("down") else "")),
         *([("nodes", discovery_summary(s["discovery"]))] if s["discovery"].get("enabled") else []),

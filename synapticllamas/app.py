@@ -19,6 +19,8 @@ from synapticllamas.rpc.registry import RpcRegistry
 from synapticllamas.ui import PlainUI
 
 if TYPE_CHECKING:
+    from synapticllamas.gateway.core import Gateway
+    from synapticllamas.gateway.server import Listener
     from synapticllamas.llama.coordinator import CoordinatorManager
     from synapticllamas.llama.devices import PlacementInputs
     from synapticllamas.llama.placement import Offer
@@ -48,6 +50,10 @@ class App:
         self._local_backends: LocalBackends | None = None
         self._nodes: NodeDirectory | None = None
         self._links: LinkManager | None = None
+        self._gateway: Gateway | None = None
+        self.listener: Listener | None = None      # the gateway's HTTP endpoint, once opened
+        self.gateway_url: str | None = None
+        self.gateway_problem: str | None = None    # why there is no endpoint (port taken, ...)
         self.conversation = Conversation()     # `chat`'s turns, kept from one `chat` to the next
         self._placement_inputs: PlacementInputs | None = None
 
@@ -65,6 +71,57 @@ class App:
     @coordinator.setter
     def coordinator(self, value: CoordinatorManager) -> None:
         self._coordinator = value
+
+    @property
+    def gateway(self) -> Gateway:
+        """The request core: every request to the model (the HTTP endpoint's, `ask`'s and `chat`'s)."""
+        if self._gateway is None:
+            from synapticllamas.gateway.core import Gateway
+
+            self._gateway = Gateway(self.settings, self.observer, self.coordinator)
+        return self._gateway
+
+    def open_gateway(self) -> str | None:
+        """Open the HTTP endpoint if it is not open (first `coordinator start` or `attach`), on
+        the port it keeps while the shell runs. Returns one line for the user when it could not
+        be opened (port taken, keys file): the coordinator goes on without it."""
+        port = self.settings.gateway_port
+        if self.listener is not None or port == 0 or self.gateway_problem is not None:
+            return None
+        from synapticllamas.events.contract import Component, GatewayEvent
+        from synapticllamas.gateway.keys import ApiKeys, KeysError
+        from synapticllamas.gateway.server import GatewayHttp, Listener, PortTaken, bind
+
+        host = self.settings.gateway_host
+        try:
+            keys = ApiKeys.from_settings(self.settings)
+            sock = bind(host, port)
+        except (PortTaken, KeysError) as exc:
+            if isinstance(exc, PortTaken):
+                self.gateway_problem = (f"gateway port {port} on {host} is taken ({exc.strerror}); set "
+                                        "SYNAPTICLLAMAS_GATEWAY_PORT (or --gateway-port) to another, 0 for none; "
+                                        "going on without the gateway")
+            else:
+                self.gateway_problem = f"{exc}; going on without the gateway"
+            self.observer.emit(Component.GATEWAY, GatewayEvent.LISTENING, self.gateway_problem,
+                               {"port": port, "status": "unavailable"}, level="warning")
+            return self.gateway_problem
+        http = GatewayHttp(self.gateway, keys)
+        self.listener = Listener(http.asgi(), sock)
+        shown_host = f"[{host}]" if ":" in host else host
+        self.gateway_url = f"http://{shown_host}:{sock.getsockname()[1]}"
+        self.observer.emit(Component.GATEWAY, GatewayEvent.LISTENING, f"gateway listening: {self.api_line()}",
+                           {"port": sock.getsockname()[1], "url": self.gateway_url, "status": "ok",
+                            "keys": len(keys)})
+        return None
+
+    def api_line(self) -> str | None:
+        """`OpenAI-compatible API: http://127.0.0.1:11434/v1 (Ollama API at /api)`, or why not."""
+        if self.gateway_url:
+            return f"OpenAI-compatible API: {self.gateway_url}/v1 (Ollama API at /api)"
+        if self.gateway_problem:
+            return f"No gateway: {self.gateway_problem}"
+        return None
 
     @property
     def local_backends(self) -> LocalBackends:
@@ -206,7 +263,9 @@ class App:
         if self.closed:
             return
         self.closed = True
-        for component in (self._coordinator, self._links, self._local_backends, self._nodes, self.registry):
+        if self.listener is not None:        # first: no new requests while the rest closes
+            await self.listener.close()
+        for component in (self._gateway, self._coordinator, self._links, self._local_backends, self._nodes, self.registry):
             if component is not None:
                 try:
                     await component.close()
@@ -280,6 +339,8 @@ class App:
             "mode": self.mode,
             "redis": self.publisher.status() if self.publisher else {"enabled": False},
             "coordinator": self._coordinator.status() if self._coordinator else {"state": "stopped"},
+            "gateway": {"url": self.gateway_url, "problem": self.gateway_problem,
+                        **(self._gateway.status() if self._gateway is not None else {})},
             "backends": self.registry.status() if self.registry else {"configured": 0, "up": 0},
             "discovery": self._nodes.status() if self._nodes is not None else {"enabled": False},
             "events": self.observer.stats(),

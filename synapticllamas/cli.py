@@ -24,6 +24,7 @@ FLAG_SETTINGS = {
     "rpc_backend": "rpc_backends",
     "backends_file": "backends_file",
     "coordinator_port": "coordinator_port",
+    "gateway_port": "gateway_port",
     "model": "model",
     "llama_server": "llama_server",
     "rpc_server": "rpc_server",
@@ -68,7 +69,10 @@ class LazyGroup(click.Group):
 @click.option("--redis/--no-redis", default=None, help="Start with Redis publishing on (default off).")
 @click.option("--rpc-backend", multiple=True, metavar="HOST:PORT", help="An RPC backend (repeatable).")
 @click.option("--backends-file", metavar="PATH", help="The backends file (one HOST:PORT per line).")
-@click.option("--coordinator-port", metavar="N", help="llama-server's HTTP port (default 18080).")
+@click.option("--coordinator-port", metavar="N",
+              help="llama-server's own HTTP port (default 0: a free loopback port; clients use the gateway).")
+@click.option("--gateway-port", metavar="N",
+              help="The OpenAI- and Ollama-compatible endpoint's port (default 11434; 0: off).")
 @click.option("--model", metavar="PATH", help="GGUF model for the coordinator (default: the demo model).")
 @click.option("--llama-server", metavar="PATH", help="Path of the llama-server binary.")
 @click.option("--rpc-server", metavar="PATH", help="Path of the ggml-rpc-server / rpc-server binary.")
@@ -97,7 +101,31 @@ def cli(ctx: click.Context, config_path: str | None, commands: tuple[str, ...], 
     except ClusterKeyError as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(2)
+    problem = gateway_refusal(settings)
+    if problem:
+        click.echo(f"Error: {problem}", err=True)
+        sys.exit(2)
     sys.exit(run_shell(settings, commands, exit_on_error))
+
+
+def gateway_refusal(settings: Any) -> str | None:
+    """The gateway's settings that stop the shell at start: a keys file it cannot read, or an
+    endpoint beyond loopback that anyone on the network could use (no API key)."""
+    if settings.gateway_port == 0:
+        return None
+    from synapticllamas.gateway.keys import ApiKeys, KeysError
+    from synapticllamas.node.address import is_loopback
+
+    try:
+        keys = ApiKeys.from_settings(settings)
+    except KeysError as exc:
+        return str(exc)
+    host = settings.gateway_host
+    if not keys and not is_loopback(host):
+        return (f"SYNAPTICLLAMAS_GATEWAY_HOST={host} is not a loopback address and no API key is set: anyone who "
+                "reaches it could use the model; set SYNAPTICLLAMAS_GATEWAY_API_KEYS or "
+                "SYNAPTICLLAMAS_GATEWAY_API_KEYS_FILE, or bind 127.0.0.1")
+    return None
 
 
 def run_shell(settings: Any, commands: tuple[str, ...] = (), exit_on_error: bool = False) -> int:

@@ -82,6 +82,7 @@ positive_float = _number(float, 0, None, lo_open=True)
 interval = _number(float, 0.1, None)   # a smaller period would flood Redis and the dashboard
 rate = _number(float, 0.0, 1.0)
 port = _number(int, 1, 65535)
+port_or_zero = _number(int, 0, 65535)
 
 
 def int_at_least(lo: int) -> Callable[[Any], int]:
@@ -130,10 +131,10 @@ def parse_optional_path(raw: Any) -> str | None:
 
 
 def parse_optional_file(raw: Any) -> str | None:
-    """A file that must exist and be readable (a CA bundle), or empty for none."""
+    """A file that must exist and be readable (a CA bundle, a keys file), or empty for none."""
     path = parse_optional_path(raw)
     if path is not None and not os.access(path, os.R_OK):
-        raise ValueError("expected a readable file (PEM)")
+        raise ValueError("expected a readable file")
     return path
 
 
@@ -182,6 +183,19 @@ def parse_address_list(raw: Any) -> tuple[str, ...]:
         except ValueError as exc:
             raise ValueError(f"{exc}") from None
     return tuple(out)
+
+
+def parse_keys(raw: Any) -> str:
+    """API keys, separated by commas or spaces: printable ASCII, no quotes (they go in headers)."""
+    text = ",".join(str(k) for k in raw) if isinstance(raw, (list, tuple)) else str(raw)
+    for key in text.replace(",", " ").split():
+        if not key.isascii() or not key.isprintable() or any(c in key for c in "\"'"):
+            raise ValueError("expected API keys of printable ASCII, separated by commas")
+    return text.strip()
+
+
+def redact_secret(text: str) -> str:
+    return "***" if text.strip() else text
 
 
 def redact_url(url: str) -> str:
@@ -249,8 +263,23 @@ SPECS: tuple[Spec, ...] = (
          "one HOST:PORT per line; `backends add/remove` write it"),
     Spec("coordinator_host", "127.0.0.1", parse_str, ("SYNAPTICLLAMAS_COORDINATOR_HOST",), None,
          "address llama-server binds to"),
-    Spec("coordinator_port", 18080, port, ("SYNAPTICLLAMAS_COORDINATOR_PORT",), "--coordinator-port",
-         "llama-server's HTTP port (the dashboard owns 8080)"),
+    Spec("coordinator_port", 0, port_or_zero, ("SYNAPTICLLAMAS_COORDINATOR_PORT",), "--coordinator-port",
+         "llama-server's own HTTP port; 0: a free one on loopback at each start (clients use the gateway)"),
+    Spec("coordinator_parallel", 4, int_at_least(1), ("SYNAPTICLLAMAS_COORDINATOR_PARALLEL",), None,
+         "llama-server's slots (-np, sharing one KV cache of -c tokens): requests it decodes together"),
+    Spec("gateway_port", 11434, port_or_zero, ("SYNAPTICLLAMAS_GATEWAY_PORT",), "--gateway-port",
+         "the stable OpenAI- and Ollama-compatible endpoint (11434: Ollama's port); 0: no gateway"),
+    Spec("gateway_host", "127.0.0.1", parse_str, ("SYNAPTICLLAMAS_GATEWAY_HOST",), None,
+         "address the gateway binds to; anything but loopback needs an API key"),
+    Spec("gateway_api_keys", "", parse_keys, ("SYNAPTICLLAMAS_GATEWAY_API_KEYS",), None,
+         "API keys the gateway accepts (comma-separated; `Authorization: Bearer KEY`); empty: none asked",
+         redact=redact_secret),
+    Spec("gateway_api_keys_file", None, parse_optional_file, ("SYNAPTICLLAMAS_GATEWAY_API_KEYS_FILE",), None,
+         "a file of API keys, one per line (# comments), besides gateway_api_keys"),
+    Spec("gateway_max_waiting", 64, int_at_least(0), ("SYNAPTICLLAMAS_GATEWAY_MAX_WAITING",), None,
+         "requests the gateway holds or queues at once; past it a request gets 503 with Retry-After"),
+    Spec("gateway_hold_timeout", 120.0, positive_float, ("SYNAPTICLLAMAS_GATEWAY_HOLD_TIMEOUT",), None,
+         "seconds a request may wait (coordinator starting, failing over, all slots busy) before a 503"),
     Spec("model", None, parse_optional_path, ("SYNAPTICLLAMAS_MODEL",), "--model",
          "GGUF model for the coordinator (default: the demo model)"),
     Spec("llama_server", None, parse_optional_path, ("LLAMA_SERVER",), "--llama-server",

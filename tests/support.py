@@ -151,6 +151,8 @@ def shell_env(tmp: Path, **extra: str) -> dict[str, str]:
         # (the speed-aware default would serve the demo model on this host, with no backend in use);
         # the placement tests set it themselves
         "SYNAPTICLLAMAS_PLACEMENT": "memory",
+        # every shell's gateway on a port of its own (11434 may be a real Ollama's)
+        "SYNAPTICLLAMAS_GATEWAY_PORT": str(free_port()),
     })
     env.update(extra)
     return env

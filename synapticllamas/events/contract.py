@@ -22,6 +22,7 @@ class Component:
     SYSTEM = "system"
     RAW = "raw"
     NODE = "node"
+    GATEWAY = "gateway"
 
 
 # Event types, per component. Emitters, the shell's notices and the dashboard page (served as
@@ -89,6 +90,11 @@ class NodeEvent:
     INSECURE = "insecure"              # started with --insecure: rpc-server open to whoever reaches it
 
 
+class GatewayEvent:
+    LISTENING = "listening"            # the endpoint is open (its URL), or could not be (port taken)
+    REQUEST = "request"                # one per request, when it ends: api, status, waits, tokens
+
+
 def _values(namespace: type) -> tuple[str, ...]:
     return tuple(v for k, v in vars(namespace).items() if k.isupper())
 
@@ -102,6 +108,7 @@ EVENT_TYPES: dict[str, tuple[str, ...]] = {
     Component.SYSTEM: _values(SystemEvent),
     Component.RAW: _values(RawEvent),
     Component.NODE: _values(NodeEvent),
+    Component.GATEWAY: _values(GatewayEvent),
 }
 LEVELS = ("debug", "info", "warning", "error", "critical")
 LEVEL_RANK = {name: rank for rank, name in enumerate(LEVELS)}

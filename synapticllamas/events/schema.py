@@ -133,6 +133,10 @@ DETAILS: dict[str, dict[str, dict[str, str]]] = {
                                       tokens_per_second="number", slot="count", task="count")},
     "model": {"*": {"pid": "count", "step": "count", "steps": "count", "percent": "number",
                     "rpc_backends": "list:address", "devices": "map:buffers"}},
+    "gateway": {"*": {"api": "state", "kind": "state", "model": "label", "status": "state", "http_status": "count",
+                      "queue_depth": "count", "in_flight": "count", "queue_s": "number", "first_token_s": "number",
+                      "seconds": "number", "prompt_tokens": "count", "tokens": "count", "tokens_per_s": "number",
+                      "held": "count", "resumed": "count", "port": "port", "url": "text"}},
     "system": {"register": REGISTRATION,
                "events_dropped": {"dropped": "count", "total_dropped": "count", "buffer_limit": "count"}},
 }

@@ -3,7 +3,7 @@
 Ours is the Supervisor (supervisor.py: launches llama-server over the backends and keeps it
 running); `coordinator attach URL` swaps in an ExternalWatcher (attach.py: a llama-server this
 shell did not start, checked once a minute). Both answer the `Coordinator` protocol, which is all
-that requests need (the shell's `ask` and `chat`, the gateway): the state, whether a restart is
+that requests need (the gateway, through which the shell's `ask` and `chat` go too): the state, whether a restart is
 under way to wait for, and where to send. Commands that only make sense for ours (start, stop,
 rebalance) are refused in one line while attached.
 """
@@ -60,12 +60,8 @@ class CoordinatorManager:
         self.supervisor = Supervisor(settings, self.hooks, registry, self.planner, ops,
                                      in_flight=lambda: self.in_flight())
         self.external: ExternalWatcher | None = None                 # `coordinator attach`
-        self.requests = 0                  # the shell's own requests (ask, chat) in flight
-        # requests in flight, every client's: rebalance waits for none (the gateway replaces this)
-        self.in_flight: Callable[[], int] = lambda: self.requests
-        from synapticllamas.llama.client import CoordinatorClient
-
-        self.client = CoordinatorClient(self)
+        # requests in flight, every client's (the gateway sets it): an auto rebalance waits for none
+        self.in_flight: Callable[[], int] = lambda: 0
         if registry is not None:
             registry.on_change.append(self._backend_changed)
         if observer is not None:
@@ -110,11 +106,6 @@ class CoordinatorManager:
         """Raise CoordinatorError unless a request can be sent (now, or once a recovery is done)."""
         if self.state != State.RUNNING and not self.recovering:
             raise CoordinatorError(f"no running coordinator (state: {self.state}); `coordinator start` first")
-
-    async def ask(self, prompt: str, n_predict: int, on_token: Callable[[str], None],
-                  say: Callable[[str], object] = lambda _: None) -> dict[str, Any]:
-        """One streamed /completion; see llama/client.py (it waits for, and retries once after, a recovery)."""
-        return await self.client.ask(prompt, n_predict, on_token, say)
 
     # ------------------------------------------------------------ ours: start, stop, rebalance
 

@@ -22,7 +22,16 @@ from typing import TYPE_CHECKING, Any
 
 from synapticllamas.events.contract import SystemEvent
 from synapticllamas.llama.hooks import Hooks, Notice
-from synapticllamas.llama.preflight import CoordinatorError, NoBackend, NoFit, Plan, Target, check_model, port_in_use
+from synapticllamas.llama.preflight import (
+    CoordinatorError,
+    NoBackend,
+    NoFit,
+    Plan,
+    Target,
+    check_model,
+    free_port,
+    port_in_use,
+)
 
 if TYPE_CHECKING:
     from synapticllamas.llama.devices import PlacementInputs
@@ -59,7 +68,9 @@ class Planner:
             raise CoordinatorError(str(exc)) from None
         check_model(model_path)
         host, port = s.coordinator_host, target.port or s.coordinator_port
-        if not own_port and port_in_use(host, port):
+        if port == 0:
+            port = free_port(host)    # private: clients use the gateway, whose port never changes
+        elif not own_port and port_in_use(host, port):
             raise CoordinatorError(f"port {port} on {host} is already in use; choose another with "
                                    f"`coordinator start --port N` (or SYNAPTICLLAMAS_COORDINATOR_PORT)")
         backends: list[str] = []

@@ -73,10 +73,11 @@ class Plan:
                 return backend
         return address
 
-    def argv(self, ctx_size: int, extra: str) -> list[str]:
+    def argv(self, ctx_size: int, extra: str, parallel: int = 4) -> list[str]:
         ngl = str(self.placement.ngl) if self.placement else "99"
+        # -np slots over one KV cache (-kvu): the gateway sends at most that many requests at once
         argv = [str(self.binary), "--model", str(self.model), "--host", self.host, "--port", str(self.port),
-                "-ngl", ngl, "-c", str(ctx_size), "-lv", "4", "--no-webui"]
+                "-ngl", ngl, "-c", str(ctx_size), "-np", str(parallel), "-kvu", "-lv", "4", "--no-webui"]
         if self.backends:
             argv += ["--rpc", ",".join(self.dialled(b) for b in self.backends)]
         if self.placement is not None and len(self.backends) > 1:
@@ -123,6 +124,21 @@ def check_model(path: Path) -> None:
     if magic != GGUF_MAGIC:
         raise CoordinatorError(f"model {name} is not a GGUF file (it starts with {magic!r}, a GGUF file with "
                                f"b'GGUF'); llama-server needs a .gguf model")
+
+
+def free_port(host: str) -> int:
+    """A port nothing listens on at `host` now (the kernel's choice)."""
+    try:
+        family = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror:
+        family = socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, 0))
+        except OSError as exc:
+            raise CoordinatorError(f"cannot bind llama-server to {host} (SYNAPTICLLAMAS_COORDINATOR_HOST): "
+                                   f"{exc.strerror}") from None
+        return int(sock.getsockname()[1])
 
 
 def port_in_use(host: str, port: int) -> bool:

@@ -416,7 +416,8 @@ class Supervisor:
     async def _launch(self, plan: Plan, auto: bool, why: str) -> Run:
         from synapticllamas.llama.interpreter import LogInterpreter
 
-        argv = plan.argv(self.settings.coordinator_ctx_size, self.settings.coordinator_args)
+        argv = plan.argv(self.settings.coordinator_ctx_size, self.settings.coordinator_args,
+                         self.settings.coordinator_parallel)
         hidden = llama_args.secrets(argv)
         keys = llama_args.api_keys(argv)
         process = await LlamaProcess.start(self.ops, argv, plan.env)
