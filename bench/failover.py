@@ -4,7 +4,7 @@
     .venv/bin/python bench/failover.py [--kills 10] [--cluster]
 
 Real: llama-server with the demo model over three ggml-rpc-servers, the project's App (the
-registry, the supervisor, the request client). A loop of `ask` requests (8 tokens each) runs
+registry, the supervisor, the gateway's request core). A loop of `ask` requests (8 tokens each) runs
 while one backend is SIGKILLed; the supervisor fails over to the two survivors; then a new
 backend is added and `coordinator rebalance` takes the coordinator back to three, and the next
 kill follows. Reported: failed requests (target 0), downtime from the loss to serving again (the
@@ -38,6 +38,7 @@ from support import PYTHON, RedisServer, free_port, until  # noqa: E402
 
 from synapticllamas.app import App  # noqa: E402
 from synapticllamas.config import load_settings  # noqa: E402
+from synapticllamas.gateway.core import Failed, Request, Unavailable  # noqa: E402
 from synapticllamas.llama.preflight import CoordinatorError  # noqa: E402
 from synapticllamas.ui import PlainUI  # noqa: E402
 
@@ -70,16 +71,17 @@ class Asker:
             await self.running.wait()
             said: list[str] = []
             try:
-                await self.app.coordinator.client.ask("Once upon a time", 8, lambda _: None, said.append)
+                await self.app.gateway.complete(Request("shell", "completion", {"n_predict": 8},
+                                                        prompt="Once upon a time"), said.append)
                 self.answered += 1
-            except CoordinatorError as exc:
+            except (CoordinatorError, Unavailable, Failed) as exc:
                 self.failed += 1
                 self.errors.append(str(exc))
             self.retried += bool(said)
 
     async def pause(self) -> None:
         self.running.clear()
-        await until(lambda: self.app.coordinator.requests == 0, 60, "the request in flight")
+        await until(lambda: self.app.gateway.in_flight == 0, 60, "the request in flight")
 
 
 async def cold_start(app: App, backends: list[str]) -> float:
