@@ -31,6 +31,7 @@ def script() -> str:
             contract.Component.SYSTEM: _names(contract.SystemEvent),
             contract.Component.RAW: _names(contract.RawEvent),
             contract.Component.NODE: _names(contract.NodeEvent),
+            contract.Component.GATEWAY: _names(contract.GatewayEvent),
         },
         "schema": schema.rules(),
     }
