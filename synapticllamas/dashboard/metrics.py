@@ -22,6 +22,7 @@ from synapticllamas.events.contract import (
     Component,
     CoordinatorEvent,
     Event,
+    GatewayEvent,
     ModelEvent,
     NodeEvent,
     RegistryEvent,
@@ -45,6 +46,11 @@ MAX_APPS = 500           # apps (shells and nodes) kept; beyond, the least recen
 MAX_NODES = 500
 SWEEP_EVERY = 10.0       # seconds between sweeps (on the next event, or at a scrape)
 SEEN = 50000             # (instance, seq) keys kept to drop repeats
+# gateway/request label values: anything else counts as "other", so a publisher cannot grow the series
+GATEWAY_APIS = ("openai", "ollama", "shell")
+GATEWAY_STATUSES = ("ok", "unavailable", "refused", "failed", "cancelled")
+# seconds from a request's arrival to its first text (gateway/request `first_token_s`)
+FIRST_TOKEN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 def number(value: Any) -> float | None:
@@ -110,6 +116,36 @@ class Node:
         return self.state == "up" and not overdue
 
 
+@dataclass
+class Histogram:
+    """One histogram series: per bucket the observations at or below its bound (not cumulative
+    here; the exposition sums them), then the sum and the count."""
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * len(self.bounds)
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+                break
+        self.total += value
+        self.count += 1
+
+    def write(self, out: Exposition, name: str, labels: dict[str, str]) -> None:
+        running = 0
+        for bound, n in zip(self.bounds, self.counts, strict=True):
+            running += n
+            out.sample(f"{name}_bucket", labels | {"le": repr(bound)}, running)
+        out.sample(f"{name}_bucket", labels | {"le": "+Inf"}, self.count)
+        out.sample(f"{name}_sum", labels, round(self.total, 6))
+        out.sample(f"{name}_count", labels, self.count)
+
+
 class Metrics:
     """The fold. Bounded: apps and nodes not heard of for FORGET_AFTER (or beyond MAX_APPS /
     MAX_NODES, the least recently heard first) are forgotten with their counters, and counted."""
@@ -126,6 +162,9 @@ class Metrics:
         self.tokens: Counter[tuple[str, str]] = Counter()
         self.restarts: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()    # what apps said they dropped (system/events_dropped)
+        self.gateway_requests: Counter[tuple[str, str, str]] = Counter()   # (instance, api, status)
+        self.gateway_queue: dict[str, int] = {}   # instance -> queue_depth of its last gateway/request
+        self.first_token: dict[tuple[str, str], Histogram] = {}           # (instance, api)
         self.observed = 0
         self.forgotten = Counter[str]()           # apps / nodes forgotten to keep the fold bounded
         self._next_sweep = 0.0
@@ -185,6 +224,8 @@ class Metrics:
                     self._set_backend(app, b["address"], str(b.get("state") or "unknown"), event.timestamp)
         elif component == Component.NODE:
             self._node(app, instance, event_type, details, heard)
+        elif component == Component.GATEWAY and event_type == GatewayEvent.REQUEST:
+            self._gateway(instance, details)
         if now >= self._next_sweep:
             self.sweep(now)
 
@@ -211,8 +252,11 @@ class Metrics:
         self.gaps.forget(instance)
         for counter in (self.requests, self.restarts, self.dropped):
             counter.pop(instance, None)
-        for key in [k for k in self.tokens if k[0] == instance]:
-            del self.tokens[key]
+        self.gateway_queue.pop(instance, None)
+        keyed: tuple[dict[Any, Any], ...] = (self.tokens, self.gateway_requests, self.first_token)
+        for series in keyed:
+            for key in [k for k in series if k[0] == instance]:
+                del series[key]
         self.forgotten["app"] += 1
 
     def _forget_node(self, address: str) -> None:
@@ -239,6 +283,21 @@ class Metrics:
                             app.model_memory[(str(backend), kind)] = mib
         if event_type in (CoordinatorEvent.STOP, CoordinatorEvent.FATAL):
             app.model_memory = {}
+
+    def _gateway(self, instance: str, details: dict[str, Any]) -> None:
+        """One request through an app's gateway, as it ended (typed by the schema: counts, numbers)."""
+        api = details.get("api") if details.get("api") in GATEWAY_APIS else "other"
+        status = details.get("status") if details.get("status") in GATEWAY_STATUSES else "other"
+        self.gateway_requests[(instance, str(api), str(status))] += 1
+        depth = number(details.get("queue_depth"))
+        if depth is not None:
+            self.gateway_queue[instance] = int(depth)
+        first = number(details.get("first_token_s"))
+        if first is not None and first >= 0:
+            series = self.first_token.get((instance, str(api)))
+            if series is None:
+                series = self.first_token[(instance, str(api))] = Histogram(FIRST_TOKEN_BUCKETS)
+            series.observe(first)
 
     def _backend(self, app: App, event_type: str, details: dict[str, Any], when: float) -> None:
         address = details.get("address")
@@ -388,6 +447,22 @@ class Metrics:
                 out.sample("synapticllamas_coordinator_restarts_total", {"app_instance": instance},
                            self.restarts[instance])
 
+        out.family("synapticllamas_gateway_requests_total", "counter",
+                   "Requests an app's gateway (its OpenAI/Ollama endpoint, ask, chat) finished, by API and status "
+                   "(gateway/request events; other values count as other)")
+        for (instance, api, status), n in sorted(self.gateway_requests.items()):
+            out.sample("synapticllamas_gateway_requests_total",
+                       {"app_instance": instance, "api": api, "status": status}, n)
+        out.family("synapticllamas_gateway_queue_depth", "gauge",
+                   "Requests waiting in an app's gateway when its last request ended (0 once the app stopped)")
+        for instance, depth in sorted(self.gateway_queue.items()):
+            stopped = instance in shells and states[instance] == "stopped"
+            out.sample("synapticllamas_gateway_queue_depth", {"app_instance": instance}, 0 if stopped else depth)
+        out.family("synapticllamas_gateway_first_token_seconds", "histogram",
+                   "Seconds from a request's arrival at the gateway to its first text (queue and prompt included)")
+        for (instance, api), series in sorted(self.first_token.items()):
+            series.write(out, "synapticllamas_gateway_first_token_seconds", {"app_instance": instance, "api": api})
+
         out.family("synapticllamas_node_up", "gauge", "1 while the node's rpc-server is up and its heartbeats arrive")
         for address, node in sorted(self.nodes.items()):
             out.sample("synapticllamas_node_up", {"node": address}, int(node.up(now)))
@@ -444,6 +519,7 @@ class Exposition:
     def __init__(self) -> None:
         self.lines: list[str] = []
         self.current: str | None = None
+        self.names: frozenset[str] = frozenset()  # the sample names the current family may write
         self.families: set[str] = set()
 
     def family(self, name: str, kind: str, help_text: str) -> None:
@@ -451,11 +527,13 @@ class Exposition:
             raise ValueError(f"metric family {name} written twice")
         self.families.add(name)
         self.current = name
+        suffixes = ("_bucket", "_sum", "_count") if kind == "histogram" else ("",)
+        self.names = frozenset(name + suffix for suffix in suffixes)
         self.lines.append(f"# HELP {name} {help_text.replace(chr(92), chr(92) * 2).replace(chr(10), ' ')}")
         self.lines.append(f"# TYPE {name} {kind}")
 
     def sample(self, name: str, labels: dict[str, str], value: float) -> None:
-        if name != self.current:
+        if name not in self.names:
             raise ValueError(f"a sample of {name} under the family {self.current}: group each family's samples")
         shown = str(int(value)) if float(value).is_integer() else repr(float(value))   # exact, never 1.7e+09
         if labels:

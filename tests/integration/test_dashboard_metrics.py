@@ -59,6 +59,19 @@ def push_a_cluster(client) -> dict:
     shell.emit("coordinator", "heartbeat", "after two lost events", {"state": "running"}, seq=shell.seq + 3)
     shell.emit("system", "events_dropped", "2 events were dropped", {"dropped": 2, "total_dropped": 2},
                level="warning")
+    # its gateway: two OpenAI chats (the second held while the coordinator restarted, then resumed
+    # after a cut) and an Ollama generate refused with 503 while three more waited
+    shell.emit("gateway", "listening", "gateway listening", {"port": 11434, "url": "http://127.0.0.1:11434",
+                                                             "status": "ok", "keys": 0})
+    for first, total, held, depth in ((0.2, 1.5, 0, 0), (3.0, 6.0, 1, 1)):
+        shell.emit("gateway", "request", "openai chat", {
+            "api": "openai", "kind": "chat", "model": "demo", "status": "ok", "http_status": 200,
+            "queue_depth": depth, "in_flight": 1, "queue_s": 0.01, "first_token_s": first, "seconds": total,
+            "prompt_tokens": 12, "tokens": 30, "tokens_per_s": 22.1, "held": held, "resumed": held})
+    shell.emit("gateway", "request", "ollama generate unavailable (503)", {
+        "api": "ollama", "kind": "generate", "model": "demo", "status": "unavailable", "http_status": 503,
+        "queue_depth": 3, "in_flight": 4, "seconds": 0.002, "tokens": 0, "tokens_per_s": None, "held": 0,
+        "resumed": 0}, level="warning")
 
     node = ContractPublisher(client, "worker-1:77", app="synapticllamas-node")
     devices = [{"name": "CPU", "description": "AMD EPYC", "total_mib": 24105, "free_mib": 20000},
@@ -98,7 +111,22 @@ def check(samples, sent, later: int = 0) -> None:
     assert value(samples, "synapticllamas_events_lost_total", app_instance="worker-1:77") == 0
     assert value(samples, "synapticllamas_events_total", component="coordinator", level="info") == 7 + later
     assert value(samples, "synapticllamas_events_total", component="system", level="warning") == 1
-    assert sum(v for (name, _), v in samples.items() if name == "synapticllamas_events_total") == 17 + later
+    assert value(samples, "synapticllamas_events_total", component="gateway", level="info") == 3
+    assert sum(v for (name, _), v in samples.items() if name == "synapticllamas_events_total") == 21 + later
+    # the gateway: requests by API and status, the queue its last request left, time to first text
+    shell = {"app_instance": "shell-a:11"}
+    gateway = {(dict(labels)["api"], dict(labels)["status"]): v for (name, labels), v in samples.items()
+               if name == "synapticllamas_gateway_requests_total"}
+    assert gateway == {("openai", "ok"): 2, ("ollama", "unavailable"): 1}
+    assert value(samples, "synapticllamas_gateway_queue_depth", **shell) == 3
+    openai = shell | {"api": "openai"}
+    buckets = {dict(labels)["le"]: v for (name, labels), v in samples.items()
+               if name == "synapticllamas_gateway_first_token_seconds_bucket" and dict(labels)["api"] == "openai"}
+    assert [buckets[le] for le in ("0.1", "0.25", "2.5", "5.0", "60.0", "+Inf")] == [0, 1, 1, 2, 2, 2]
+    assert value(samples, "synapticllamas_gateway_first_token_seconds_count", **openai) == 2
+    assert value(samples, "synapticllamas_gateway_first_token_seconds_sum", **openai) == 3.2
+    # a request that never produced text has no time to first token
+    assert not [k for k in samples if k[0].startswith("synapticllamas_gateway_first_token") and ("api", "ollama") in k[1]]
     assert value(samples, "synapticllamas_model_memory_bytes", app_instance="shell-a:11", backend="10.0.0.5:50052",
                  kind="model") == round(33.82 * MIB)
     assert value(samples, "synapticllamas_node_up", node="10.0.0.5:50052") == 1
@@ -216,9 +244,14 @@ def test_the_exposition_is_what_promtool_and_the_parser_accept(tmp_path, redis_s
     assert checked.returncode == 0 and checked.stdout + checked.stderr == "", checked.stdout + checked.stderr
     types = families(body)
     assert types["synapticllamas_events_lost"] == "counter" and types["synapticllamas_events_sampled"] == "counter"
+    assert types["synapticllamas_gateway_requests"] == "counter"
+    assert types["synapticllamas_gateway_queue_depth"] == "gauge"
+    assert types["synapticllamas_gateway_first_token_seconds"] == "histogram"
     assert "untyped" not in types.values(), types
     assert not re.search(r'[{,]instance="', body)
     assert 'synapticllamas_events_lost_total{app_instance="shell-a:11"} 2' in body.splitlines()
+    assert 'synapticllamas_gateway_first_token_seconds_bucket{app_instance="shell-a:11",api="openai",le="+Inf"} 2' \
+        in body.splitlines()
 
 
 def test_a_forged_seq_neither_freezes_nor_poisons_an_apps_counters_and_bad_events_are_counted(tmp_path,

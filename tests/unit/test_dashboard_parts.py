@@ -1,5 +1,6 @@
 """The dashboard's pure parts: SSE ids and frames, the token and Host checks, password redaction."""
 import json
+import time
 
 import pytest
 
@@ -74,3 +75,47 @@ def test_registration_urls_lose_their_password():
 ])
 def test_loopback_names(name, loopback):
     assert is_loopback_name(name) is loopback
+
+
+def gateway_request(seq: int, instance: str = "gw:1", **details):
+    from synapticllamas.events.schema import event_from_dict
+
+    return event_from_dict({"timestamp": time.time(), "component": "gateway", "event_type": "request",
+                            "message": "m", "details": details, "seq": seq,
+                            "source": {"app": "synapticllamas", "instance": instance}})
+
+
+def test_gateway_series_stay_bounded_and_go_with_their_app():
+    """Anyone can publish any api or status: unknown ones are one `other` series, not one each. A
+    forgotten app takes its gateway series with it."""
+    from synapticllamas.dashboard import metrics as m
+
+    fold = m.Metrics()
+    for seq, (api, status) in enumerate([("openai", "ok"), ("made-up", "who-knows"), ("another", "odd"), ("ollama", "failed")], 1):
+        fold.observe(None, gateway_request(seq, api=api, status=status, queue_depth=seq, first_token_s=0.5), True)
+    text = fold.render(True)
+    requests = [line for line in text.splitlines() if line.startswith("synapticllamas_gateway_requests_total{")]
+    assert requests == ['synapticllamas_gateway_requests_total{app_instance="gw:1",api="ollama",status="failed"} 1',
+                        'synapticllamas_gateway_requests_total{app_instance="gw:1",api="openai",status="ok"} 1',
+                        'synapticllamas_gateway_requests_total{app_instance="gw:1",api="other",status="other"} 2']
+    assert 'synapticllamas_gateway_queue_depth{app_instance="gw:1"} 4' in text.splitlines()
+    assert 'synapticllamas_gateway_first_token_seconds_count{app_instance="gw:1",api="other"} 2' in text.splitlines()
+
+    fold.sweep(time.time() + m.FORGET_AFTER + 1)
+    assert not [line for line in fold.render(True).splitlines() if line.startswith("synapticllamas_gateway_")
+                and not line.startswith("#")]
+    assert fold.forgotten["app"] == 1
+
+
+def test_an_exposition_keeps_a_histograms_samples_under_its_family():
+    from synapticllamas.dashboard.metrics import Exposition
+
+    out = Exposition()
+    out.family("h_seconds", "histogram", "a histogram")
+    for name in ("h_seconds_bucket", "h_seconds_sum", "h_seconds_count"):
+        out.sample(name, {}, 1)
+    with pytest.raises(ValueError, match="group each family"):
+        out.sample("h_seconds", {}, 1)
+    out.family("g", "gauge", "a gauge")
+    with pytest.raises(ValueError, match="group each family"):
+        out.sample("h_seconds_sum", {}, 1)
