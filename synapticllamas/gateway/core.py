@@ -163,7 +163,7 @@ class Gateway:
         waited = not self._ready()
         if waited:
             out.held += 1
-            if say is not None:
+            if say is not None and not front:      # after a cut, the cut's own line said it
                 say(f"[{self._why_waiting()}: waiting for it, at most {timeout:g}s]")
         # the wait ends early when the coordinator stops for good (stop, fatal): state changes poke
         acquire = asyncio.ensure_future(self.admission.acquire(timeout, front))

@@ -26,6 +26,7 @@ from llama_support import (
 from support import free_port, until, wait_for
 
 from synapticllamas.events.observer import Observer
+from synapticllamas.gateway.core import Gateway, Request
 from synapticllamas.llama.coordinator import CoordinatorManager
 from synapticllamas.llama.preflight import CoordinatorError
 from synapticllamas.rpc.registry import RpcRegistry
@@ -46,7 +47,16 @@ def make(tmp_path, **values):
     observer = Observer(sampling=False)
     events = Collector(observer)
     registry = RpcRegistry(settings, observer)
-    return CoordinatorManager(settings, observer, registry), registry, events
+    mgr = CoordinatorManager(settings, observer, registry)
+    mgr.gateway = Gateway(settings, observer, mgr)     # the request core every request goes through
+    return mgr, registry, events
+
+
+async def ask(mgr, prompt, n, on_token, say=None):
+    """`coordinator ask` as the shell sends it: through the gateway's core."""
+    _, out = await mgr.gateway.complete(Request("shell", "completion", {"n_predict": n}, prompt=prompt),
+                                        say, on_token)
+    return {"tokens": out.tokens, "seconds": out.seconds, "resumed": out.resumed}
 
 
 async def next_event(events, component, event_type, after=0, timeout=15.0):
@@ -71,7 +81,7 @@ def test_start_ask_stop_in_standard_mode(tmp_path):
         assert status["state"] == "running" and mgr.state == "running"
         pid = status["pid"]
         tokens: list[str] = []
-        result = await mgr.ask("Once upon a time", 8, tokens.append)
+        result = await ask(mgr, "Once upon a time", 8, tokens.append)
         assert "".join(tokens).strip(), "no text generated"
         assert result["tokens"] == len(tokens) and 1 <= result["tokens"] <= 8
         # a request from another client, straight to llama-server's port (as curl would)
@@ -106,8 +116,7 @@ def test_start_ask_stop_in_standard_mode(tmp_path):
     # raw lines are events and are kept for `coordinator logs`
     assert any("listening on" in e.message for e in events.of("raw", "log"))
     assert any("listening on" in text for _, _, _, text in mgr.logs)
-    assert [e.event_type for e in events.of("coordinator") if e.event_type in ("request", "response")] == \
-        ["request", "response"]
+    assert [e.details["status"] for e in events.of("gateway", "request")] == ["ok"]     # one event per request
     # one `inference` event per request, ours and the other client's alike, from llama-server's log
     ours, theirs = events.of("coordinator", "inference")
     assert ours.details["generated_tokens"] == 8 and theirs.details["generated_tokens"] == 5
@@ -218,7 +227,7 @@ def test_a_backend_dying_under_a_request_is_named_left_out_and_the_request_retri
             servers.kill(1)
             said: list[str] = []
             tokens: list[str] = []
-            result = await mgr.ask("Once upon a time", 8, tokens.append, said.append)
+            result = await ask(mgr, "Once upon a time", 8, tokens.append, said.append)
             i, stop = await next_event(events, "coordinator", "stop")
             _, starting = await next_event(events, "coordinator", "starting", i)
             _, start = await next_event(events, "coordinator", "start", i, timeout=30)
@@ -237,8 +246,8 @@ def test_a_backend_dying_under_a_request_is_named_left_out_and_the_request_retri
     assert starting.details["rpc_backends"] == [alive] and starting.details["left_out"] == {dead: "down"}
     assert dead in starting.message
     assert start.details["rpc_backends"] == [alive]
-    responses = [e.details for e in events.of("coordinator", "response")]
-    assert [r.get("error") is not None for r in responses] == [True, False]     # failed once, then answered
+    # one event for the request: answered, after being sent again once
+    assert [(e.details["status"], e.details["resumed"]) for e in events.of("gateway", "request")] == [("ok", 1)]
 
 
 def test_a_backend_down_at_start_is_named(tmp_path):
@@ -387,7 +396,7 @@ def test_an_api_key_is_sent_by_ask_and_shown_in_no_event_nor_log(tmp_path):
         await mgr.start()
         try:
             tokens: list[str] = []
-            await mgr.ask("Once upon a time", 4, tokens.append)
+            await ask(mgr, "Once upon a time", 4, tokens.append)
             return tokens
         finally:
             await mgr.stop()
