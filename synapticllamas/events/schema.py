@@ -136,7 +136,7 @@ DETAILS: dict[str, dict[str, dict[str, str]]] = {
     "gateway": {"*": {"api": "state", "kind": "state", "model": "label", "status": "state", "http_status": "count",
                       "queue_depth": "count", "in_flight": "count", "queue_s": "number", "first_token_s": "number",
                       "seconds": "number", "prompt_tokens": "count", "tokens": "count", "tokens_per_s": "number",
-                      "held": "count", "resumed": "count", "port": "port", "url": "text"}},
+                      "held": "count", "resumed": "count", "messages": "count", "port": "port", "url": "text"}},
     "system": {"register": REGISTRATION,
                "events_dropped": {"dropped": "count", "total_dropped": "count", "buffer_limit": "count"}},
 }

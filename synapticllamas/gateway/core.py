@@ -338,6 +338,8 @@ class Gateway:
             return
         details = {"api": request.api, "kind": request.kind, "model": request.model or self._model_name(),
                    "queue_depth": self.admission.waiting, "in_flight": self.in_flight, **out.details()}
+        if request.messages is not None:
+            details["messages"] = len(request.messages)
         figures = f"{out.tokens} tokens in {out.seconds:g}s"
         if out.first_token_s is not None:
             figures += f", first after {out.first_token_s:g}s"
