@@ -599,3 +599,100 @@ def test_three_shells_two_nodes_one_redis_the_page_and_metrics_show_all_and_noth
         finally:
             codes = [node.stop() for node in nodes]
         assert codes == [0, 0]
+
+
+# ---------------------------------------------------------------- issue 16: the gateway
+
+def gateway_request(pub: ContractPublisher, api: str, kind: str, status: str, seconds: float, level: str = "info",
+                    **details) -> dict:
+    http = {"ok": 200, "unavailable": 503, "refused": 429, "failed": 502, "cancelled": 499}[status]
+    return pub.emit("gateway", "request", f"{api} {kind}: {status}", {
+        "api": api, "kind": kind, "model": "SmolLM2-135M-Instruct", "status": status, "http_status": http,
+        "queue_depth": 0, "in_flight": 0, "seconds": seconds, "prompt_tokens": 9, "tokens": 16, "tokens_per_s": 20.5,
+        "held": 0, "resumed": 0, **details}, level=level)
+
+
+def test_gateway_requests_fill_the_gateways_panel_and_the_latency_chart(env):
+    """Two shells' gateways: one serving (OpenAI and Ollama clients, the shell's chat; a request held
+    and resumed; one turned away with 503 while two waited), one whose port was taken. What a user
+    sees: where each listens, the line behind it, requests by status, held and resumed, and each
+    request served on the latency chart; a malformed gateway event is skipped and counted."""
+    watched = env.open()
+    page = watched.page
+    a = ContractPublisher(env.client, "gw-a:1")
+    a.register()
+    a.emit("gateway", "listening", "gateway listening: OpenAI-compatible API: http://127.0.0.1:11434/v1",
+           {"port": 11434, "url": "http://127.0.0.1:11434", "status": "ok", "keys": 1})
+    gateway_request(a, "openai", "chat", "ok", 2.0, queue_s=0.01, first_token_s=0.4)
+    gateway_request(a, "openai", "chat", "ok", 5.5, queue_s=2.5, first_token_s=3.1, held=1, resumed=1,
+                    queue_depth=1, in_flight=1)
+    gateway_request(a, "shell", "chat", "ok", 0.8, tokens=0, tokens_per_s=None)       # no text: no first token
+    gateway_request(a, "ollama", "generate", "unavailable", 0.002, level="warning", queue_depth=2, in_flight=1,
+                    tokens=0, tokens_per_s=None)
+    b = ContractPublisher(env.client, "gw-b:2")
+    b.register()
+    taken = "gateway port 11434 on 127.0.0.1 is taken (Address already in use); going on without the gateway"
+    b.emit("gateway", "listening", taken, {"port": 11434, "status": "unavailable"}, level="warning")
+    gateway_request(b, "shell", "chat", "ok", 1.0, first_token_s=0.2, model=XSS)
+    # not a valid gateway event: the page skips it (and says so), the panels go on
+    ContractPublisher(env.client, "gw-c:3").emit("gateway", "request", "forged",
+                                                 {"status": "ok", "queue_depth": "many"})
+
+    row_a = page.locator("#gateways tbody tr", has_text="gw-a:1")
+    expect()(row_a.locator("td").nth(5)).to_have_text("4: ok 3, unavailable 1", timeout=10000)
+    cells = row_a.locator("td").all_text_contents()
+    assert cells[:5] == ["gw-a:1", "http://127.0.0.1:11434", "SmolLM2-135M-Instruct", "2", "1"], cells
+    assert cells[6:8] == ["1", "1"] and cells[8].endswith(" ago"), cells          # held, resumed
+    assert colour(page, "#gateways td span", "unavailable 1") == "rgb(183, 121, 31)"   # --warn
+    row_b = page.locator("#gateways tbody tr", has_text="gw-b:2")
+    endpoint = row_b.locator("td").nth(1)
+    expect()(endpoint).to_have_text("unavailable")
+    assert endpoint.get_attribute("title") == taken
+    expect()(row_b.locator("td").nth(2)).to_have_text(XSS)                          # a model name is text
+    assert page.locator("#gateways img").count() == 0
+    expect()(page.locator("#gateways tbody tr", has_text="gw-c:3")).to_have_count(0)
+    expect()(page.locator("#summary")).to_contain_text("1 invalid event skipped")
+    expect()(page.locator("#gateways-panel .empty")).to_be_hidden()
+
+    # the chart: each request served, at the seconds to its first token and in total
+    chart = page.locator("#chart-gateway")
+    first = chart.locator('polyline[data-series="gw-a:1 first token"]')
+    total = chart.locator('polyline[data-series="gw-a:1 total"]')
+    expect()(first).to_have_attribute("data-points", "2", timeout=5000)
+    expect()(total).to_have_attribute("data-points", "3")
+    expect()(chart.locator('circle[data-series="gw-b:2 first token"]')).to_have_count(1)
+    expect()(chart.locator("circle")).to_have_count(2 + 3 + 1 + 1)
+    legend = page.locator("#legend-gateway")
+    expect()(legend).to_contain_text("gw-a:1 first token last 3.1 s, 2 requests")
+    expect()(legend).to_contain_text("gw-a:1 total last 0.8 s, 3 requests")
+    # the dots say their figure when pointed at
+    assert sorted(chart.locator('circle[data-series="gw-a:1 first token"] title').all_text_contents()) == ["0.4 s", "3.1 s"]
+
+    # /metrics counts the same requests
+    samples = metrics(env.dashboard)
+    assert samples[("synapticllamas_gateway_requests_total",
+                    (("api", "openai"), ("app_instance", "gw-a:1"), ("status", "ok")))] == 2
+    assert samples[("synapticllamas_gateway_queue_depth", (("app_instance", "gw-a:1"),))] == 2
+
+    # a page opened now draws the same from the replayed journal
+    late = env.open()
+    expect()(late.page.locator('#chart-gateway polyline[data-series="gw-a:1 first token"]')).to_have_attribute(
+        "data-points", "2", timeout=10000)
+    expect()(late.page.locator("#gateways tbody tr", has_text="gw-a:1").locator("td").nth(5)).to_have_text(
+        "4: ok 3, unavailable 1")
+    assert late.errors == [], f"console errors on the late page: {late.errors}"
+
+    # the app said goodbye: its line is gone with it, its counts stay
+    a.emit("system", "unregister", "stopped (exit)", {"reason": "exit"})
+    expect()(row_a.locator("td").nth(3)).to_have_text("-", timeout=5000)
+    expect()(row_a.locator("td").nth(1)).to_have_text("http://127.0.0.1:11434 (app stopped)")
+    expect()(row_a.locator("td").nth(5)).to_have_text("4: ok 3, unavailable 1")
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    for width in WIDTHS:
+        page.set_viewport_size({"width": width, "height": 1100})
+        assert page.evaluate(CLIPPED) == [], f"clipped at {width} px"
+    page.screenshot(path=str(ARTIFACTS / "dashboard-gateway.png"), full_page=True)
+    load_an_image_now(page)
+    assert watched.dialogs == [], f"event text ran as script: {watched.dialogs}"
+    assert watched.errors == [], f"console errors: {watched.errors}"

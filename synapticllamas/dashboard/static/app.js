@@ -7,7 +7,7 @@
   const MAX_RAW = 500;         // raw llama.cpp lines kept in the log panel
   const WINDOW_S = 15 * 60;    // the charts' time window
   const BUCKET_S = 10;         // events per second are counted in 10 s buckets
-  const MAX_POINTS = 2000;     // inference points kept per coordinator
+  const MAX_POINTS = 2000;     // inference points kept per coordinator (and gateway requests per gateway)
   const FOLD_AFTER_MS = 10 * 60 * 1000;   // stopped (or long stale) apps and down nodes fold away after this
   const CHART_GAP_MS = 250;    // charts are redrawn at most 4 times a second
   const NODE_APP = "synapticllamas-node";   // source.app of `main.py node`
@@ -23,6 +23,8 @@
     [T.coordinator.START]: "running", [T.coordinator.HEARTBEAT]: "running", [T.coordinator.STOPPING]: "stopping",
     [T.coordinator.STOP]: "stopped", [T.coordinator.BACKOFF]: "backoff", [T.coordinator.FATAL]: "fatal",
   };
+  // a gateway request's status as the page counts it; anything else a publisher invents is "other"
+  const GATEWAY_STATUSES = ["ok", "unavailable", "refused", "failed", "cancelled"];
   const BUFFERS = ["model_mib", "kv_mib", "compute_mib", "output_mib"];   // a device's buffers in the load log
   const isType = (ev, component, type) => ev.component === component && ev.event_type === type;
 
@@ -148,7 +150,7 @@
     if (!a) {
       a = { instance, reg: null, source: {}, lastHeard: null, runs: [], confirmedSampled: 0, confirmedLost: 0,
             outOfSequence: 0, sampled: 0, lost: 0, count: 0, unregistered: false, stoppedAt: null, heartbeatEvery: null, coordinator: null,
-            backends: new Map(), inference: [] };
+            backends: new Map(), inference: [], gateway: null };
       apps.set(instance, a);
       setOptions($("filter-app"), [instance]);
     }
@@ -233,6 +235,35 @@
         a.inference.push([ev.timestamp, rate]);
         if (a.inference.length > MAX_POINTS) a.inference.splice(0, a.inference.length - MAX_POINTS);
       }
+    }
+  }
+
+  // the app's gateway (synapticllamas/gateway/): where it listens, and one gateway/request event per
+  // request when it ends (its status, the line behind it, the seconds to its first text and in total)
+  function gatewayFrom(a, ev) {
+    const d = ev.details;
+    const g = a.gateway || (a.gateway = { url: null, open: null, why: "", model: null, requests: 0, byStatus: new Map(),
+                                          held: 0, resumed: 0, waiting: null, inFlight: null, last: null, points: [] });
+    if (ev.event_type === T.gateway.LISTENING) {
+      g.open = d.status !== "unavailable";
+      g.url = typeof d.url === "string" ? d.url : null;
+      g.why = ev.message;
+      return;
+    }
+    if (ev.event_type !== T.gateway.REQUEST) return;
+    g.requests += 1;
+    const status = GATEWAY_STATUSES.includes(d.status) ? d.status : "other";
+    g.byStatus.set(status, (g.byStatus.get(status) || 0) + 1);
+    g.held += num(d.held) || 0;
+    g.resumed += num(d.resumed) || 0;
+    if (num(d.queue_depth) !== null) g.waiting = d.queue_depth;
+    if (num(d.in_flight) !== null) g.inFlight = d.in_flight;
+    if (typeof d.model === "string" && d.model) g.model = d.model;
+    if (g.last === null || ev.timestamp > g.last) g.last = ev.timestamp;
+    // the chart: requests served, each at the time it ended
+    if (status === "ok" && num(d.seconds) !== null) {
+      g.points.push([ev.timestamp, num(d.first_token_s), d.seconds]);
+      if (g.points.length > MAX_POINTS) g.points.splice(0, g.points.length - MAX_POINTS);
     }
   }
 
@@ -324,7 +355,8 @@
         a.stoppedAt = heard;
       }
       if (seconds(d.interval_s)) a.heartbeatEvery = d.interval_s;
-    } else if (ev.component === C.RAW) addRaw(instance, ev);
+    } else if (ev.component === C.GATEWAY) gatewayFrom(a, ev);
+    else if (ev.component === C.RAW) addRaw(instance, ev);
     countBucket(ev);
     setOptions($("filter-component"), [ev.component]);
     remember({ ev, gap });
@@ -507,6 +539,8 @@
     $("coordinators").tBodies[0].replaceChildren(...coordRows);
     $("coordinator-panel").querySelector(".empty").hidden = coordRows.length > 0;
 
+    renderGateways(now, shown, states);
+
     const backendRows = [];
     for (const a of shown) {
       for (const [address, b] of Array.from(a.backends).sort()) {
@@ -527,6 +561,27 @@
       (bad ? `; ${bad} invalid event${bad === 1 ? "" : "s"} skipped` : "");
     $("summary").title = bad ? "messages on the Redis that are not valid SynapticLlamas events: not shown" +
       (lastSkipped ? `; last refused here: ${lastSkipped}` : "; GET /healthz says why") : "";
+  }
+
+  function renderGateways(now, shown, states) {
+    const rows = shown.filter((a) => a.gateway).map((a) => {
+      const g = a.gateway;
+      const stopped = states.get(a.instance)[0] === "stopped";
+      const endpoint = g.open === null ? el("td", "-") : g.open ? el("td", g.url || "open") : stateCell("unavailable", g.why);
+      if (g.open === null) endpoint.title = "no gateway/listening event heard: requests from the shell's ask and chat";
+      if (stopped && g.open) endpoint.appendChild(el("span", " (app stopped)", "muted"));
+      const requests = el("td", `${g.requests}`);
+      const parts = [...GATEWAY_STATUSES, "other"].filter((s) => g.byStatus.get(s));
+      parts.forEach((s, i) => {
+        requests.appendChild(document.createTextNode(i ? ", " : ": "));
+        requests.appendChild(el("span", `${s} ${g.byStatus.get(s)}`, `status-${s}`));
+      });
+      const current = (value) => (stopped || value === null ? "-" : value);
+      return row([a.instance, endpoint, g.model || "-", current(g.waiting), current(g.inFlight), requests, g.held, g.resumed,
+                  g.last !== null ? `${age(now - g.last * 1000)} ago` : "-"]);
+    });
+    $("gateways").tBodies[0].replaceChildren(...rows);
+    $("gateways-panel").querySelector(".empty").hidden = rows.length > 0;
   }
 
   function nodeState(n, now) {
@@ -618,6 +673,23 @@
       empty: "no request in 15 min (coordinator/inference events)" });
     legend($("legend-tokens"), tokenSeries.filter((s) => s.points.length).map((s) => [s.cls, s.name,
       `last ${Charts.shortNumber(s.points[s.points.length - 1][1])} tok/s, ${s.points.length} request${s.points.length === 1 ? "" : "s"}`]));
+
+    // seconds per request served through each app's gateway: to the first token (solid), in total (dashed)
+    const gateways = Array.from(apps.values()).filter((a) => a.gateway && a.gateway.points.length)
+      .sort((x, y) => x.instance.localeCompare(y.instance));
+    const gatewaySeries = [];
+    gateways.forEach((a, i) => {
+      const points = a.gateway.points.filter(([t]) => t >= from);
+      const dots = points.length <= 300;
+      gatewaySeries.push({ name: `${a.instance} first token`, cls: `series-${i % 8}`, dots,
+                           points: points.filter(([, first]) => first !== null).map(([t, first]) => [t, first]) });
+      gatewaySeries.push({ name: `${a.instance} total`, cls: `series-${i % 8} total`, dots,
+                           points: points.map(([t, , total]) => [t, total]) });
+    });
+    Charts.lines($("chart-gateway"), gatewaySeries, { from, to, unit: "s", xLabels: timeAxis,
+      empty: "no request served through a gateway in 15 min" });
+    legend($("legend-gateway"), gatewaySeries.filter((s) => s.points.length).map((s) => [s.cls, s.name,
+      `last ${Charts.shortNumber(s.points[s.points.length - 1][1])} s, ${s.points.length} request${s.points.length === 1 ? "" : "s"}`]));
 
     // memory per backend or node
     const rows = memoryRows();
