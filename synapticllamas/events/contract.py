@@ -35,8 +35,6 @@ class CoordinatorEvent:
     BACKOFF = "backoff"
     FATAL = "fatal"
     HEARTBEAT = "heartbeat"
-    REQUEST = "request"
-    RESPONSE = "response"
     INFERENCE = "inference"
     WAITING = "waiting"
     FAILOVER = "failover"

@@ -33,7 +33,6 @@ class Hooks:
         self.on_model_progress: list[Callable[[Notice], object]] = []
         self.on_load_progress: list[Callable[[Notice], object]] = []   # every upload sample (a UI's line)
         self.on_heartbeat: list[Callable[[Notice], object]] = []
-        self.on_request: list[Callable[[Notice], object]] = []
         self.on_inference: list[Callable[[Notice], object]] = []
         self.on_recovery: list[Callable[[Notice], object]] = []     # failover and rebalance
         self.on_error: list[Callable[[Notice], object]] = []
@@ -69,7 +68,6 @@ def observe(hooks: Hooks, observer: Observer) -> None:
         sample=True))
     hooks.subscribe("on_model_progress", emit(Component.MODEL))
     hooks.subscribe("on_heartbeat", emit(Component.COORDINATOR))
-    hooks.subscribe("on_request", emit(Component.COORDINATOR, sample=True))
     hooks.subscribe("on_recovery", emit(Component.COORDINATOR))
     # one per request, whoever sent it: never sampled (a dashboard counts them)
     hooks.subscribe("on_inference", emit(Component.COORDINATOR))

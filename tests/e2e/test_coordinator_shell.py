@@ -257,7 +257,7 @@ def test_attach_over_https_with_an_api_key_then_ask(tmp_path, tag):
         proc = run_piped(f"coordinator attach {url}\ncoordinator ask hello --n 2\n", tmp_path, env=env)
         assert proc.returncode == 1
         assert [line for line in proc.stderr.splitlines() if line.startswith("Error:")] == \
-            ["Error: the completion failed: /completion answered 401: Invalid API Key"]
+            ["Error: llama-server refused the request (401): Invalid API Key"]
     finally:
         external.kill()
         external.wait(10)

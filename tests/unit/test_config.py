@@ -90,7 +90,7 @@ def test_flags_are_validated_like_env(tmp_path):
                           capture_output=True, text=True, env=shell_env(tmp_path), timeout=30)
     assert proc.returncode == 2
     assert proc.stderr.strip() == \
-        "Error: --coordinator-port='99999' is not valid: expected an integer from 1 to 65535"
+        "Error: --coordinator-port='99999' is not valid: expected an integer from 0 to 65535"
 
 
 def test_bad_url_with_a_password_is_one_line_and_redacted(tmp_path):
