@@ -96,6 +96,6 @@ def _check(path: str, status: int, body: bytes) -> None:
     if status < 400:
         return
     message = _server_message(body)
-    if 400 <= status < 500 and status not in (408, 429):
+    if (400 <= status < 500 and status not in (408, 429)) or status == 501:   # 501: not served (embeddings)
         raise Refused(status, message)
     raise Lost(f"{path} answered {status}: {message}")

@@ -112,6 +112,9 @@ def test_both_apis_with_the_real_clients_and_curl(tmp_path, redis_server, tag):
         done = client.completions.create(model="demo", prompt="The capital of France is", max_tokens=6, temperature=0)
         assert done.choices[0].text.strip()
         assert [m.id for m in client.models.list()] == ["SmolLM2-135M-Instruct.Q4_1"]
+        with pytest.raises(openai.APIStatusError) as no_embeddings:        # not started with --embeddings
+            client.embeddings.create(model="demo", input="hello")
+        assert no_embeddings.value.status_code == 501
         with pytest.raises(openai.BadRequestError, match="temperature"):
             client.chat.completions.create(model="demo", messages=STORY, temperature="hot")  # type: ignore[arg-type]
         # Ollama: chat (streamed by default), generate, tags, show, version, ps
@@ -134,8 +137,9 @@ def test_both_apis_with_the_real_clients_and_curl(tmp_path, redis_server, tag):
         version = subprocess.run(["curl", "-s", gw.base + "/api/version"], capture_output=True, text=True, timeout=10)
         assert '"version"' in version.stdout
         # one event per request, with the figures a dashboard needs
-        events = wait_for(lambda: (e := gateway_events(sub)) and len(e) >= 6 and e, 20, what="the requests' events")
-        assert [(e["api"], e["status"]) for e in events] == [("openai", "ok")] * 3 + [("ollama", "ok")] * 3
+        events = wait_for(lambda: (e := gateway_events(sub)) and len(e) >= 7 and e, 20, what="the requests' events")
+        assert [(e["api"], e["status"]) for e in events] == [("openai", "ok")] * 3 + [("openai", "refused")] + \
+            [("ollama", "ok")] * 3
         first = events[0]
         assert first["tokens"] == 12 and first["first_token_s"] > 0 and first["prompt_tokens"] > 0
         assert first["held"] == 0 and first["resumed"] == 0 and first["queue_depth"] == 0
@@ -145,6 +149,16 @@ def test_both_apis_with_the_real_clients_and_curl(tmp_path, redis_server, tag):
     finally:
         gw.close()
         sub.close()
+
+
+def test_embeddings_when_the_model_serves_them(tmp_path, redis_server, tag):
+    gw = Gateway(tmp_path, tag, redis_server.url, SYNAPTICLLAMAS_COORDINATOR_ARGS="-t 1 --embeddings --pooling mean")
+    try:
+        gw.start()
+        vectors = gw.openai().embeddings.create(model="demo", input=["hello", "world"])
+        assert len(vectors.data) == 2 and len(vectors.data[0].embedding) > 100
+    finally:
+        gw.close()
 
 
 def test_a_request_during_start_is_held_then_answered(tmp_path, redis_server, tag):
