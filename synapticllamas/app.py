@@ -90,7 +90,13 @@ class App:
             return None
         from synapticllamas.events.contract import Component, GatewayEvent
         from synapticllamas.gateway.keys import ApiKeys, KeysError
-        from synapticllamas.gateway.server import GatewayHttp, Listener, PortTaken, bind
+        from synapticllamas.gateway.server import GatewayHttp, Listener, PortTaken, bind, missing_parts
+
+        missing = missing_parts()
+        if missing:
+            self.gateway_problem = (f"the gateway needs {' and '.join(missing)}: pip install 'synapticllamas[gateway]' "
+                                    "(scripts/run installs it); going on without the gateway")
+            return self.gateway_problem
 
         host = self.settings.gateway_host
         try:

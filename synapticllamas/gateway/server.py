@@ -34,6 +34,13 @@ class PortTaken(OSError):
     pass
 
 
+def missing_parts() -> list[str]:
+    """The ASGI stack's packages that are not installed (the `gateway` extra)."""
+    import importlib.util
+
+    return [name for name in ("starlette", "uvicorn") if importlib.util.find_spec(name) is None]
+
+
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket (TCP_NODELAY on accepted connections: asyncio sets it for proto TCP)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
