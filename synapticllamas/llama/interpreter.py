@@ -49,6 +49,7 @@ class LogInterpreter:
         self.failures: list[LogLine] = []
         self.lines: deque[str] = deque(maxlen=LAST_LINES)
         self._uploading = False
+        self.loaded = False                     # the model_loaded line was seen
         self.measured_ms: float | None = None      # the last request's generation, ms per token (8 tokens or more)
 
     def feed(self, stream: str, text: str) -> Seen | None:
@@ -75,6 +76,7 @@ class LogInterpreter:
             self._uploading = True
             return Seen.UPLOADING
         elif rec.kind == "model_loaded":
+            self.loaded = True
             load_s = round(time.monotonic() - self.started, 3)
             self.hooks.call("on_model_progress", Notice(
                 ModelEvent.LOAD, f"model {model.name} loaded in {load_s:g}s",

@@ -567,7 +567,8 @@ class Supervisor:
         while self.run is run and self.state == State.STARTING:
             await asyncio.sleep(load_progress.SAMPLE_EVERY)
             now = await load_progress.connections(dialled)
-            if now is None or self.run is not run or self.state != State.STARTING:
+            # loaded meanwhile (the sample was taken before): a progress line after "loaded" misleads
+            if now is None or self.run is not run or self.state != State.STARTING or run.interp.loaded:
                 return
             sent = sum(n for n, _ in now.values())
             self._note_links(run, now, before, moved)

@@ -19,7 +19,8 @@ def tag():
 
 def env(tag, **extra):
     return {TAG_VAR: tag, "SYNAPTICLLAMAS_COORDINATOR_PORT": str(free_port()),
-            "SYNAPTICLLAMAS_COORDINATOR_ARGS": "-t 1", "SOLLOL_OBSERVER_SAMPLING": "false", **extra}
+            # -n: the demo model's sampled answers are sometimes endless: a bound keeps each turn short
+            "SYNAPTICLLAMAS_COORDINATOR_ARGS": "-t 1 -n 160", "SOLLOL_OBSERVER_SAMPLING": "false", **extra}
 
 
 def test_piped_chat_keeps_the_conversation_until_reset(tmp_path, redis_server, tag):
