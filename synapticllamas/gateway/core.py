@@ -18,8 +18,9 @@ Every request ends in one `gateway/request` event (never sampled).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -190,6 +191,34 @@ class Gateway:
         if out.queue_s is None:
             out.queue_s = round(time.monotonic() - arrived, 3)
 
+    @contextlib.contextmanager
+    def _accounted(self, request: Request, out: Outcome, arrived: float,
+                   progress: Progress | None = None) -> Iterator[None]:
+        """Count the request in flight while it lasts; at its end, its status and one event."""
+        self.in_flight += 1
+        self.totals["requests"] += 1
+        try:
+            yield
+        except Unavailable as exc:
+            out.status, out.http_status, out.error = "unavailable", 503, exc.message
+            raise
+        except Refused as exc:
+            out.status, out.http_status, out.error = "refused", exc.status, exc.message
+            raise
+        except Failed as exc:
+            out.status, out.http_status, out.error = "failed", 502, str(exc)
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            out.status, out.http_status, out.error = "cancelled", 499, "the client went away"
+            raise
+        finally:
+            self.in_flight -= 1
+            out.seconds = round(time.monotonic() - arrived, 3)
+            if progress is not None:
+                out.tokens = progress.tokens
+                out.text_chars = len(progress.text)
+            self._report(request, out)
+
     async def stream(self, request: Request, say: Say | None = None, admitted: Callable[[], object] | None = None,
                      out: Outcome | None = None) -> AsyncGenerator[str, None]:
         """The answer's text as it comes. Raises Unavailable before anything was sent, Refused
@@ -198,12 +227,10 @@ class Gateway:
         `out` gets the figures (finish reason, tokens, times) as they become known."""
         out = out if out is not None else Outcome()
         arrived = time.monotonic()
-        self.in_flight += 1
-        self.totals["requests"] += 1
         progress = Progress(request.params)
         prompt: str | None = request.prompt
         front = False
-        try:
+        with self._accounted(request, out, arrived, progress):
             while True:
                 await self._admit(out, arrived, front, say)
                 if admitted is not None:
@@ -256,33 +283,13 @@ class Gateway:
                     raise Unavailable(str(exc), RETRY_AFTER_S, "not_running") from None
                 finally:
                     self.admission.release()
-        except Unavailable as exc:
-            out.status, out.http_status, out.error = "unavailable", 503, exc.message
-            raise
-        except Refused as exc:
-            out.status, out.http_status, out.error = "refused", exc.status, exc.message
-            raise
-        except Failed as exc:
-            out.status, out.http_status, out.error = "failed", 502, str(exc)
-            raise
-        except (asyncio.CancelledError, GeneratorExit):
-            out.status, out.http_status, out.error = "cancelled", 499, "the client went away"
-            raise
-        finally:
-            self.in_flight -= 1
-            out.tokens = progress.tokens
-            out.seconds = round(time.monotonic() - arrived, 3)
-            out.text_chars = len(progress.text)
-            self._report(request, out)
 
     async def call(self, request: Request, path: str, body: dict[str, Any]) -> Any:
         """One JSON request passed on to llama-server (embeddings): held and queued like the
         others, and sent again once after a cut (it has no stream to resume)."""
         out = Outcome()
         arrived = time.monotonic()
-        self.in_flight += 1
-        self.totals["requests"] += 1
-        try:
+        with self._accounted(request, out, arrived):
             for attempt in (1, 2):
                 await self._admit(out, arrived, attempt > 1, None)
                 run = None
@@ -300,22 +307,6 @@ class Gateway:
                 finally:
                     self.admission.release()
             raise AssertionError("unreachable")
-        except Unavailable as exc:
-            out.status, out.http_status, out.error = "unavailable", 503, exc.message
-            raise
-        except Refused as exc:
-            out.status, out.http_status, out.error = "refused", exc.status, exc.message
-            raise
-        except Failed as exc:
-            out.status, out.http_status, out.error = "failed", 502, str(exc)
-            raise
-        except asyncio.CancelledError:
-            out.status, out.http_status, out.error = "cancelled", 499, "the client went away"
-            raise
-        finally:
-            self.in_flight -= 1
-            out.seconds = round(time.monotonic() - arrived, 3)
-            self._report(request, out)
 
     async def complete(self, request: Request, say: Say | None = None,
                        on_text: Callable[[str], object] | None = None) -> tuple[str, Outcome]:

@@ -114,6 +114,58 @@ def _failure(exc: Exception) -> tuple[int, str, dict[str, str]]:
     return 502, f"the request could not be completed: {exc}", {}
 
 
+# ---------------------------------------------------------------- the two APIs' answers
+
+class _OpenAI:
+    content_type = "text/event-stream"
+
+    def __init__(self, shape: wire.OpenAIShape) -> None:
+        self.shape = shape
+
+    def opening(self) -> bytes:
+        return self.shape.start()
+
+    def piece(self, text: str) -> bytes:
+        return self.shape.piece(text)
+
+    def end(self, out: Outcome) -> bytes:
+        return self.shape.end(out.finish_reason, wire.usage(out.prompt_tokens, out.tokens))
+
+    def whole(self, text: str, out: Outcome) -> Any:
+        return self.shape.whole(text, out.finish_reason, wire.usage(out.prompt_tokens, out.tokens))
+
+    def error(self, message: str, status: int) -> Any:
+        return wire.openai_error(message, status)
+
+    def in_band(self, message: str, status: int) -> bytes:
+        return wire.sse(wire.openai_error(message, status))
+
+
+class _Ollama:
+    content_type = "application/x-ndjson"
+
+    def __init__(self, shape: wire.OllamaShape) -> None:
+        self.shape = shape
+
+    def opening(self) -> bytes:
+        return b""
+
+    def piece(self, text: str) -> bytes:
+        return self.shape.piece(text)
+
+    def end(self, out: Outcome) -> bytes:
+        return self.shape.end(out.finish_reason, out.prompt_tokens, out.tokens, out.first_token_s)
+
+    def whole(self, text: str, out: Outcome) -> Any:
+        return self.shape.final(text, out.finish_reason, out.prompt_tokens, out.tokens, out.first_token_s)
+
+    def error(self, message: str, _status: int) -> Any:
+        return wire.ollama_error(message)
+
+    def in_band(self, message: str, _status: int) -> bytes:
+        return json.dumps(wire.ollama_error(message)).encode() + b"\n"
+
+
 # ---------------------------------------------------------------- the app
 
 class GatewayHttp:
@@ -173,87 +225,56 @@ class GatewayHttp:
             req, options = wire.openai_request(wire.decode_body(await request.body()), kind)
         except wire.BadRequest as exc:
             return _refuse(400, wire.openai_error(str(exc), 400))
-        shape = wire.OpenAIShape(kind, self.model(), options["include_usage"])
-        stream = options["stream"]
-
-        async def write(send: Send) -> None:
-            out = Outcome()
-            started = False
-
-            async def open_stream() -> None:
-                nonlocal started
-                started = True
-                await _start(send, 200, "text/event-stream")
-                await _body(send, shape.start())
-
-            parts: list[str] = []
-            gen = self.gateway.stream(req, out=out)
-            try:
-                async for text in gen:
-                    if stream:
-                        if not started:
-                            await open_stream()
-                        await _body(send, shape.piece(text))
-                    else:
-                        parts.append(text)
-            except (Unavailable, Refused, Failed, Lost, wire.BadRequest) as exc:
-                status, message, headers = _failure(exc)
-                if started:
-                    await _body(send, wire.sse(wire.openai_error(message, status)), more=False)
-                else:
-                    await _json(send, status, wire.openai_error(message, status), headers)
-                return
-            finally:
-                await gen.aclose()
-            figures = wire.usage(out.prompt_tokens, out.tokens)
-            if stream:
-                if not started:
-                    await open_stream()
-                await _body(send, shape.end(out.finish_reason, figures), more=False)
-            else:
-                await _json(send, 200, shape.whole("".join(parts), out.finish_reason, figures))
-
-        return Live(write)
+        return self._answer(req, options["stream"], _OpenAI(wire.OpenAIShape(kind, self.model(),
+                                                                             options["include_usage"])))
 
     async def ollama(self, request: Any, kind: str) -> Live:
         try:
             req, options = wire.ollama_request(wire.decode_body(await request.body()), kind)
         except wire.BadRequest as exc:
             return _refuse(400, wire.ollama_error(str(exc)))
-        shape = wire.OllamaShape("chat" if kind == "chat" else "generate", self.model())
-        stream = options["stream"]
+        return self._answer(req, options["stream"],
+                            _Ollama(wire.OllamaShape("chat" if kind == "chat" else "generate", self.model())))
+
+    def _answer(self, req: Any, stream: bool, api: _OpenAI | _Ollama) -> Live:
+        """One generation in the API's shape: streamed pieces (the headers go with the first, so
+        a request turned away before then gets its own status), or the whole answer at the end."""
 
         async def write(send: Send) -> None:
             out = Outcome()
             started = False
             parts: list[str] = []
+
+            async def begin() -> None:
+                nonlocal started
+                started = True
+                await _start(send, 200, api.content_type)
+                await _body(send, api.opening())
+
             gen = self.gateway.stream(req, out=out)
             try:
                 async for text in gen:
-                    if stream:
-                        if not started:
-                            started = True
-                            await _start(send, 200, "application/x-ndjson")
-                        await _body(send, shape.piece(text))
-                    else:
+                    if not stream:
                         parts.append(text)
+                        continue
+                    if not started:
+                        await begin()
+                    await _body(send, api.piece(text))
             except (Unavailable, Refused, Failed, Lost, wire.BadRequest) as exc:
                 status, message, headers = _failure(exc)
-                if started:
-                    await _body(send, json.dumps(wire.ollama_error(message)).encode() + b"\n", more=False)
+                if started:                 # the status is sent: the error goes in the stream
+                    await _body(send, api.in_band(message, status), more=False)
                 else:
-                    await _json(send, status, wire.ollama_error(message), headers)
+                    await _json(send, status, api.error(message, status), headers)
                 return
             finally:
                 await gen.aclose()
-            if stream:
-                if not started:
-                    await _start(send, 200, "application/x-ndjson")
-                await _body(send, shape.end(out.finish_reason, out.prompt_tokens, out.tokens, out.first_token_s),
-                            more=False)
-            else:
-                await _json(send, 200, shape.final("".join(parts), out.finish_reason, out.prompt_tokens, out.tokens,
-                                                   out.first_token_s))
+            if not stream:
+                await _json(send, 200, api.whole("".join(parts), out))
+                return
+            if not started:
+                await begin()
+            await _body(send, api.end(out), more=False)
 
         return Live(write)
 

@@ -60,9 +60,12 @@ class RpcServerProcess:
     async def start(cls, argv: list[str], env: Mapping[str, str] | None, host: str, port: int,
                     on_line: Callable[[LogLine], object] | None = None) -> RpcServerProcess:
         try:
+            # restore_signals=False: it keeps Python's SIG_IGN for SIGPIPE. rpc-server writes to its
+            # client without MSG_NOSIGNAL, so a llama-server killed mid-reply killed it too (SIGPIPE),
+            # and a failover then lost a second backend; ignored, the write fails and it serves the next
             proc = await spawn(argv, lines=True, env=dict(env) if env is not None else None,
                                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                               stderr=asyncio.subprocess.STDOUT)
+                               stderr=asyncio.subprocess.STDOUT, restore_signals=False)
         except OSError as exc:
             raise RpcServerFailed(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
         return cls(proc, host, port, on_line)
