@@ -249,6 +249,8 @@ class Gateway:
                     async for chunk in self.upstream.stream(endpoint, "/completion", payload):
                         if out.prompt_tokens is None and isinstance(chunk.get("tokens_evaluated"), int):
                             out.prompt_tokens = chunk["tokens_evaluated"]
+                        if self.admission.busy > 1:
+                            progress.shared = True   # batched with others: no replay can repeat it
                         text = progress.feed(chunk)
                         if text:
                             if out.first_token_s is None:

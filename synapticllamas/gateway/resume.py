@@ -1,13 +1,16 @@
 """What the client already has of an answer, and how to go on after llama-server died under it.
 
 Two ways to go on, chosen per request (measured in docs/ARCHITECTURE.md, "Gateway"):
-- **replay** for a deterministic request (temperature <= 0, or a fixed seed): the same request
-  again from the start, with the text the client already has skipped as it is generated again.
+- **replay** for a deterministic request (temperature <= 0, or a fixed seed) that llama-server
+  decoded alone: the same request again from the start, with the text the client already has
+  skipped as it is generated again.
   llama.cpp's CPU kernels give a prompt evaluated in one batch different rounding from the same
   tokens generated one by one (here 10-13 of 28 resume points drifted at -ub 512, none at -ub 48 or
   less), so a prefix resume would not give the uninterrupted answer; generating again does. Should
-  it still differ from what was delivered (another placement after a failover, a batch shared
-  with other requests), the replay stops there and the answer goes on as a prefix resume.
+  it still differ from what was delivered (another placement after a failover), the replay stops
+  there and the answer goes on as a prefix resume. A request that shared llama-server's batch
+  with others had no reproducible answer to begin with (measured under load: 1 prompt in 12 gave
+  the same greedy answer in every uninterrupted run), so it resumes by prefix, which is faster.
 - **prefix** otherwise (sampled answers have no "the" answer to match): the prompt plus the ids
   of the tokens already delivered, asking only for what is still allowed. Fast: one prompt
   evaluation, no tokens generated twice.
@@ -42,6 +45,7 @@ class Progress:
         self.committed: list[int] = []       # ids of the tokens behind them
         self.ids_ok = True                   # False once llama-server left a token's id out
         self.cuts = 0
+        self.shared = False                  # decoded while other requests were (in llama-server's batch)
         self.mode = "first"                  # first, replay, prefix
         self.base = 0                        # tokens generated before this segment's prompt
         self._pending: list[int] = []
@@ -57,7 +61,9 @@ class Progress:
         """llama-server stopped answering: the next segment goes on from what was delivered."""
         self.cuts += 1
         self._pending.clear()
-        self.mode = "replay" if self.replay_ok and self.delivered else "prefix"
+        # a replay can only give back the answer of a request that was decoded alone: batched with
+        # others, llama.cpp rounds differently, so not even an uninterrupted greedy answer repeats
+        self.mode = "replay" if self.replay_ok and self.delivered and not self.shared else "prefix"
 
     def diverged(self) -> None:
         """The replay differed from what was delivered: go on from it as a prefix instead."""

@@ -161,3 +161,14 @@ def test_api_keys_are_matched_from_either_header_and_read_from_a_file(tmp_path):
     assert keys.allows({"authorization": "Bearer k3"}) and keys.allows({"x-api-key": "k1"})
     assert not keys.allows({"authorization": "Bearer k4"}) and not keys.allows({})
     assert ApiKeys([]).allows({})
+
+
+def test_a_deterministic_request_batched_with_others_resumes_by_prefix():
+    """Decoded in one batch with other requests, not even an uninterrupted greedy answer repeats:
+    a replay would only cost time, so the cut request goes on from its delivered tokens."""
+    p = Progress({"temperature": 0})
+    p.payload("P")
+    p.feed(chunk("Once", 1, 1))
+    p.shared = True
+    p.cut()
+    assert p.mode == "prefix" and p.payload("P")["prompt"] == ["P", 1]
