@@ -321,6 +321,11 @@ class Gateway:
                 on_text(text)
         return "".join(parts), out
 
+    def refused(self, api: str, kind: str, http_status: int, message: str) -> None:
+        """A request turned away at the door (a bad body, no key): counted and one event too."""
+        self.totals["requests"] += 1
+        self._report(Request(api, kind), Outcome(status="refused", http_status=http_status, error=message))
+
     # ------------------------------------------------------------ the event
 
     def _report(self, request: Request, out: Outcome) -> None:

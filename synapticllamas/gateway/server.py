@@ -195,6 +195,7 @@ class GatewayHttp:
             async def endpoint(request: Any) -> Any:
                 if not self.keys.allows(request.headers):
                     message = "a valid API key is needed (Authorization: Bearer KEY)"
+                    self.gateway.refused(api, request.url.path.rsplit("/", 1)[-1], 401, message)
                     body = wire.openai_error(message, 401) if api == "openai" else wire.ollama_error(message)
                     return _refuse(401, body, {"www-authenticate": "Bearer"})
                 return await handler(request)
@@ -224,6 +225,7 @@ class GatewayHttp:
         try:
             req, options = wire.openai_request(wire.decode_body(await request.body()), kind)
         except wire.BadRequest as exc:
+            self.gateway.refused("openai", kind, 400, str(exc))
             return _refuse(400, wire.openai_error(str(exc), 400))
         return self._answer(req, options["stream"], _OpenAI(wire.OpenAIShape(kind, self.model(),
                                                                              options["include_usage"])))
@@ -232,6 +234,7 @@ class GatewayHttp:
         try:
             req, options = wire.ollama_request(wire.decode_body(await request.body()), kind)
         except wire.BadRequest as exc:
+            self.gateway.refused("ollama", kind, 400, str(exc))
             return _refuse(400, wire.ollama_error(str(exc)))
         return self._answer(req, options["stream"],
                             _Ollama(wire.OllamaShape("chat" if kind == "chat" else "generate", self.model())))

@@ -137,8 +137,9 @@ def test_both_apis_with_the_real_clients_and_curl(tmp_path, redis_server, tag):
         version = subprocess.run(["curl", "-s", gw.base + "/api/version"], capture_output=True, text=True, timeout=10)
         assert '"version"' in version.stdout
         # one event per request, with the figures a dashboard needs
-        events = wait_for(lambda: (e := gateway_events(sub)) and len(e) >= 7 and e, 20, what="the requests' events")
-        assert [(e["api"], e["status"]) for e in events] == [("openai", "ok")] * 3 + [("openai", "refused")] + \
+        events = wait_for(lambda: (e := gateway_events(sub)) and len(e) >= 8 and e, 20, what="the requests' events")
+        # the embeddings llama-server does not serve (501) and the bad temperature (400) are events too
+        assert [(e["api"], e["status"]) for e in events] == [("openai", "ok")] * 3 + [("openai", "refused")] * 2 + \
             [("ollama", "ok")] * 3
         first = events[0]
         assert first["tokens"] == 12 and first["first_token_s"] > 0 and first["prompt_tokens"] > 0
@@ -206,6 +207,8 @@ def test_api_keys_401_in_each_apis_format_and_never_shown(tmp_path, redis_server
         gw.shell.expect(r"^gateway_api_keys\s+\*\*\*\s")
         gw.shell.send("exit")
         assert gw.shell.close() == 0
+        refused = [e["details"] for e in sub.events() if e["component"] == "gateway" and e["details"]["status"] == "refused"]
+        assert [(e["api"], e["http_status"]) for e in refused] == [("openai", 401), ("ollama", 401)]
         published = "\n".join(sub.raw)
         log = tmp_path / "state" / "synapticllamas" / "synapticllamas.log"
         assert key not in gw.shell.output() and key not in published
