@@ -104,7 +104,7 @@ class Gateway:
         self.admission = Admission(settings.coordinator_parallel, settings.gateway_max_waiting, self._ready)
         self.in_flight = 0                     # admitted or waiting: what rebalance must not cut
         self._upstream: Upstream | None = None
-        self._stopped = asyncio.Event()
+        self._changed = asyncio.Event()
         self.totals: dict[str, int] = {"requests": 0, "ok": 0, "failed": 0, "unavailable": 0, "resumed": 0,
                                        "cancelled": 0, "refused": 0}
         coordinator.in_flight = lambda: self.in_flight
@@ -122,7 +122,7 @@ class Gateway:
 
     def _state_changed(self, _change: Any) -> None:
         self.admission.poke()
-        self._stopped.set()          # waiters look again: held on, or refused (stopped, fatal)
+        self._changed.set()          # waiters look again: held on, or refused (stopped, fatal)
 
     @property
     def upstream(self) -> Upstream:
@@ -170,8 +170,8 @@ class Gateway:
         acquire = asyncio.ensure_future(self.admission.acquire(timeout, front))
         try:
             while not acquire.done():
-                self._stopped.clear()
-                changed = asyncio.ensure_future(self._stopped.wait())
+                self._changed.clear()
+                changed = asyncio.ensure_future(self._changed.wait())
                 try:
                     await asyncio.wait({acquire, changed}, return_when=asyncio.FIRST_COMPLETED)
                 finally:
