@@ -349,8 +349,18 @@ class Gateway:
             level = "info" if out.status == "cancelled" else "warning"
         self.observer.emit(Component.GATEWAY, GatewayEvent.REQUEST, message, details, level=level)
 
+    def model_path(self) -> str | None:
+        """The model served (or last served, or configured): read per request, so without the
+        whole status() (which walks the placement and the registry)."""
+        run = self.coordinator.run if self.coordinator.attached is None else None
+        if run is not None:
+            return str(run.plan.model)
+        if self.coordinator.attached is not None:
+            return self.coordinator.status().get("model") or self.settings.model
+        return self.settings.model
+
     def _model_name(self) -> str | None:
-        model = self.coordinator.status().get("model")
+        model = self.model_path()
         return model_name(model) if model else None
 
 

@@ -176,13 +176,11 @@ class GatewayHttp:
     # -------------------------------------------------------- what is served
 
     def model(self) -> str:
-        status = self.gateway.coordinator.status()
-        path = status.get("model") or self.gateway.settings.model
+        path = self._model_path()
         return model_name(str(path)) if path else "none"
 
     def _model_path(self) -> str | None:
-        status = self.gateway.coordinator.status()
-        return status.get("model") or self.gateway.settings.model
+        return self.gateway.model_path()
 
     # -------------------------------------------------------- routing
 
