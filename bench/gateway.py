@@ -848,9 +848,19 @@ def report_failover(where: str, f: dict[str, Any], tokens: int) -> None:
     for r in greedy:
         if not r["resumed"]:
             plain.setdefault((r["client"], r["topic"]), set()).add(r["text"])
+    # the resume's own doing: against uninterrupted answers that match what was delivered before the cut
+    agreed = kept = 0
+    for r in greedy:
+        if r.get("pieces") and r.get("pause") is not None:
+            head = "".join(r["pieces"][:r["delivered"]])
+            refs = [t for t in plain.get((r["client"], r["topic"]), ()) if t.startswith(head)]
+            agreed += bool(refs)
+            kept += r["text"] in refs
     print(f"\ngreedy answers after a resume identical to an uninterrupted answer to the same prompt: {same} of "
           f"{same + differ}; prompts whose uninterrupted greedy answers were all identical: "
-          f"{sum(len(v) == 1 for v in plain.values())} of {len(plain)}")
+          f"{sum(len(v) == 1 for v in plain.values())} of {len(plain)}; greedy streams cut mid-stream whose text "
+          f"before the cut matched an uninterrupted answer: {agreed}, of which identical to it after the cut "
+          f"too: {kept}")
     mid = [r for r in rows if r.get("pause") is not None]
     print(f"resumed streams whose text after the cut repeats all the text before it (sent twice): "
           f"{sum(r['restarted'] for r in mid)} of {len(mid)}")
