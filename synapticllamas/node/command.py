@@ -123,7 +123,9 @@ def node(ctx: click.Context, host: str | None, port_: str, redis_url: str | None
         key = from_settings(settings)
     except ClusterKeyError as exc:
         fail(str(exc), 2)
-    beyond_loopback = not _is_loopback(bind)
+    from synapticllamas.node.address import is_loopback
+
+    beyond_loopback = not is_loopback(bind)
     if beyond_loopback and key is None and not insecure:
         fail(f"rpc-server would listen on {bind} with no authentication, and there is no cluster key "
              f"({settings.cluster_key_file}): make one with `python3 main.py cluster init` on one machine and copy it "
@@ -171,17 +173,6 @@ def node(ctx: click.Context, host: str | None, port_: str, redis_url: str | None
     click.echo(f"node: starting rpc-server on {options.address}; announcing to {redact_url(url)}")
     sys.exit(_run(NodeAgent(options, settings, say=click.echo, warn=lambda text: click.echo(text, err=True)),
                   NodeError))
-
-
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _free_loopback_port() -> int:
