@@ -44,11 +44,10 @@ RETRY_AFTER_S = 5
 class Unavailable(Exception):
     """The request cannot be served now (503): why, and when to try again."""
 
-    def __init__(self, message: str, retry_after: int = RETRY_AFTER_S, reason: str = "unavailable") -> None:
+    def __init__(self, message: str, retry_after: int = RETRY_AFTER_S) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
-        self.reason = reason
 
 
 class Failed(Exception):
@@ -152,7 +151,7 @@ class Gateway:
     def _not_serving(self) -> Unavailable:
         c = self.coordinator
         hint = "; `coordinator start` in the shell" if c.state in (State.STOPPED, State.EXITED, State.FATAL) else ""
-        return Unavailable(f"no coordinator running (state: {c.state}){hint}", 10, "not_running")
+        return Unavailable(f"no coordinator running (state: {c.state}){hint}", 10)
 
     # ------------------------------------------------------------ one request
 
@@ -181,10 +180,10 @@ class Gateway:
             acquire.result()
         except Full:
             raise Unavailable(f"{self.admission.waiting} requests are waiting already (gateway_max_waiting="
-                              f"{self.admission.max_waiting}); {self._why_waiting()}", 1, "full") from None
+                              f"{self.admission.max_waiting}); {self._why_waiting()}", 1) from None
         except TimeoutError:
             raise Unavailable(f"waited {timeout:g}s (gateway_hold_timeout): {self._why_waiting()}",
-                              RETRY_AFTER_S, "timeout") from None
+                              RETRY_AFTER_S) from None
         finally:
             if not acquire.done():
                 acquire.cancel()
@@ -282,7 +281,7 @@ class Gateway:
                             f"{'resuming the answer' if progress.delivered else 'sending the request again'} "
                             "once it is back]")
                 except CoordinatorError as exc:          # it stopped between admission and the send
-                    raise Unavailable(str(exc), RETRY_AFTER_S, "not_running") from None
+                    raise Unavailable(str(exc), RETRY_AFTER_S) from None
                 finally:
                     self.admission.release()
 
@@ -305,7 +304,7 @@ class Gateway:
                         raise Failed(str(exc)) from None
                     out.resumed += 1
                 except CoordinatorError as exc:
-                    raise Unavailable(str(exc), RETRY_AFTER_S, "not_running") from None
+                    raise Unavailable(str(exc), RETRY_AFTER_S) from None
                 finally:
                     self.admission.release()
             raise AssertionError("unreachable")

@@ -176,11 +176,8 @@ class GatewayHttp:
     # -------------------------------------------------------- what is served
 
     def model(self) -> str:
-        path = self._model_path()
+        path = self.gateway.model_path()
         return model_name(str(path)) if path else "none"
-
-    def _model_path(self) -> str | None:
-        return self.gateway.model_path()
 
     # -------------------------------------------------------- routing
 
@@ -302,7 +299,7 @@ class GatewayHttp:
     # -------------------------------------------------------- what is served
 
     def _entry(self) -> dict[str, Any] | None:
-        path = self._model_path()
+        path = self.gateway.model_path()
         if not path:
             return None
         try:

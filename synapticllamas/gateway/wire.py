@@ -120,8 +120,7 @@ def openai_request(body: dict[str, Any], kind: str) -> tuple[Request, dict[str, 
     for name in UNSUPPORTED_OPENAI:
         if body.get(name) not in (None, False, [], 0):
             raise BadRequest(f"{name} is not supported by this gateway (the model answers with text)")
-    n = _integer(body, "n", 1, 1)
-    del n
+    _integer(body, "n", 1, 1)                  # one choice per request: n=2 is refused
     params = _sampling(body)
     limit = _integer(body, "max_completion_tokens", 1) or _integer(body, "max_tokens", 1)
     params["n_predict"] = limit if limit is not None else (16 if kind == "completion" else -1)
