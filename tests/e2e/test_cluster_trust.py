@@ -197,6 +197,8 @@ def test_a_node_with_another_clusters_key_is_refused_in_one_line(trusted, tmp_pa
         real = next(e for e in on_hosts.sub.events() if e["component"] == "node" and e["event_type"] == "node_up"
                     and e["details"]["address"] == address)
         publish(on_hosts, signing.Signer(announce_key(on_hosts)).sign(real))
+        # the shell takes it (one line), and only then does `backends` list it
+        shell.expect(rf"RPC backend {re.escape(address)} connected")
         shell.send("backends")
         shell.expect(r"^\s*" + re.escape(address))
         clients = rpc_clients(on_hosts, address)           # the node's own probe at its start

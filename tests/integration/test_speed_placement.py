@@ -163,7 +163,8 @@ def test_a_slow_host_is_left_out_of_the_plan(tmp_path, make_cluster, tag):
         shell = on_hosts.shell("--distributed", **SPEED, SYNAPTICLLAMAS_COORDINATOR_MEMORY="0")
         shell.send("redis on", "coordinator start")
         match, _ = shell.read_until(r"RPC backends: (.*); ready", timeout=120)
-        assert match.group(1) == fast
+        speeds = {a: (r["speed"]["ns_per_byte"], r["speed"]["layer_ns"]) for a, r in registered.items()}
+        assert match.group(1) == fast, f"measured {speeds}; shell:\n{shell.output()}"
         shell.read_until(rf"^Placement: fastest on {re.escape(fast)}: 1 backend left idle; predicted [\d.]+ ms/token "
                          r"vs [\d.]+ spread")
         shell.send("exit")
