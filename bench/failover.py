@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import os
 import signal
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,41 +141,50 @@ async def run_local(tmp: Path, kills: int) -> dict:
         await app.close()
 
 
+@contextlib.contextmanager
+def insecure_nodes(cluster, tmp: Path) -> Iterator[RedisServer]:
+    """A Redis on the cluster's bridge and one node (`main.py node --insecure`) per simulated host,
+    stopped on the way out: bench/gateway.py's cluster run starts the same."""
+    redis = RedisServer(tmp / "redis", bind=cluster.root_address).start()
+    nodes = []
+    try:
+        for host in cluster.hosts:
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("SOLLOL_", "SYNAPTICLLAMAS_"))}
+            env.update({"XDG_CACHE_HOME": str(tmp / host.name), "SOLLOL_RPC_BACKEND_HEARTBEAT_INTERVAL":
+                        str(HEARTBEAT)})
+            nodes.append(host.popen([PYTHON, str(ROOT / "main.py"), "node", "--port", "50052", "--redis-url",
+                                     redis.url, "--threads", "1", "--insecure"], env=env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL))
+        yield redis
+    finally:
+        for proc in nodes:
+            proc.terminate()
+            proc.wait(20)
+        redis.kill()
+
+
+def kill_rpc_server(cluster, address: str) -> None:
+    """SIGKILL the rpc-server of the node at `address` (the node restarts it)."""
+    host = next(h for h in cluster.hosts if address.startswith(h.address + ":"))
+    os.kill(next(p for p in host.pids() if is_rpc_server(p)), signal.SIGKILL)
+
+
 async def run_cluster(tmp: Path, kills: int) -> dict:
     from cluster import SimulatedCluster
 
-    with SimulatedCluster(3, rate_mbit=100) as cluster:
-        redis = RedisServer(tmp / "redis", bind=cluster.root_address).start()
-        nodes = []
+    with SimulatedCluster(3, rate_mbit=100) as cluster, insecure_nodes(cluster, tmp) as redis:
+        app = make_app(tmp, redis_url=redis.url, rpc_backend_heartbeat_interval=HEARTBEAT)
+        await app.start()
         try:
-            for host in cluster.hosts:
-                env = {k: v for k, v in os.environ.items() if not k.startswith(("SOLLOL_", "SYNAPTICLLAMAS_"))}
-                env.update({"XDG_CACHE_HOME": str(tmp / host.name), "SOLLOL_RPC_BACKEND_HEARTBEAT_INTERVAL":
-                            str(HEARTBEAT)})
-                nodes.append(host.popen([PYTHON, str(ROOT / "main.py"), "node", "--port", "50052", "--redis-url",
-                                         redis.url, "--threads", "1", "--insecure"], env=env, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL))
-            app = make_app(tmp, redis_url=redis.url, rpc_backend_heartbeat_interval=HEARTBEAT)
-            await app.start()
-            try:
-                await app.redis_on()
-                await until(lambda: len(app.registry.healthy()) == 3, 60, "three nodes")
+            await app.redis_on()
+            await until(lambda: len(app.registry.healthy()) == 3, 60, "three nodes")
 
-                def kill(address: str) -> None:     # the node's rpc-server: the node restarts it
-                    host = next(h for h in cluster.hosts if address.startswith(h.address + ":"))
-                    os.kill(next(p for p in host.pids() if is_rpc_server(p)), signal.SIGKILL)
+            async def bring_back() -> None:
+                await until(lambda: len(app.registry.healthy()) == 3, 60, "the node's rpc-server back")
 
-                async def bring_back() -> None:
-                    await until(lambda: len(app.registry.healthy()) == 3, 60, "the node's rpc-server back")
-
-                return await kill_loop(app, kills, kill, bring_back, 120)
-            finally:
-                await app.close()
+            return await kill_loop(app, kills, lambda address: kill_rpc_server(cluster, address), bring_back, 120)
         finally:
-            for proc in nodes:
-                proc.terminate()
-                proc.wait(20)
-            redis.kill()
+            await app.close()
 
 
 def is_rpc_server(pid: int) -> bool:

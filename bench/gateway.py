@@ -726,21 +726,12 @@ async def failover_local(tmp: Path, kills: int, tokens: int, specs: list[dict[st
 async def failover_cluster(tmp: Path, kills: int, tokens: int, specs: list[dict[str, Any]],
                            alone_kills: int) -> list[tuple[str, dict[str, Any]]]:
     from cluster import SimulatedCluster
-    from failover import is_rpc_server
-    from support import PYTHON, RedisServer, until
+    from failover import insecure_nodes, kill_rpc_server
+    from support import until
 
-    with SimulatedCluster(3, rate_mbit=100) as cluster:
-        redis = RedisServer(tmp / "redis", bind=cluster.root_address).start()
-        nodes = []
+    with SimulatedCluster(3, rate_mbit=100) as cluster, insecure_nodes(cluster, tmp) as redis:
         clients = await ClientProcess().start()
         try:
-            for host in cluster.hosts:
-                env = {k: v for k, v in os.environ.items() if not k.startswith(("SOLLOL_", "SYNAPTICLLAMAS_"))}
-                env.update({"XDG_CACHE_HOME": str(tmp / host.name), "SOLLOL_RPC_BACKEND_HEARTBEAT_INTERVAL":
-                            str(HEARTBEAT)})
-                nodes.append(host.popen([PYTHON, str(ROOT / "main.py"), "node", "--port", "50052", "--redis-url",
-                                         redis.url, "--threads", "1", "--insecure"], env=env, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL))
             app = make_app(tmp / "cluster-app", redis_url=redis.url, rpc_backend_heartbeat_interval=HEARTBEAT)
             await app.start()
             try:
@@ -750,8 +741,7 @@ async def failover_cluster(tmp: Path, kills: int, tokens: int, specs: list[dict[
                 assert app.open_gateway() is None
 
                 def kill(address: str) -> None:     # the node's rpc-server: the node restarts it
-                    host = next(h for h in cluster.hosts if address.startswith(h.address + ":"))
-                    os.kill(next(p for p in host.pids() if is_rpc_server(p)), signal.SIGKILL)
+                    kill_rpc_server(cluster, address)
 
                 async def bring_back() -> None:
                     await until(lambda: len(app.registry.healthy()) == 3, 60, "the node's rpc-server back")
@@ -767,10 +757,6 @@ async def failover_cluster(tmp: Path, kills: int, tokens: int, specs: list[dict[
                 await app.close()
         finally:
             await clients.close()
-            for proc in nodes:
-                proc.terminate()
-                proc.wait(20)
-            redis.kill()
 
 
 def analyse_failover(f: dict[str, Any]) -> dict[str, Any]:
