@@ -38,6 +38,8 @@ def test_piped_chat_keeps_the_conversation_until_reset(tmp_path, redis_server, t
         shell.expect(r"^\[\d+ tokens in ", timeout=60)
         shell.send("exit")
         assert shell.close() == 1           # the first chat, before the coordinator ran, failed
+        # the shell's last event: what it published before has reached the subscriber too
+        sub.wait_for_event("system", "unregister", timeout=20)
         # one gateway event per turn (the shell's chat goes through the gateway like any client's)
         requests = [e["details"] for e in sub.events() if e["component"] == "gateway" and e["details"].get("kind") == "chat"]
         assert [r["messages"] for r in requests] == [1, 3, 2]    # 1 turn; 2 more; after reset: system + 1

@@ -201,7 +201,10 @@ def test_a_node_with_another_clusters_key_is_refused_in_one_line(trusted, tmp_pa
         shell.expect(rf"RPC backend {re.escape(address)} connected")
         shell.send("backends")
         shell.expect(r"^\s*" + re.escape(address))
-        clients = rpc_clients(on_hosts, address)           # the node's own probe at its start
+        # the node's own probe at its start: its line is in by the node's next heartbeat (in order)
+        on_hosts.sub.wait_for_event("node", "heartbeat", address=address, after=len(on_hosts.sub.events()),
+                                    timeout=10)
+        clients = rpc_clients(on_hosts, address)
         mark = len(on_hosts.sub.events())
         shell.send("coordinator start")
         match, lines = shell.read_until(r"Coordinator running .* RPC backends: (.*); ready", timeout=120)
@@ -210,9 +213,11 @@ def test_a_node_with_another_clusters_key_is_refused_in_one_line(trusted, tmp_pa
         assert any(refused in line for line in lines), lines
         _, starting = on_hosts.sub.wait_for_event("coordinator", "starting", after=mark, timeout=5)
         assert starting["details"]["left_out"] == {address: refused}, starting["details"]
-        _, failed = on_hosts.sub.wait_for_event("rpc_backend", "link_failed", after=mark, timeout=5)
+        i, failed = on_hosts.sub.wait_for_event("rpc_backend", "link_failed", after=mark, timeout=5)
         assert failed["details"]["backend"] == address and failed["details"]["reason"] == "key"
-        assert rpc_clients(on_hosts, address) == clients    # its rpc-server had no client of ours
+        # its rpc-server had no client of ours: a client's line would be in by the node's next heartbeat
+        on_hosts.sub.wait_for_event("node", "heartbeat", address=address, after=i + 1, timeout=10)
+        assert rpc_clients(on_hosts, address) == clients
         # the weights crossed the links and the nodes' rpc-servers cached them (the next test's start
         # of the same placement then finds them there)
         wait_for(lambda: cached(on_hosts) >= 1, 10, what="a tensor cached on a node")
@@ -228,6 +233,7 @@ def test_a_node_with_another_clusters_key_is_refused_in_one_line(trusted, tmp_pa
 def test_coordinator_answer_and_failover_over_the_links_and_a_forged_node_down_does_nothing(trusted):
     on_hosts, shell = trusted
     a, b = on_hosts.addresses
+    heard_from_all_since(on_hosts, len(on_hosts.sub.events()))   # the last load's lines are all in
     saved = cached(on_hosts)
     shell.send("coordinator start")
     match, _ = shell.read_until(r"Coordinator running .* RPC backends: (.*); ready", timeout=120)

@@ -122,6 +122,7 @@ def test_crash_and_a_dead_backend_in_one_session(tmp_path, redis_server, tag):
         shell.expect(rf"^last failover\s+lost {re.escape(doomed)}; serving again on {re.escape(alive)} after ")
         shell.send("exit")
         assert shell.close() == 0
+        shell.unread(timeout=10)           # the shell's output has ended: every line it wrote is read
         assert not [line for _, line in shell.transcript if line.startswith("Error:")]
     finally:
         shell.kill()
@@ -210,6 +211,7 @@ def test_ctrl_c_during_start_kills_the_child_and_ends_the_piped_run(tmp_path, ta
         wait_gone(pid)
         assert shell.wait() == 128 + signal.SIGINT
         assert tagged_processes(tag) == []
+        shell.unread(timeout=10)           # the shell's output has ended: every line it wrote is read
         assert not any(line.startswith("state") for _, line in shell.transcript)   # status never ran
     finally:
         shell.kill()

@@ -207,6 +207,10 @@ def test_api_keys_401_in_each_apis_format_and_never_shown(tmp_path, redis_server
         gw.shell.expect(r"^gateway_api_keys\s+\*\*\*\s")
         gw.shell.send("exit")
         assert gw.shell.close() == 0
+        # the shell's last event: what it published before has reached the subscriber too, and
+        # all it printed has been read
+        sub.wait_for_event("system", "unregister", timeout=20)
+        gw.shell.unread(timeout=10)
         refused = [e["details"] for e in sub.events() if e["component"] == "gateway" and e["details"]["status"] == "refused"]
         assert [(e["api"], e["http_status"]) for e in refused] == [("openai", 401), ("ollama", 401)]
         published = "\n".join(sub.raw)

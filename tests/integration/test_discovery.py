@@ -74,6 +74,9 @@ def test_a_node_announced_as_localhost_is_up_after_bad_messages_and_its_loss_fai
                                     stderr=log, cwd=ROOT)
         address = f"127.0.0.1:{port}"                    # announced in the address parser's spelling
         sub.wait_for_event("node", "node_up", address=address, timeout=30)
+        # the shell takes it (one line; after the bad messages, on the same subscription), and only
+        # then does `backends discover` list it
+        shell.expect(rf"RPC backend {re.escape(address)} connected")
 
         # discovery kept going: the node is a backend, up, and the skipped messages are counted, not shown
         shell.send("backends discover")

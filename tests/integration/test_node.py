@@ -108,13 +108,18 @@ def test_without_redis_it_serves_and_announces_itself_when_redis_answers(tmp_pat
         assert "Redis unreachable at redis://127.0.0.1:" in line and "connection refused" in line, line
         wait_for(lambda: accepts(port), 20, what="rpc-server to accept connections without Redis")
         redis = RedisServer(tmp_path / "redis", port=redis_port).start()
-        entry = wait_for(lambda: redis.client().hget("synapticllamas:nodes", f"127.0.0.1:{port}"), 20,
-                         what="the node to register once Redis answers")
-        reg = json.loads(entry)
+        wait_for(lambda: redis.client().hget("synapticllamas:nodes", f"127.0.0.1:{port}"), 20,
+                 what="the node to register once Redis answers")
+
+        def journal():
+            return [json.loads(fields["event"])["event_type"]
+                    for _, fields in redis.client().xrange("synapticllamas:events")]
+
+        # buffered while Redis was away, sent when it came: the publisher registers as it connects
+        # and sends what it holds in the next round trip (with the registration of then)
+        wait_for(lambda: "node_up" in journal(), 10, what="the buffered node_up in the journal")
+        reg = json.loads(redis.client().hget("synapticllamas:nodes", f"127.0.0.1:{port}"))
         assert reg["state"] == "up" and reg["address"] == f"127.0.0.1:{port}" and reg["rpc_version"] == "7.0.0"
-        journal = [json.loads(fields["event"])["event_type"]
-                   for _, fields in redis.client().xrange("synapticllamas:events")]
-        assert "node_up" in journal          # buffered while Redis was away, sent when it came
         node.send_signal(signal.SIGINT)
         assert node.wait(20) == 0
         wait_for(lambda: redis.client().hlen("synapticllamas:nodes") == 0, 10, what="the entry to be removed")
