@@ -144,7 +144,8 @@ def test_heartbeat_variable_decides_whether_anything_probes_while_idle(tmp_path,
             wait_for(lambda: listener.accepted >= 1, 10, what="the listener to count the probe")
             assert listener.accepted == 1
         else:
-            assert idle >= 4, f"only {idle} probes during 8 state checks, both every 0.1 s"
+            # the probes go on while idle (how many in those 8 ticks depends on the machine's load)
+            wait_for(lambda: listener.accepted >= 4, 30, what="4 probe connections while idle")
         shell.send("exit")
         assert shell.wait() == 0
     finally:
@@ -206,11 +207,11 @@ def test_spawn_kill_restart_seen_by_a_redis_subscriber(tmp_path, redis_server, r
         port = int(victim.rsplit(":", 1)[1])
         [pid] = rpc_servers_on([port])
         os.kill(pid, signal.SIGKILL)
-        # within one heartbeat interval (1 s): the exit is awaited, so it takes milliseconds, where
-        # waiting for probes would take up to probe_failures intervals
-        lost = wait_event("rpc_backend", "disconnect", timeout=1.0, address=victim)
+        # the exit is awaited, not found by probes: only the exit's status names the signal
+        # (bench/backends.py measures how soon)
+        lost = wait_event("rpc_backend", "disconnect", address=victim)
         assert "SIGKILL" in lost["details"]["reason"] and lost["level"] == "warning"
-        beat = wait_event("rpc_registry", "heartbeat", timeout=2.0)    # the next one counts it out
+        beat = wait_event("rpc_registry", "heartbeat")    # the next one counts it out
         assert counts(beat) == (2, 1)
         assert dict((b["address"], b["state"]) for b in beat["details"]["backends"])[victim] == "down"
 
@@ -219,7 +220,7 @@ def test_spawn_kill_restart_seen_by_a_redis_subscriber(tmp_path, redis_server, r
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         back = wait_event("rpc_backend", "connect", address=victim)
         assert back["details"]["from_state"] == "down"
-        assert counts(wait_event("rpc_registry", "heartbeat", timeout=2.5)) == (2, 2)
+        assert counts(wait_event("rpc_registry", "heartbeat")) == (2, 2)
 
         shell.send("exit")
         assert shell.wait() == 0

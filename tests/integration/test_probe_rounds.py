@@ -63,7 +63,8 @@ def test_round_of_50_with_10_unreachable_takes_about_one_timeout(tmp_path):
     assert registry.status() == {"configured": 50, "up": 40, "down": 10, "unknown": 0}
     assert registry.healthy() == registry.addresses()[:40]
     # one after another this round would take 5 timeouts (the refused ones are instant)
-    assert took < 2 * TIMEOUT, f"a round of 50 with 10 unreachable took {took:.2f}s"
+    # (with room for a busy machine; bench/backends.py measures it: 1.01x one timeout)
+    assert took < 3 * TIMEOUT, f"a round of 50 with 10 unreachable took {took:.2f}s"
     reasons = {e.details["address"]: e.details["reason"] for e in observer.recent(component="rpc_backend")
                if e.event_type == "disconnect"}
     assert len(reasons) == 10
