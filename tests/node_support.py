@@ -23,8 +23,13 @@ NODE_PORT = 50052
 
 class NodesOnHosts:
     def __init__(self, cluster: Any, tmp: Path, tag: str, secure: bool = False, hosts: list[int] | None = None,
-                 node_env: dict[str, str] | None = None) -> None:
+                 node_env: dict[str, str] | None = None, one_by_one: bool = False) -> None:
+        """`one_by_one`: each node up before the next starts. The simulated hosts share this machine's
+        two cores, so a node measuring its speed (llama-bench, at its start) while the next node's
+        Python starts up measures that start-up too, which real hosts never share: for the tests
+        whose plan follows the measured speeds."""
         self.cluster, self.tmp, self.tag, self.secure = cluster, tmp, tag, secure
+        self.one_by_one = one_by_one
         self.hosts = [cluster.hosts[i] for i in hosts] if hosts is not None else list(cluster.hosts)
         self.addresses = [f"{h.address}:{NODE_PORT}" for h in self.hosts]
         self.node_env = node_env or {}
@@ -40,7 +45,10 @@ class NodesOnHosts:
         self.redis = RedisServer(self.tmp / "redis", bind=self.cluster.root_address).start()
         self.sub = RedisCliSubscriber(self.redis.port, host=self.cluster.root_address)
         try:
-            self.nodes = [self.start_node(h) for h in self.hosts]     # fresh caches
+            for host, address in zip(self.hosts, self.addresses, strict=True):
+                self.nodes.append(self.start_node(host))        # fresh caches
+                if self.one_by_one:
+                    self.sub.wait_for_event("node", "node_up", address=address, timeout=60)
         except BaseException:
             self.__exit__()
             raise

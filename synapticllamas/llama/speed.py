@@ -7,14 +7,20 @@ runs: one generated model per tensor type (llama/bench_model.py, sparse files th
 to make: about 96 MiB of layers, read into memory, not mapped), and one of many tiny layers for the
 fixed cost of a layer. 96 MiB because the weights must stream from memory as a real model's do: on
 this machine a model of up to ~50 MiB ran twice as fast per byte (it stayed in the CPU's cache), and
-from ~60 MiB on the speed per byte stayed the same up to 250 MiB. Each model generates 2 tokens,
-twice; the faster run is kept (the less disturbed by other work on the machine). About 0.7 s of
-CPU for the default types.
+from ~60 MiB on the speed per byte stayed the same up to 250 MiB. Each model generates a token,
+RUNS times; the fastest run is kept (the least disturbed by other work on the
+machine). Twenty, not two: on a full core a token of these models takes 5-10 ms, so two runs fall
+within one burst of other work. bench/speed_noise.py, 8 benchmarks in a row each way: f16 61 % ->
+24 % apart, q8_0 51 % -> 27 %, q6_K 55 % -> 26 %, q4_K 35 % -> 33 %, the smallest figures lower too.
+What is left is per process (the memory the models landed in), not per run: the chooser treats
+plans predicted within 10 % as equal (llama/chooser.py SAME_WITHIN). 0.7-0.9 s on a full core.
 
 Under a CPU quota (a cgroup's cpu.cfs_quota_us, a container's limit) what is wanted is the speed
 of the device when it is not at its quota (the cost model applies the quota itself, llama/cost.py).
-So each model generates one token five times: a token that takes less CPU than the quota allows
-per period runs whole in some of the five, and the fastest is the device's speed. A token longer
+So each run is one token: a token that takes less CPU than the quota allows per period runs whole
+in some of the runs, and the fastest is the device's speed. A small share spreads its runs over its
+periods by itself, so it needs fewer of them (runs_for: from 5 at a fifth of a core to 20 at a core
+per thread), and its benchmark takes no longer than before. A token longer
 than that is held back in every run; then the mean run is scaled to the share of the benchmark
 the cgroup let run (its cpu.stat's throttled time).
 
@@ -48,21 +54,27 @@ from typing import Any
 
 from synapticllamas.util.processes import describe_exit, spawn
 
-VERSION = 2                        # 2: a floor on ns per byte, GOMP_SPINCOUNT (cached figures of 1 are measured again)
+VERSION = 3                        # 3: more runs on a fast device; 2: a floor on ns per byte, GOMP_SPINCOUNT
 # the types of the models people run (f16, q8_0, q4_K_M = q4_K + q6_K); another type takes the
 # nearest of these by bits per weight (on this machine q4_1 and q4_0 were within 10 % of q4_K)
 DEFAULT_TYPES = ("F16", "Q8_0", "Q6_K", "Q4_K")
 TARGET_BYTES = 96 * 2**20          # each type's model: about this much of layer weights
 OVERHEAD_LAYERS = 16               # the fixed-cost model: many tiny layers
 OVERHEAD_WIDTH, OVERHEAD_FFN = 128, 256
-TOKENS, REPEATS = 2, 2
-QUOTA_REPEATS = 5                  # under a CPU quota: one token five times (see above)
+RUNS = 20                          # one token each; on a full core (see above)
+QUOTA_RUNS = 5                     # the fewest, at a small CPU share (its runs spread over periods)
 TIMEOUT = 60.0                     # a very slow machine: give up rather than hang a start
 BYTES_SHARE = 0.5                  # at least this share of a type model's token is its bytes' (solve())
 CACHE_ENTRIES = 32
 # bits per weight, to stand in for a type that was not measured by the nearest one that was
 _BPW = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_1": 6, "Q5_0": 5.5, "Q5_K": 5.5,
         "Q4_1": 5, "Q4_0": 4.5, "IQ4_NL": 4.5, "Q4_K": 4.5, "IQ4_XS": 4.25, "Q3_K": 3.44, "Q2_K": 2.63}
+
+
+def runs_for(cpus: float, threads: int) -> int:
+    """How many single-token runs per model: more on a device whose runs come back to back."""
+    share = min(1.0, cpus / max(1, threads))
+    return max(QUOTA_RUNS, min(RUNS, round(RUNS * share)))
 
 
 class SpeedError(RuntimeError):
@@ -216,13 +228,15 @@ def solve(token_ns: dict[str, float], files: dict[str, tuple[Path, int, int]]) -
 
 
 async def measure(llama_bench: Path, threads: int, repack: bool, cpus: float, types: Iterable[str] = DEFAULT_TYPES,
-                  devices: str | None = None, timeout: float = TIMEOUT) -> DeviceSpeed:
-    """Run the benchmark (seconds); SpeedError with one line if it cannot."""
+                  devices: str | None = None, timeout: float = TIMEOUT,
+                  runs: tuple[int, int] | None = None) -> DeviceSpeed:
+    """Run the benchmark (seconds); SpeedError with one line if it cannot. `runs`: (tokens, runs)
+    per model instead of runs_for's (bench/speed_noise.py compares them)."""
     from synapticllamas.util.host import quota_window_ns, throttled_ns
 
     types = tuple(dict.fromkeys(["F16", *(t.upper() for t in types)]))
     window = quota_window_ns()
-    tokens, repeats = (1, QUOTA_REPEATS) if window is not None else (TOKENS, REPEATS)
+    tokens, repeats = runs or (1, runs_for(cpus, threads))
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="synapticllamas-speed-", dir=_scratch()) as tmp:
         files = await asyncio.to_thread(_write_models, Path(tmp), types)

@@ -151,7 +151,7 @@ def test_a_slow_host_is_left_out_of_the_plan(tmp_path, make_cluster, tag):
     """Two simulated hosts, one at 100 % of a core and one at 20 %, both able to hold the demo model:
     the nodes measure themselves, and the plan serves on the fast one alone."""
     cluster = make_cluster(2, cpu_quota=[1.0, 0.2])
-    with NodesOnHosts(cluster, tmp_path, tag) as on_hosts:
+    with NodesOnHosts(cluster, tmp_path, tag, one_by_one=True) as on_hosts:
         on_hosts.wait_all_up()
         registered = {a: json.loads(v) for a, v in on_hosts.redis.client().hgetall("synapticllamas:nodes").items()}
         fast, slow = on_hosts.addresses
@@ -241,3 +241,36 @@ def test_the_dial_map_covers_the_backends_the_chosen_plan_holds(tmp_path, monkey
     assert asked == [spread.backends] and sorted(spread.backends) == sorted(keys)
     argv = spread.argv(2048, "")
     assert argv[argv.index("--rpc") + 1] == ",".join(spread.dial[b] for b in spread.backends)
+
+
+def test_a_failover_plans_again_for_speed(tmp_path, make_cluster, tag):
+    """Three simulated hosts, two at a full core and one at a tenth: the plan serves on one fast host
+    alone; when its node goes, the failover plans again for speed, as `coordinator plan` then does:
+    the other fast host alone, not every backend still up (the tenth of a core would set the pace)."""
+    cluster = make_cluster(3, cpu_quota=[1.0, 1.0, 0.1])
+    with NodesOnHosts(cluster, tmp_path, tag, one_by_one=True) as on_hosts:
+        on_hosts.wait_all_up()
+        slow = on_hosts.addresses[2]
+        shell = on_hosts.shell("--distributed", **SPEED, SYNAPTICLLAMAS_COORDINATOR_MEMORY="0")
+        shell.send("redis on", "coordinator start")
+        match, _ = shell.read_until(r"RPC backends: (.*); ready", timeout=120)
+        held = match.group(1)
+        assert held in on_hosts.addresses[:2], shell.output()
+        other = next(a for a in on_hosts.addresses[:2] if a != held)
+        mark = len(on_hosts.sub.events())
+        on_hosts.nodes[on_hosts.addresses.index(held)].terminate()
+        _, failover = on_hosts.sub.wait_for_event("coordinator", "failover", after=mark, timeout=60)
+        _, starting = on_hosts.sub.wait_for_event("coordinator", "starting", after=mark, timeout=5)
+        assert starting["details"]["reason"] == "failover"
+        choice = starting["details"]["choice"]
+        assert choice["mode"] == "speed" and choice["chosen"]["devices"] == [other], choice
+        assert choice["idle"] == [slow], choice
+        assert failover["details"]["survivors"] == [other] and starting["details"]["rpc_backends"] == [other]
+        # `coordinator plan` over the two left: the same choice
+        shell.send("coordinator plan")
+        _, lines = shell.read_until(r"SmolLM2.*predicted [\d.]+ ms/token", timeout=30)
+        [picked] = [line for line in lines if line.startswith(">")]
+        assert re.match(rf"> 1 backend\s+{re.escape(other)} 30\s", picked), lines
+        assert lines[-1].endswith(choice["reason"]), (lines[-1], choice["reason"])
+        shell.send("exit")
+        assert shell.wait() == 0, shell.output()

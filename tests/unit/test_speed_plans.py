@@ -284,3 +284,11 @@ def test_the_benchmark_models_are_sparse_files_the_gguf_reader_sizes(tmp_path):
     assert path.stat().st_blocks * 512 < 1 << 20 < path.stat().st_size
     assert json.dumps(layout.layer_types[0]) == json.dumps({"F32": 8192, "Q4_K": layers // 3})
     sys.modules.pop("big_model", None)
+
+
+def test_a_fast_device_is_timed_over_more_runs_than_a_slow_share():
+    runs_for = speed_mod.runs_for
+    # back-to-back runs on a full core need many to miss a burst of other work; a fifth of a core
+    # spreads its few over its quota's periods, and its benchmark takes no longer than before
+    assert [runs_for(c, 1) for c in (0.1, 0.2, 0.5, 1.0, 2.0)] == [5, 5, 10, 20, 20]
+    assert runs_for(4.0, 8) == 10 and runs_for(8.0, 8) == 20
