@@ -698,6 +698,19 @@ async def kill_loop(app, clients: ClientProcess, kills: int, kill, bring_back, t
             "gateway": {k: v - totals[k] for k, v in app.gateway.totals.items()}}
 
 
+async def load_then_alone(app, clients, kills: int, alone_kills: int, kill, bring_back, timeout: float, tokens: int,
+                          seeds: tuple[int, int], specs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """The kills under the full load, then (the baseline, with `alone_kills`) under one streaming
+    client alone, greedy and sampled. `seeds`: the load's, and the first alone run's."""
+    out = [(f"{len(specs)} clients", await kill_loop(app, clients, kills, kill, bring_back, timeout, tokens, seeds[0],
+                                                      specs))]
+    for i in (0, 1) if alone_kills else ():
+        out.append((f"one client alone ({'greedy' if SPECS[i]['greedy'] else 'sampled'}, baseline)",
+                    await kill_loop(app, clients, alone_kills, kill, bring_back, timeout, tokens, seeds[1] + i,
+                                    [SPECS[i]])))
+    return out
+
+
 async def failover_local(tmp: Path, kills: int, tokens: int, specs: list[dict[str, Any]],
                          alone_kills: int) -> list[tuple[str, dict[str, Any]]]:
     """The kills under the full load, then (the baseline) under one streaming client alone, greedy and
@@ -711,13 +724,7 @@ async def failover_local(tmp: Path, kills: int, tokens: int, specs: list[dict[st
         def kill(b: str) -> None:
             os.kill(app.local_backends.get(b).pid, signal.SIGKILL)
 
-        out = [(f"{len(specs)} clients", await kill_loop(app, clients, kills, kill, bring_back, 60, tokens, 1, specs))]
-        if alone_kills:
-            for i in (0, 1):
-                out.append((f"one client alone ({'greedy' if SPECS[i]['greedy'] else 'sampled'}, baseline)",
-                            await kill_loop(app, clients, alone_kills, kill, bring_back, 60, tokens, 3 + i,
-                                            [SPECS[i]])))
-        return out
+        return await load_then_alone(app, clients, kills, alone_kills, kill, bring_back, 60, tokens, (1, 3), specs)
     finally:
         await app.close()
         await clients.close()
@@ -746,13 +753,8 @@ async def failover_cluster(tmp: Path, kills: int, tokens: int, specs: list[dict[
                 async def bring_back() -> None:
                     await until(lambda: len(app.registry.healthy()) == 3, 60, "the node's rpc-server back")
 
-                out = [(f"{len(specs)} clients", await kill_loop(app, clients, kills, kill, bring_back, 120, tokens, 2,
-                                                                  specs))]
-                for i in (0, 1) if alone_kills else ():
-                    out.append((f"one client alone ({'greedy' if SPECS[i]['greedy'] else 'sampled'}, baseline)",
-                                await kill_loop(app, clients, alone_kills, kill, bring_back, 120, tokens, 5 + i,
-                                                [SPECS[i]])))
-                return out
+                return await load_then_alone(app, clients, kills, alone_kills, kill, bring_back, 120, tokens, (2, 5),
+                                             specs)
             finally:
                 await app.close()
         finally:
