@@ -17,7 +17,8 @@ Two ways to go on, chosen per request (measured in docs/ARCHITECTURE.md, "Gatewa
 
 Only whole deliveries count: llama-server sends a token with empty text while it holds back a
 possible stop word (and sends no chunk at all for half a UTF-8 character), so the tokens after the
-last chunk that carried text are generated again rather than assumed delivered. Pure: no I/O,
+last chunk that carried text are generated again rather than assumed delivered. So a stop word
+never spans a cut: what was delivered never ends in the beginning of one. Pure: no I/O,
 unit-tested in tests/unit/test_gateway_resume.py.
 """
 from __future__ import annotations
