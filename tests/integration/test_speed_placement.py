@@ -271,6 +271,8 @@ def test_a_failover_plans_again_for_speed(tmp_path, make_cluster, tag):
         _, lines = shell.read_until(r"SmolLM2.*predicted [\d.]+ ms/token", timeout=30)
         [picked] = [line for line in lines if line.startswith(">")]
         assert re.match(rf"> 1 backend\s+{re.escape(other)} 30\s", picked), lines
-        assert lines[-1].endswith(choice["reason"]), (lines[-1], choice["reason"])
+        # the same reason (its figures can move a little: the links' round trips are measured on)
+        assert choice["reason"].startswith(f"fastest on {other}: 1 backend left idle; predicted "), choice["reason"]
+        assert f": fastest on {other}: 1 backend left idle; predicted " in lines[-1], lines[-1]
         shell.send("exit")
         assert shell.wait() == 0, shell.output()
