@@ -886,19 +886,19 @@ async def main_async(args: argparse.Namespace, tmp: Path) -> None:
         print(f"(load average now {os.getloadavg()[0]:.2f}; {time.monotonic() - started:.0f} s so far)")
     if "failover" in parts:
         specs = [SPECS[int(i)] for i in args.clients.split(",")]
-        fs = await failover_local(tmp, args.kills, args.fail_tokens, specs, args.alone_kills)
-        if args.dump:
-            dump(args.dump + ".local.json", fs)
-        for label, f in fs:
-            report_failover(f"three local backends, {label}", f, args.fail_tokens)
-        print(f"(load average now {os.getloadavg()[0]:.2f}; {time.monotonic() - started:.0f} s so far)")
-        if args.cluster:
-            fs = await failover_cluster(tmp, args.kills, args.fail_tokens, specs, args.cluster_alone_kills)
+
+        def failed_over(fs: list[tuple[str, dict[str, Any]]], suffix: str, where: str) -> None:
             if args.dump:
-                dump(args.dump + ".cluster.json", fs)
+                dump(f"{args.dump}.{suffix}.json", fs)
             for label, f in fs:
-                report_failover(f"three nodes behind 100 Mbit/s links, {label}", f, args.fail_tokens)
+                report_failover(f"{where}, {label}", f, args.fail_tokens)
             print(f"(load average now {os.getloadavg()[0]:.2f}; {time.monotonic() - started:.0f} s so far)")
+
+        failed_over(await failover_local(tmp, args.kills, args.fail_tokens, specs, args.alone_kills),
+                    "local", "three local backends")
+        if args.cluster:
+            failed_over(await failover_cluster(tmp, args.kills, args.fail_tokens, specs, args.cluster_alone_kills),
+                        "cluster", "three nodes behind 100 Mbit/s links")
 
 
 def main() -> None:
